@@ -1,0 +1,88 @@
+"""`adrank <command> [--section.field value ...]`: the command-line entry point.
+
+Flags are the config's fields (`--training.epochs 2`, `--home /data/adrank`); `adrank <command> --help`
+lists them all. Env vars (ADRANK_...) apply underneath.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tasks.config import Settings, load_settings
+
+COMMANDS = {
+    "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
+    "sample-data": "(re)generate the synthetic sample logs into data.logs",
+    "retrain": "run the retrain flow: build pairs, fine-tune, evaluate, register, promote",
+    "rerank": "run the rerank flow: score active users x ads with the champion, write ad_rankings",
+    "config": "print the resolved config as JSON",
+}
+SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_ad_rankings order by user_id, rank"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        usage = "\n".join(f"  {name:<12} {text}" for name, text in COMMANDS.items())
+        print(f"usage: adrank <command> [--section.field value ...]\n\ncommands:\n{usage}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command, flags = argv[0], argv[1:]
+    settings = load_settings(cli_args=flags)
+    overrides = settings.model_dump(mode="json")
+    if command == "config":
+        print(json.dumps(overrides, indent=2))
+    elif command == "sample-data":
+        write_sample_logs(settings)
+    elif command == "retrain":
+        from flows.retrain import retrain
+
+        print(json.dumps(retrain(overrides), indent=2, default=str))
+    elif command == "rerank":
+        from flows.rerank import rerank
+
+        print(json.dumps(rerank(overrides=overrides), indent=2, default=str))
+    else:
+        run_demo(settings, overrides)
+    return 0
+
+
+def write_sample_logs(settings: Settings) -> None:
+    from tasks.sample_data import generate_sample_logs
+
+    counts = generate_sample_logs(settings.sample, Path(settings.data.logs))
+    print(f"sample logs written to {settings.data.logs}: {counts}")
+
+
+def run_demo(settings: Settings, overrides: dict) -> None:
+    import duckdb
+
+    from flows.rerank import rerank
+    from flows.retrain import retrain
+
+    if not Path(settings.data.logs).exists():
+        write_sample_logs(settings)
+    trained = retrain(overrides)
+    ranked = rerank(overrides=overrides)
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        preview = con.sql(SAMPLE_QUERY).limit(6)
+        preview_text = str(preview)
+    evaluation = {(r["model"], r["slice"]): r for r in trained["evaluation"]}
+    print(
+        f"""
+adrank demo finished
+  model        {settings.tracking.registered_model} version {trained['version']} \
+({'promoted to champion' if trained['promoted'] else 'not promoted'}: {trained['reason']})
+  test AUC     {', '.join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == 'overall')}
+  rankings     {ranked['rows']} rows for {ranked['users']} users x {ranked['ads']} ads, run_date {ranked['run_date']}
+  warehouse    {settings.warehouse}  (tables: ad_rankings, view latest_ad_rankings)
+  MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
+               mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
+  query        duckdb {settings.warehouse} "{SAMPLE_QUERY} limit 6"
+{preview_text}"""
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

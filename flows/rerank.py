@@ -1,0 +1,62 @@
+"""rerank: the champion model scores active users x active ads; rankings go to DuckDB."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import pairs, publish, registry, score
+from tasks.config import load_settings
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+load_version = task(registry.load_version, name="load_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+build_ranking_inputs = task(pairs.build_ranking_inputs, name="build_ranking_inputs", cache_policy=NO_CACHE)
+score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
+publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE, **IO_RETRIES)
+
+
+@flow(name="rerank", log_prints=True)
+def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rank active ads for every recently active user with the `champion` model."""
+    settings = load_settings(overrides)
+    if run_date is not None:
+        settings.ranking.run_date = run_date
+    name = settings.tracking.registered_model
+
+    # resolve the model
+    version = current_champion(settings)
+    if version is None:
+        raise RuntimeError(
+            f"no '{registry.CHAMPION}' alias on model '{name}' at {settings.tracking.mlflow_uri}; "
+            "run the retrain flow first"
+        )
+    model = load_version(settings, version)
+
+    # build texts
+    inputs = build_ranking_inputs(settings)
+
+    # score
+    scores = score_candidates(model, inputs, settings.ranking.user_chunk_size, settings.ranking.top_n)
+
+    # publish
+    rows = publish_rankings(settings.warehouse, scores, inputs.run_date, name, version, settings.ranking.top_n)
+
+    summary = {
+        "run_date": inputs.run_date.isoformat(),
+        "users": inputs.users.height,
+        "ads": inputs.ads.height,
+        "rows": rows,
+        "model_name": name,
+        "model_version": version,
+        "warehouse": str(settings.warehouse),
+    }
+    create_markdown_artifact(
+        key="rerank-summary", markdown="\n".join(f"- **{key}**: {value}" for key, value in summary.items())
+    )
+    return summary

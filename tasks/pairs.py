@@ -1,0 +1,151 @@
+"""Build ad-user text pairs: point-in-time user histories, rendered texts, a split by time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from tasks.config import DataConfig, Settings, template_fields
+from tasks.logs import open_logs
+from tasks.sql_files import load_sql
+
+SPLITS = ("train", "valid", "test")
+HISTORY_SEPARATOR = " | "
+EMPTY_HISTORY = "nothing yet"
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Where build_pairs wrote each split, and what it holds."""
+
+    paths: dict[str, Path]
+    rows: dict[str, int]
+    clicks: dict[str, int]
+    valid_from: datetime
+    test_from: datetime
+
+
+@dataclass(frozen=True)
+class RankingInputs:
+    """The texts to score for one run_date: active users and active ads."""
+
+    run_date: date
+    users: pl.DataFrame  # user_id, user_text
+    ads: pl.DataFrame  # ad_id, ad_text
+
+
+def build_pairs(settings: Settings) -> Pairs:
+    """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
+    con = open_logs(settings.data.logs)
+    con.execute(
+        "create temp view history_requests as "
+        "select impression_id as request_id, user_id, shown_at as as_of from stg_impressions"
+    )
+    _build_histories(con, settings.data.history_length)
+    params = {"test_fraction": settings.data.test_fraction, "valid_fraction": settings.data.valid_fraction}
+    pairs = con.execute(load_sql("int_user_ad_pairs"), params).pl()
+    if pairs.is_empty():
+        raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
+    pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
+    pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
+
+    settings.pairs_dir.mkdir(parents=True, exist_ok=True)
+    paths, rows, clicks = {}, {}, {}
+    for split in SPLITS:
+        part = pairs.filter(pl.col("split") == split).drop("history_titles")
+        if split == "train" and settings.data.max_train_pairs is not None:
+            part = part.tail(settings.data.max_train_pairs)  # the latest: rows are in time order
+        if part.is_empty():
+            raise ValueError(f"{settings.data.logs}: the {split} split is empty; more days of logs are needed")
+        paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
+        rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
+    first_of = {s: pairs.filter(pl.col("split") == s)["shown_at"].min() for s in ("valid", "test")}
+    return Pairs(paths, rows, clicks, valid_from=first_of["valid"], test_from=first_of["test"])
+
+
+def build_ranking_inputs(settings: Settings) -> RankingInputs:
+    """User texts (history as of run_date) of recently active users, and texts of active ads."""
+    con = open_logs(settings.data.logs)
+    run_date = settings.ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
+    params = {"run_date": run_date, "window_days": settings.ranking.active_window_days}
+    con.execute(f"create temp table active_users as {load_sql('int_active_users')}", params)
+    con.execute(
+        "create temp table history_requests as "
+        "select user_id as request_id, user_id, cast($run_date as timestamp) as as_of from active_users",
+        {"run_date": run_date},
+    )
+    _build_histories(con, settings.data.history_length)
+    requests = con.execute("select request_id as user_id, history_titles from int_user_histories").pl()
+    users = requests.join(_render_user_texts(con, settings.data, requests), on="user_id").select("user_id", "user_text")
+    active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
+    ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
+    return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"))
+
+
+def _build_histories(con: duckdb.DuckDBPyConnection, history_length: int) -> None:
+    con.execute(
+        f"create temp table int_user_histories as {load_sql('int_user_histories')}",
+        {"history_length": history_length},
+    )
+
+
+def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:
+    requests = pairs.select(pl.col("impression_id").alias("request_id"), "user_id", "history_titles")
+    texts = _render_user_texts(con, data, requests)
+    return texts.select(pl.col("request_id").alias("impression_id"), "user_text")
+
+
+def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, requests: pl.DataFrame) -> pl.DataFrame:
+    """requests (user_id, history_titles, ...) -> the same rows with user_text."""
+    users = con.execute("select * from stg_users").pl()
+    profile_columns = [c for c in users.columns if c != "user_id"]
+    _check_template("user_template", data.user_template, {"profile", "history", *profile_columns})
+    profiles = users.with_columns(
+        pl.struct(profile_columns).map_elements(render_profile, return_dtype=pl.String).alias("profile")
+        if profile_columns
+        else pl.lit("").alias("profile")
+    )
+    rows = requests.join(profiles, on="user_id", how="left")
+    texts = [
+        _fill(data.user_template, {**row, "history": HISTORY_SEPARATOR.join(row["history_titles"]) or EMPTY_HISTORY})
+        for row in rows.iter_rows(named=True)
+    ]
+    return rows.with_columns(pl.Series("user_text", texts, dtype=pl.String))
+
+
+def render_profile(attributes: dict) -> str:
+    """'age: 34, city: Leeds' from a user's profile columns, skipping empty ones."""
+    return ", ".join(f"{name}: {value}" for name, value in attributes.items() if value not in (None, ""))
+
+
+def render_ad_texts(con: duckdb.DuckDBPyConnection, template: str) -> pl.DataFrame:
+    """ad_id, ad_text for every ad in stg_ads."""
+    ads = con.execute("select * from stg_ads").pl()
+    _check_template("ad_template", template, set(ads.columns))
+    texts = [_fill(template, row) for row in ads.iter_rows(named=True)]
+    return ads.select("ad_id").with_columns(pl.Series("ad_text", texts, dtype=pl.String))
+
+
+def _check_template(name: str, template: str, available: set[str]) -> None:
+    unknown = template_fields(template) - available
+    if unknown:
+        raise ValueError(
+            f"data.{name} uses {sorted(unknown)}, which the logs do not have; available: {sorted(available)}"
+        )
+
+
+def _fill(template: str, values: dict) -> str:
+    """The template with None as empty and whitespace collapsed (empty optional columns leave no gaps)."""
+    text = template.format_map({k: "" if v is None else v for k, v in values.items()})
+    return " ".join(text.split())
+
+
+def _write_atomically(frame: pl.DataFrame, path: Path) -> Path:
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.write_parquet(tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,167 @@
+"""MLflow tracking and registry: one run per retrain, a registered version per run, promotion by alias."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from tasks.config import Settings, flat_params
+from tasks.train import TrainResult
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "user_text"), ColSpec("string", "ad_text")]),
+    outputs=Schema([ColSpec("double", "pctr")]),
+)
+
+INPUT_EXAMPLE = pd.DataFrame(
+    {
+        "user_text": ["age: 34, occupation: chef. Recently clicked: Try our cast-iron skillet"],
+        "ad_text": ["Get the sourdough starter kit from FreshCrate. Fresh ingredients delivered to your door."],
+    }
+)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    promoted: bool
+    reason: str
+    auc: float
+    champion_version: str | None
+    champion_auc: float | None
+
+
+def configure_tracking(settings: Settings) -> str:
+    """Point MLflow at the configured store; create the experiment (artifacts under home) if needed."""
+    mlflow.set_tracking_uri(settings.tracking.mlflow_uri)
+    mlflow.set_registry_uri(settings.tracking.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    return mlflow.create_experiment(settings.tracking.experiment, artifact_location=settings.artifacts_dir.as_uri())
+
+
+def start_run(settings: Settings, run_name: str) -> str:
+    """A new run holding the resolved config as params; returns its id."""
+    experiment_id = configure_tracking(settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(flat_params(settings))
+        mlflow.log_dict(settings.model_dump(mode="json"), "config.json")
+    return run.info.run_id
+
+
+def log_training(settings: Settings, run_id: str, rows: dict[str, int], result: TrainResult) -> None:
+    configure_tracking(settings)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_params({f"pairs.{split}_rows": n for split, n in rows.items()})
+        for row in result.history:
+            step = int(row["step"])
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)
+        mlflow.log_metrics({"best_valid_logloss": result.best_valid_logloss, "train_steps": result.steps})
+        mlflow.set_tag("stopped_early", str(result.stopped_early))
+
+
+def log_evaluation(settings: Settings, run_id: str, table: pl.DataFrame) -> None:
+    """Each (model, slice) metric as `test.<model>.<slice>.<metric>`, and the table as an artifact."""
+    configure_tracking(settings)
+    with mlflow.start_run(run_id=run_id):
+        for row in table.iter_rows(named=True):
+            prefix = f"test.{row['model']}.{row['slice']}"
+            values = {k: v for k, v in row.items() if isinstance(v, float | int) and k not in ("model", "slice")}
+            mlflow.log_metrics(
+                {f"{prefix}.{k}".replace("@", "_at_"): float(v) for k, v in values.items() if not math.isnan(v)}
+            )
+        mlflow.log_table(table.to_pandas(), "evaluation.json")
+
+
+def register_model(settings: Settings, run_id: str, checkpoint: Path) -> str:
+    """Log the checkpoint as an MLflow pyfunc model, register it and alias it `challenger`."""
+    configure_tracking(settings)
+    name = settings.tracking.registered_model
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"checkpoint": str(checkpoint)},
+            model_config={
+                "max_seq_length": settings.model.max_seq_length,
+                "batch_size": settings.training.eval_batch_size,
+            },
+            signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,  # MLflow loads the model and scores this once: a smoke test
+            pip_requirements=[f"{p}=={package_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas")],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def current_champion(settings: Settings) -> str | None:
+    """The version that holds the `champion` alias, or None."""
+    configure_tracking(settings)
+    try:
+        return str(MlflowClient().get_model_version_by_alias(settings.tracking.registered_model, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
+    configure_tracking(settings)
+    return mlflow.pyfunc.load_model(f"models:/{settings.tracking.registered_model}/{version}")
+
+
+def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndarray:
+    """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split)."""
+    return predict_pctr(load_version(settings, version), pl.read_parquet(pairs_path, columns=["user_text", "ad_text"]))
+
+
+def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
+    """pCTR for each row of a frame with user_text and ad_text."""
+    inputs = pd.DataFrame({"user_text": frame["user_text"].to_list(), "ad_text": frame["ad_text"].to_list()})
+    return np.asarray(model.predict(inputs), dtype=np.float64)
+
+
+def should_promote(auc: float, champion_auc: float | None, min_gain: float) -> tuple[bool, str]:
+    """The promotion rule: no champion yet, or test AUC better than the champion's on the same split."""
+    if math.isnan(auc):
+        return False, "candidate AUC is undefined (test split has one class)"
+    if champion_auc is None:
+        return True, "no champion yet"
+    if auc > champion_auc + min_gain:
+        return True, f"AUC {auc:.4f} > champion {champion_auc:.4f} + {min_gain}"
+    return False, f"AUC {auc:.4f} not above champion {champion_auc:.4f} + {min_gain}"
+
+
+def promote_if_better(
+    settings: Settings, run_id: str, version: str, champion_version: str | None, table: pl.DataFrame
+) -> Promotion:
+    """Move `champion` to version if the rule holds; record the decision on the run and the version."""
+    overall = table.filter(pl.col("slice") == "overall")
+    auc = overall.filter(pl.col("model") == "fine_tuned")["auc"].item()
+    champion_auc = overall.filter(pl.col("model") == CHAMPION)["auc"].item() if champion_version else None
+    promoted, reason = should_promote(auc, champion_auc, settings.promotion.min_auc_gain)
+    configure_tracking(settings)
+    client, name = MlflowClient(), settings.tracking.registered_model
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    decision = Promotion(version, promoted, reason, auc, champion_version, champion_auc)
+    client.set_model_version_tag(name, version, "promotion", json.dumps(asdict(decision)))
+    client.set_tag(run_id, "promotion.promoted", str(promoted))
+    client.set_tag(run_id, "promotion.reason", reason)
+    return decision

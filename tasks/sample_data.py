@@ -1,0 +1,221 @@
+"""A seeded synthetic ad market in adrank's log contract: the embedded default data.
+
+Users have demographics and hidden topic interests (correlated with age and occupation); ads have
+natural-language copy about one topic; a click is drawn from a logistic model of interest <-> ad
+topic, ad quality, position bias and noise. New ads appear in the last days (cold start), so only
+their text says whom they suit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, time, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import SampleDataConfig
+
+# topic -> (advertisers, products, selling points)
+TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "travel": (
+        ["Wanderly Travel", "SkyHop Airlines"],
+        ["weekend getaway to Lisbon", "all-inclusive beach resort", "mountain cabin escape", "rail pass across Europe"],
+        ["Free cancellation up to 48 hours before you go.", "Pack light, fly cheap, stay longer."],
+    ),
+    "fitness": (
+        ["PulseFit", "IronLeaf Gym"],
+        ["home kettlebell set", "30-day running plan", "smart fitness tracker", "yoga mat with alignment lines"],
+        ["Build strength in 20 minutes a day.", "Coaches who keep you on track."],
+    ),
+    "gaming": (
+        ["PixelForge", "Nova Arcade"],
+        ["mechanical gaming keyboard", "open-world fantasy RPG", "wireless controller", "144 Hz gaming monitor"],
+        ["Lower latency, higher scores.", "Join millions of players online tonight."],
+    ),
+    "cooking": (
+        ["Hearth & Pan", "FreshCrate"],
+        ["cast-iron skillet", "weekly meal kit", "chef's knife set", "sourdough starter kit"],
+        ["Restaurant flavour in your own kitchen.", "Fresh ingredients delivered to your door."],
+    ),
+    "finance": (
+        ["Ledgerly Bank", "Summit Invest"],
+        ["high-interest savings account", "low-fee index fund", "budgeting app", "no-annual-fee credit card"],
+        ["Your money working while you sleep.", "Open an account in five minutes."],
+    ),
+    "fashion": (
+        ["Thread & Co", "Urban Loom"],
+        ["linen summer dress", "leather ankle boots", "tailored wool coat", "vintage denim jacket"],
+        ["New season styles, free returns.", "Look sharp without the designer price."],
+    ),
+    "pets": (
+        ["Pawsome Supply", "Whisker Works"],
+        ["grain-free dog food", "self-cleaning litter box", "orthopedic dog bed", "interactive cat toy"],
+        ["Happy pets, healthy pets.", "Vet-approved and delivered monthly."],
+    ),
+    "parenting": (
+        ["LittleSteps", "Nest Nursery"],
+        ["convertible baby stroller", "organic baby formula", "wooden learning toys", "toddler car seat"],
+        ["Safety-tested for your little ones.", "Trusted by parents everywhere."],
+    ),
+    "outdoors": (
+        ["TrailCraft", "Summit Gear"],
+        ["ultralight hiking tent", "waterproof trail boots", "camping stove", "climbing harness"],
+        ["Built for the backcountry.", "Gear that goes where you go."],
+    ),
+    "music": (
+        ["Resonance Audio", "Chordline"],
+        ["noise-cancelling headphones", "beginner acoustic guitar", "vinyl record player", "online piano lessons"],
+        ["Hear every note the way it was meant.", "Start playing your favourite songs this week."],
+    ),
+    "home": (
+        ["Nestwell Home", "Brightside Living"],
+        ["robot vacuum cleaner", "memory foam mattress", "smart thermostat", "linen bedding set"],
+        ["Make your home the best place to be.", "Sleep better, live better."],
+    ),
+    "tech": (
+        ["Circuit Labs", "Quanta Devices"],
+        ["ultrathin laptop", "cloud backup plan", "noise-free mechanical mouse", "4K webcam for meetings"],
+        ["Fast, secure and built to last.", "Upgrade the way you work."],
+    ),
+}
+HOOKS = ["Discover the", "Meet the", "Try our", "Save on the", "Introducing the", "Get the"]
+
+# occupation -> topics it leans towards; the hidden interests draw from these
+OCCUPATIONS: dict[str, list[str]] = {
+    "software engineer": ["tech", "gaming", "finance"],
+    "student": ["gaming", "music", "fashion"],
+    "nurse": ["fitness", "parenting", "home"],
+    "teacher": ["parenting", "cooking", "travel"],
+    "chef": ["cooking", "home", "travel"],
+    "accountant": ["finance", "home", "tech"],
+    "designer": ["fashion", "music", "travel"],
+    "retiree": ["travel", "home", "pets"],
+    "park ranger": ["outdoors", "pets", "fitness"],
+    "musician": ["music", "tech", "fashion"],
+}
+CITIES = ["London", "Manchester", "Leeds", "Bristol", "Glasgow", "Cardiff", "Belfast", "Brighton"]
+
+
+def generate_sample_logs(config: SampleDataConfig, out_dir: Path) -> dict[str, int]:
+    """Write impressions/ (hive-partitioned by date), ads/ and users/ as Parquet under out_dir.
+
+    Written to a temporary sibling folder and renamed, so a crash never leaves half a data set.
+    Returns row counts per table.
+    """
+    rng = np.random.default_rng(config.seed)
+    topics = list(TOPICS)
+    ads = _make_ads(config, rng, topics)
+    users, interests = _make_users(config, rng, topics)
+    impressions = _make_impressions(config, rng, ads, users, interests, topics)
+
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for table_name, table in (("ads", ads), ("users", users)):
+        (tmp_dir / table_name).mkdir(parents=True)
+        pq.write_table(table, tmp_dir / table_name / "part-0.parquet")
+    pq.write_to_dataset(
+        impressions,
+        tmp_dir / "impressions",
+        partition_cols=["date"],
+        basename_template="part-{i}.parquet",
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.rename(out_dir)
+    return {"impressions": impressions.num_rows, "ads": ads.num_rows, "users": users.num_rows}
+
+
+def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> pa.Table:
+    start = datetime.combine(config.start_date, time())
+    first_cold_day = config.days - config.cold_start_days
+    n_cold = max(1, config.ads // 7)
+    advertiser_topics = [topics[i % len(topics)] for i in range(config.advertisers)]
+    rows: dict[str, list] = {
+        k: [] for k in ("ad_id", "title", "description", "category", "advertiser", "bid", "active", "created_at")
+    }
+    for i in range(config.ads):
+        topic = advertiser_topics[i % config.advertisers]
+        advertisers, products, pitches = TOPICS[topic]
+        advertiser = advertisers[(i // config.advertisers) % len(advertisers)]
+        product = products[rng.integers(len(products))]
+        is_cold = i >= config.ads - n_cold
+        # established ads predate the log; cold-start ones appear during its last days
+        created_days = rng.integers(first_cold_day, config.days) if is_cold else -rng.integers(1, 60)
+        rows["ad_id"].append(f"ad{i:04d}")
+        rows["title"].append(f"{HOOKS[rng.integers(len(HOOKS))]} {product} from {advertiser}")
+        rows["description"].append(str(pitches[rng.integers(len(pitches))]))
+        rows["category"].append(topic)
+        rows["advertiser"].append(advertiser)
+        rows["bid"].append(round(float(rng.uniform(0.2, 2.0)), 2))
+        rows["active"].append(bool(rng.random() > 0.05) or is_cold or i == 0)  # ad 0: never an empty market
+        rows["created_at"].append(start + timedelta(days=int(created_days), hours=int(rng.integers(0, 12))))
+    return pa.table(rows)
+
+
+def _make_users(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> tuple[pa.Table, np.ndarray]:
+    occupations = list(OCCUPATIONS)
+    interests = np.zeros((config.users, len(topics)))  # (users, topics), rows sum to 1
+    rows: dict[str, list] = {k: [] for k in ("user_id", "age", "gender", "city", "occupation")}
+    for u in range(config.users):
+        occupation = occupations[rng.integers(len(occupations))]
+        age = int(np.clip(rng.normal(40 if occupation != "retiree" else 70, 12), 18, 90))
+        if occupation == "student":
+            age = int(rng.integers(18, 26))
+        leaning = [topics.index(t) for t in OCCUPATIONS[occupation]]
+        # two topics from the occupation's leaning, one at random: demographics hint, history tells
+        chosen = list(dict.fromkeys([*rng.choice(leaning, size=2, replace=False), rng.integers(len(topics))]))
+        interests[u, chosen] = rng.dirichlet(np.ones(len(chosen)))
+        rows["user_id"].append(f"u{u:05d}")
+        rows["age"].append(age)
+        rows["gender"].append(str(rng.choice(["female", "male", "non-binary"], p=[0.49, 0.49, 0.02])))
+        rows["city"].append(CITIES[rng.integers(len(CITIES))])
+        rows["occupation"].append(occupation)
+    return pa.table(rows), interests
+
+
+def _make_impressions(
+    config: SampleDataConfig,
+    rng: np.random.Generator,
+    ads: pa.Table,
+    users: pa.Table,
+    interests: np.ndarray,
+    topics: list[str],
+) -> pa.Table:
+    start = datetime.combine(config.start_date, time())
+    leanings = [[topics.index(t) for t in OCCUPATIONS[o]] for o in users["occupation"].to_pylist()]
+    ad_ids = ads["ad_id"].to_pylist()
+    ad_topic = np.array([topics.index(t) for t in ads["category"].to_pylist()])
+    ad_quality = rng.normal(0.0, 0.4, size=len(ad_ids))
+    created = np.array([(c - start).total_seconds() for c in ads["created_at"].to_pylist()])
+    active = np.array(ads["active"].to_pylist())
+    rows: dict[str, list] = {k: [] for k in ("impression_id", "ts", "user_id", "ad_id", "clicked", "position", "date")}
+    for day in range(config.days):
+        for u in range(interests.shape[0]):
+            for _ in range(rng.poisson(config.impressions_per_user_day)):
+                second = day * 86400 + int(rng.integers(0, 86400))
+                eligible = active & (created <= second)
+                # the ad server targets by occupation part of the time, so on-interest ads are shown more
+                targeted = eligible & np.isin(ad_topic, leanings[u])
+                a = int(
+                    rng.choice(
+                        np.flatnonzero(
+                            targeted if targeted.any() and rng.random() < config.targeted_share else eligible
+                        )
+                    )
+                )
+                position = int(rng.integers(1, 5))
+                # click model: interest in the ad's topic dominates; position and quality shift it
+                logit = -3.0 + 6.0 * interests[u, ad_topic[a]] + ad_quality[a] - 0.3 * (position - 1)
+                logit += rng.normal(0.0, 0.3)
+                ts = start + timedelta(seconds=second)
+                rows["impression_id"].append(len(rows["impression_id"]) + 1)
+                rows["ts"].append(ts)
+                rows["user_id"].append(f"u{u:05d}")
+                rows["ad_id"].append(ad_ids[a])
+                rows["clicked"].append(bool(rng.random() < 1.0 / (1.0 + np.exp(-logit))))
+                rows["position"].append(position)
+                rows["date"].append(ts.date().isoformat())
+    return pa.table(rows)

@@ -1,0 +1,125 @@
+"""Fine-tune the cross-encoder on click logs with binary cross-entropy."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from tasks.config import Settings
+from tasks.metrics import logloss, roc_auc
+from tasks.model import collate, load_cross_encoder, pick_device, predict_ctr, tokenize_pairs
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    best_valid_logloss: float
+    steps: int
+    stopped_early: bool
+    # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: Path) -> TrainResult:
+    """Train on train_path, early-stop on valid_path logloss, save the best model to out_dir."""
+    cfg, max_length = settings.training, settings.model.max_seq_length
+
+    # 1. seed, device, base model with a fresh one-logit head
+    seed_everything(cfg.seed)
+    device = pick_device()
+    model, tokenizer = load_cross_encoder(settings.model.base_model, device, dropout=settings.model.dropout)
+
+    # 2. data: tokenise once; batches are padded per batch
+    train = pl.read_parquet(train_path, columns=["user_text", "ad_text", "is_clicked"])
+    valid = pl.read_parquet(valid_path, columns=["user_text", "ad_text", "is_clicked"])
+    encodings = tokenize_pairs(tokenizer, train["user_text"], train["ad_text"], max_length)
+    labels = torch.tensor(train["is_clicked"].cast(pl.Float32).to_numpy())
+    valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+
+    # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay
+    steps_per_epoch = math.ceil(len(encodings) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    params = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)],
+            "weight_decay": cfg.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), max(total_steps, 1))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def validate(step: int, epoch: float, train_loss: float) -> float:
+        pctr = predict_ctr(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "valid_logloss": logloss(valid_labels, pctr),
+            "valid_auc": roc_auc(valid_labels, pctr),
+        }
+        result.history.append(row)
+        print(
+            f"step {step:>6} epoch {epoch:5.2f} train_loss {train_loss:.4f} "
+            f"valid_logloss {row['valid_logloss']:.4f} valid_auc {row['valid_auc']:.4f}"
+        )
+        return row["valid_logloss"]
+
+    def save_if_best(valid_loss: float) -> bool:
+        if valid_loss < result.best_valid_logloss:
+            result.best_valid_logloss = valid_loss
+            model.save_pretrained(out_dir, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+            return True
+        return False
+
+    # 4. the untrained model is the first candidate: training must beat it to be kept
+    result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
+    save_if_best(validate(step=0, epoch=0.0, train_loss=math.nan))
+
+    # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
+    generator = torch.Generator().manual_seed(cfg.seed)
+    misses, running_loss, running_n = 0, 0.0, 0
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(encodings), generator=generator).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            batch = collate(tokenizer, [encodings[i] for i in index], device)
+            with autocast:
+                logits = model(**batch).logits.squeeze(-1)  # (batch,)
+            loss = loss_fn(logits.float(), labels[index].to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps += 1
+            running_loss, running_n = running_loss + loss.item(), running_n + 1
+
+            end_of_epoch = start + cfg.batch_size >= len(order)
+            if end_of_epoch or (cfg.eval_every_steps and result.steps % cfg.eval_every_steps == 0):
+                valid_loss = validate(result.steps, result.steps / steps_per_epoch, running_loss / running_n)
+                running_loss, running_n = 0.0, 0
+                misses = 0 if save_if_best(valid_loss) else misses + 1
+                if misses >= cfg.patience:
+                    result.stopped_early = True
+                    return result
+    return result

@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny randomly initialised BERT, small sample logs, settings under tmp dirs."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from tasks.config import SampleDataConfig, Settings, load_settings, packaged_model_path
+from tasks.sample_data import generate_sample_logs
+
+TINY_BERT = BertConfig(
+    vocab_size=30522,  # the packaged MiniLM tokenizer's vocabulary
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    num_labels=1,
+)
+SMALL_MARKET = SampleDataConfig(
+    users=40, advertisers=6, ads=14, days=10, impressions_per_user_day=1.5, cold_start_days=2
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights, saved in Hugging Face format with a real tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertForSequenceClassification(TINY_BERT).save_pretrained(path)
+    AutoTokenizer.from_pretrained(packaged_model_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sample") / "logs"
+    generate_sample_logs(SMALL_MARKET, path)
+    return path
+
+
+def build_settings(home: Path, model_dir: Path, logs: Path, **overrides: Any) -> Settings:
+    """Settings with state under home, the given model and logs, small batches; sections merge overrides."""
+    base: dict[str, Any] = {
+        "home": str(home),
+        "data": {"logs": str(logs)},
+        "model": {"base_model": str(model_dir), "max_seq_length": 64},
+        "training": {"epochs": 1, "batch_size": 32, "learning_rate": 1e-3, "eval_batch_size": 128},
+    }
+    for section, values in overrides.items():
+        base[section] = {**base[section], **values} if isinstance(values, dict) and section in base else values
+    return load_settings(base)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, tiny_model_dir: Path, sample_logs: Path):
+    def make(**overrides: Any) -> Settings:
+        return build_settings(tmp_path / "home", tiny_model_dir, sample_logs, **overrides)
+
+    return make
+
+
+def write_logs(root: Path, impressions: list[dict], ads: list[dict], users: list[dict]) -> Path:
+    """Write hand-made rows in the log contract as Parquet folders under root."""
+    for name, rows in (("impressions", impressions), ("ads", ads), ("users", users)):
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # rows may omit optional keys
+        (root / name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), root / name / "part-0.parquet"
+        )
+    return root
+
+
+SIGNAL_ADS = [
+    {"ad_id": "good1", "title": "Buy trail running shoes now", "description": "Free delivery."},
+    {"ad_id": "good2", "title": "Buy trail running socks now", "description": "Free returns."},
+    {"ad_id": "bad1", "title": "Read the quarterly tax report", "description": "Forms attached."},
+    {"ad_id": "bad2", "title": "Read the annual tax report", "description": "Forms enclosed."},
+]
+
+
+@pytest.fixture(scope="session")
+def signal_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Logs where the ad text decides the click (good* 70%, bad* 5%): any working model learns it."""
+    rng = np.random.default_rng(5)
+    start = datetime(2026, 5, 1)
+    users = [
+        {"user_id": f"u{u}", "age": int(rng.integers(18, 80)), "city": str(rng.choice(["Leeds", "York"]))}
+        for u in range(24)
+    ]
+    impressions = []
+    for i in range(720):
+        ad = SIGNAL_ADS[int(rng.integers(len(SIGNAL_ADS)))]
+        p_click = 0.7 if ad["ad_id"].startswith("good") else 0.05
+        impressions.append(
+            {
+                "impression_id": i,
+                "ts": start + timedelta(minutes=20 * i),
+                "user_id": f"u{int(rng.integers(24))}",
+                "ad_id": ad["ad_id"],
+                "clicked": bool(rng.random() < p_click),
+                "position": int(rng.integers(1, 4)),
+            }
+        )
+    return write_logs(tmp_path_factory.mktemp("signal") / "logs", impressions, SIGNAL_ADS, users)
+
+
+@pytest.fixture(scope="session")
+def constant_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny BERT with a zeroed classifier: the same score for every pair (test AUC exactly 0.5)."""
+    path = tmp_path_factory.mktemp("constant-bert")
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path

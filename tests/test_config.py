@@ -1,0 +1,54 @@
+from datetime import date
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tasks.config import flat_params, load_settings, packaged_model_path
+
+
+def test_defaults_live_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADRANK_HOME", str(tmp_path / "state"))
+    settings = load_settings()
+    assert settings.home == tmp_path / "state"
+    assert settings.data.logs == str(tmp_path / "state" / "sample_logs")
+    assert settings.warehouse == tmp_path / "state" / "warehouse.duckdb"
+    assert settings.tracking.mlflow_uri == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+    assert settings.model.base_model == packaged_model_path()
+    assert (Path(settings.model.base_model) / "model.safetensors").exists()
+
+
+def test_precedence_defaults_env_overrides_cli(monkeypatch):
+    monkeypatch.setenv("ADRANK_TRAINING__EPOCHS", "3")
+    monkeypatch.setenv("ADRANK_TRAINING__BATCH_SIZE", "8")
+    settings = load_settings(
+        {"training": {"batch_size": 4}},
+        cli_args=["--training.learning_rate", "0.001", "--ranking.run_date", "2026-01-02"],
+    )
+    assert settings.training.epochs == 3  # env
+    assert settings.training.batch_size == 4  # override beats env; nested dicts merge
+    assert settings.training.learning_rate == 0.001  # CLI flag
+    assert settings.training.weight_decay == 0.01  # default kept
+    assert settings.ranking.run_date == date(2026, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"training": {"batch_size": 0}}, "batch_size"),
+        ({"data": {"test_fraction": 0.7}}, "test_fraction"),
+        ({"data": {"ad_template": "{title; drop table ads}"}}, "not a plain column name"),
+        ({"tracking": {"registered_model": "x; drop"}}, "registered_model"),
+        ({"no_such_section": {}}, "no_such_section"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_field_name(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        load_settings(overrides)
+
+
+def test_flat_params_cover_every_field():
+    params = flat_params(load_settings({"home": "/tmp/x"}))
+    assert params["training.learning_rate"] == "5e-05"
+    assert params["ranking.top_n"] == "50"
+    assert all("." in key or key in ("home", "warehouse") for key in params)

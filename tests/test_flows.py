@@ -1,0 +1,115 @@
+"""The retrain and rerank flows under a real Prefect API, with a real MLflow store and DuckDB files."""
+
+from __future__ import annotations
+
+import duckdb
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.rerank import rerank
+from flows.retrain import retrain
+from tasks.registry import CHALLENGER, CHAMPION, configure_tracking
+from tests.conftest import SIGNAL_ADS, build_settings
+
+SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("flows") / "home"
+
+
+@pytest.fixture(scope="module")
+def first_retrain(prefect_api, home, tiny_model_dir, signal_logs):
+    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING)
+    return settings, retrain(settings.model_dump(mode="json"))
+
+
+def rankings(settings) -> list[tuple]:
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        return con.execute(
+            "select run_date, user_id, ad_id, rank, pctr, model_name, model_version from ad_rankings "
+            "order by run_date, user_id, rank"
+        ).fetchall()
+
+
+def test_first_retrain_registers_and_promotes(first_retrain):
+    settings, result = first_retrain
+    assert result["version"] == "1" and result["promoted"], result["reason"]
+    configure_tracking(settings)
+    client = MlflowClient()
+    name = settings.tracking.registered_model
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == 1
+
+    run = client.get_run(result["run_id"])
+    assert run.data.params["training.learning_rate"] == "0.002"
+    assert run.data.tags["promotion.promoted"] == "True"
+    auc = run.data.metrics["test.fine_tuned.overall.auc"]
+    assert auc > 0.75  # the ad text decides the click in these logs
+    assert auc > run.data.metrics["test.popularity.overall.auc"] - 0.05
+    history = client.get_metric_history(result["run_id"], "valid_logloss")
+    assert [m.step for m in history] == [0, 36, 72, 108, 144]  # 576 training pairs, batches of 16
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"evaluation.json", "config.json"} <= artifacts
+
+
+def test_champion_loads_from_the_registry_and_predicts_ctr(first_retrain):
+    settings, _ = first_retrain
+    configure_tracking(settings)
+    model = mlflow.pyfunc.load_model(f"models:/{settings.tracking.registered_model}@{CHAMPION}")
+    frame = pd.DataFrame(
+        {
+            "user_text": ["age: 30, city: Leeds. Recently clicked: nothing yet"] * 2,
+            "ad_text": [
+                "Buy trail running shoes now. Free delivery.",
+                "Read the quarterly tax report. Forms attached.",
+            ],
+        }
+    )
+    pctr = model.predict(frame)
+    assert pctr.shape == (2,) and 0 < pctr[1] < pctr[0] < 1
+
+
+def test_worse_model_is_registered_but_not_promoted(first_retrain, constant_model_dir, signal_logs):
+    settings, _ = first_retrain
+    worse = build_settings(settings.home, constant_model_dir, signal_logs, training={"epochs": 0})
+    result = retrain(worse.model_dump(mode="json"))
+    table = {(r["model"], r["slice"]): r["auc"] for r in result["evaluation"]}
+    assert table[("fine_tuned", "overall")] == 0.5 < table[(CHAMPION, "overall")]
+    assert result["version"] == "2" and not result["promoted"]
+    client = MlflowClient()
+    name = settings.tracking.registered_model
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == 2
+    assert "not above champion" in client.get_run(result["run_id"]).data.tags["promotion.reason"]
+
+
+def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
+    settings, _ = first_retrain
+    overrides = settings.model_dump(mode="json") | {"ranking": {"top_n": 3, "active_window_days": 3}}
+    summary = rerank(overrides=overrides)
+    first = rankings(settings)
+    assert summary["model_version"] == "1" and summary["ads"] == len(SIGNAL_ADS)
+    assert summary["rows"] == len(first) == summary["users"] * 3
+    users = {row[1] for row in first}
+    assert len(users) == summary["users"] > 10
+    for user in users:
+        ranked = [row for row in first if row[1] == user]
+        assert [row[3] for row in ranked] == [1, 2, 3]
+        assert {row[2] for row in ranked[:2]} == {"good1", "good2"}  # the model learned the text signal
+        assert ranked[0][4] >= ranked[1][4] >= ranked[2][4]
+    assert {row[5:] for row in first} == {(settings.tracking.registered_model, "1")}
+
+    again = rerank(overrides=overrides)
+    assert again["run_date"] == summary["run_date"]
+    assert rankings(settings) == first  # same rows, no duplicates (scored_at aside)

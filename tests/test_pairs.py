@@ -1,0 +1,154 @@
+from datetime import date, datetime, timedelta
+
+import duckdb
+import polars as pl
+import pytest
+
+from tasks.pairs import EMPTY_HISTORY, build_pairs, build_ranking_inputs, render_profile
+from tests.conftest import write_logs
+
+START = datetime(2026, 3, 1, 9, 0)
+ADS = [
+    {"ad_id": "a1", "title": "Alpha", "description": "First ad.", "category": "x"},
+    {"ad_id": "a2", "title": "Beta", "description": None, "category": "y"},
+    {"ad_id": "a3", "title": "Gamma", "description": "Third ad.", "category": "x"},
+    {"ad_id": "a4", "title": "Delta", "description": "Fourth ad.", "category": "y", "active": False},
+    {
+        "ad_id": "a5",
+        "title": "Epsilon",
+        "description": "New ad.",
+        "category": "x",
+        "created_at": START + timedelta(days=30),
+    },
+]
+USERS = [{"user_id": "u1", "age": 30, "city": "Leeds"}, {"user_id": "u2", "age": None, "city": "York"}]
+
+
+def imp(i: int, minutes: float, user: str, ad: str, clicked: bool) -> dict:
+    return {
+        "impression_id": i,
+        "ts": START + timedelta(minutes=minutes),
+        "user_id": user,
+        "ad_id": ad,
+        "clicked": clicked,
+    }
+
+
+IMPRESSIONS = [
+    imp(1, 0, "u1", "a1", True),
+    imp(2, 60, "u1", "a2", True),
+    imp(3, 60, "u1", "a3", False),  # same instant as the click on a2: that click is not "before" it
+    imp(4, 24 * 60, "u1", "a3", True),
+    imp(5, 48 * 60, "u1", "a4", False),
+    imp(6, 48 * 60 + 1, "u2", "a1", False),
+    imp(7, 49 * 60, "u1", "a1", True),
+    imp(8, 72 * 60, "u2", "a2", False),
+    imp(9, 96 * 60, "u1", "a2", False),
+    imp(10, 120 * 60, "u2", "a3", True),
+]
+
+
+@pytest.fixture
+def pairs(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    settings = make_settings(
+        data={"logs": str(tmp_path / "logs"), "history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2}
+    )
+    built = build_pairs(settings)
+    frame = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
+    return built, {row["impression_id"]: row for row in frame.iter_rows(named=True)}
+
+
+def test_history_is_point_in_time_and_most_recent_first(pairs):
+    _, rows = pairs
+    assert rows["1"]["user_text"] == f"age: 30, city: Leeds. Recently clicked: {EMPTY_HISTORY}"
+    assert rows["2"]["user_text"].endswith("Recently clicked: Alpha")
+    assert rows["3"]["user_text"].endswith("Recently clicked: Alpha")  # the a2 click at the same ts is excluded
+    assert rows["4"]["user_text"].endswith("Recently clicked: Beta | Alpha")
+    assert rows["5"]["user_text"].endswith("Recently clicked: Gamma | Beta")  # history_length = 2
+    assert rows["9"]["user_text"].endswith("Recently clicked: Alpha | Gamma")
+    # u2 has no clicks before its own click at impression 10; u1's clicks never leak into u2's text
+    assert rows["10"]["user_text"] == f"city: York. Recently clicked: {EMPTY_HISTORY}"
+
+
+def test_no_click_at_or_after_an_impression_is_in_its_history(pairs):
+    _, rows = pairs
+    clicks = [
+        (r["shown_at"], r["user_id"], title)
+        for r in rows.values()
+        if r["is_clicked"]
+        for title in [r["ad_text"].split(".")[0]]
+    ]
+    for row in rows.values():
+        later = {title for ts, user, title in clicks if user == row["user_id"] and ts >= row["shown_at"]}
+        earlier = {title for ts, user, title in clicks if user == row["user_id"] and ts < row["shown_at"]}
+        history = set(row["user_text"].split("Recently clicked: ")[1].split(" | ")) - {EMPTY_HISTORY}
+        assert not (history & (later - earlier)), row
+
+
+def test_split_is_by_time(pairs):
+    built, rows = pairs
+    by_split = {s: [r["shown_at"] for r in rows.values() if r["split"] == s] for s in ("train", "valid", "test")}
+    assert max(by_split["train"]) < min(by_split["valid"]) <= max(by_split["valid"]) < min(by_split["test"])
+    assert built.rows == {"train": 6, "valid": 2, "test": 2}
+    assert built.valid_from == min(by_split["valid"]) and built.test_from == min(by_split["test"])
+
+
+def test_ad_text_template_and_cold_start_flag(pairs):
+    _, rows = pairs
+    assert rows["1"]["ad_text"] == "Alpha. First ad."
+    assert rows["2"]["ad_text"] == "Beta."  # missing description leaves no gap
+    assert not any(r["is_cold_start"] for r in rows.values())  # every ad was shown in the training window
+
+
+def test_max_train_pairs_keeps_the_latest(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    settings = make_settings(
+        data={"logs": str(tmp_path / "logs"), "valid_fraction": 0.2, "test_fraction": 0.2, "max_train_pairs": 2}
+    )
+    train = pl.read_parquet(build_pairs(settings).paths["train"])
+    assert train["impression_id"].to_list() == ["5", "6"]
+
+
+def test_unknown_template_field_is_a_clear_error(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    settings = make_settings(data={"logs": str(tmp_path / "logs"), "ad_template": "{title} by {brand}"})
+    with pytest.raises(ValueError, match=r"data.ad_template uses \['brand'\].*available: .*'advertiser'"):
+        build_pairs(settings)
+
+
+def test_duckdb_source_gives_the_same_pairs(tmp_path, make_settings, pairs):
+    path = tmp_path / "logs.duckdb"
+    with duckdb.connect(str(path)) as con:
+        for name, rows in (("impressions", IMPRESSIONS), ("ads", ADS), ("users", USERS)):
+            con.register("rows", pl.DataFrame(rows).to_arrow())
+            con.execute(f"create table {name} as select * from rows")
+            con.unregister("rows")
+    settings = make_settings(data={"logs": str(path), "history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2})
+    built = build_pairs(settings)
+    frame = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
+    _, expected = pairs
+    assert {r["impression_id"]: r for r in frame.iter_rows(named=True)} == expected
+
+
+def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    settings = make_settings(data={"logs": str(tmp_path / "logs")}, ranking={"active_window_days": 2})
+    inputs = build_ranking_inputs(settings)
+    assert inputs.run_date == date(2026, 3, 7)  # the day after the latest impression
+    assert inputs.users["user_id"].to_list() == ["u1", "u2"]
+    assert inputs.users["user_text"][0].endswith("Recently clicked: Alpha | Gamma | Beta")
+    assert inputs.ads["ad_id"].to_list() == ["a1", "a2", "a3"]  # a4 inactive, a5 not created yet
+
+    earlier = make_settings(
+        data={"logs": str(tmp_path / "logs")}, ranking={"run_date": "2026-03-03", "active_window_days": 1}
+    )
+    inputs = build_ranking_inputs(earlier)
+    assert inputs.users["user_id"].to_list() == ["u1"]  # u2 was not active on 2026-03-02
+    assert inputs.users["user_text"][0].endswith(
+        "Recently clicked: Gamma | Beta | Alpha"
+    )  # a1 click at 2026-03-03 excluded
+
+
+def test_render_profile_skips_empty_values():
+    assert render_profile({"age": 30, "city": None, "job": ""}) == "age: 30"

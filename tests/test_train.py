@@ -1,0 +1,93 @@
+"""Model behaviour: loss falls, scores follow the text, early stopping, the real pretrained model trains."""
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from tasks.config import packaged_model_path
+from tasks.model import load_cross_encoder, predict_ctr
+from tasks.train import fine_tune
+
+CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
+
+
+def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
+    """Pairs whose label is decided by the ad text alone (with a few flipped labels)."""
+    rng = np.random.default_rng(seed)
+    is_click_ad = rng.random(n) < 0.3
+    users = [
+        f"age: {a}, city: {c}. Recently clicked: nothing yet"
+        for a, c in zip(rng.integers(18, 80, n), rng.choice(["Leeds", "York", "Bath"], n), strict=True)
+    ]
+    labels = is_click_ad ^ (rng.random(n) < 0.05)
+    pl.DataFrame(
+        {
+            "user_text": users,
+            "ad_text": np.where(is_click_ad, CLICK_AD, SKIP_AD),
+            "is_clicked": labels,
+        }
+    ).write_parquet(path)
+    return path
+
+
+@pytest.fixture
+def toy_pairs(tmp_path):
+    return write_toy_pairs(tmp_path / "train.parquet", 384, 1), write_toy_pairs(tmp_path / "valid.parquet", 128, 2)
+
+
+def test_loss_falls_and_scores_follow_the_ad_text(tmp_path, make_settings, toy_pairs):
+    settings = make_settings(training={"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0})
+    result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
+
+    losses = [row["valid_logloss"] for row in result.history]
+    assert result.steps == 3 * 24
+    assert min(losses[1:]) < losses[0] - 0.2, losses
+    assert result.best_valid_logloss == min(losses)
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert not list((tmp_path / "ckpt").glob("*.bin"))
+
+    model, tokenizer = load_cross_encoder(str(tmp_path / "ckpt"), torch.device("cpu"))
+    pctr = predict_ctr(model, tokenizer, ["age: 40, city: Leeds"] * 2, [CLICK_AD, SKIP_AD], 64, 8)
+    assert pctr[0] > 0.5 > pctr[1]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, make_settings, toy_pairs):
+    # lr 0 cannot improve the validation logloss: the first validation after step 0 is a miss
+    settings = make_settings(
+        training={"epochs": 5, "batch_size": 64, "learning_rate": 0.0, "patience": 1, "eval_every_steps": 2}
+    )
+    result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
+    assert result.stopped_early
+    assert result.steps == 2
+    assert [row["step"] for row in result.history] == [0, 2]
+
+
+def test_zero_epochs_saves_the_fresh_head(tmp_path, make_settings, toy_pairs):
+    result = fine_tune(make_settings(training={"epochs": 0}), *toy_pairs, tmp_path / "ckpt")
+    assert result.steps == 0 and len(result.history) == 1
+    assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_real_pretrained_minilm_fine_tunes(tmp_path, make_settings):
+    """The packaged all-MiniLM-L6-v2 loads, trains a few steps and changes its weights."""
+    train = write_toy_pairs(tmp_path / "train.parquet", 48, 3)
+    valid = write_toy_pairs(tmp_path / "valid.parquet", 32, 4)
+    settings = make_settings(
+        model={"base_model": packaged_model_path(), "max_seq_length": 64},
+        training={"epochs": 1, "batch_size": 16, "learning_rate": 2e-4, "warmup_ratio": 0.0},
+    )
+    result = fine_tune(settings, train, valid, tmp_path / "ckpt")
+    assert result.steps == 3
+    assert result.best_valid_logloss < result.history[0]["valid_logloss"]  # so the saved model is a trained one
+
+    base, _ = load_cross_encoder(packaged_model_path(), torch.device("cpu"))
+    tuned, tokenizer = load_cross_encoder(str(tmp_path / "ckpt"), torch.device("cpu"))
+    assert tuned.config.hidden_size == 384 and tuned.config.num_hidden_layers == 6
+    name = "bert.encoder.layer.5.output.dense.weight"
+    assert not torch.equal(dict(base.named_parameters())[name], dict(tuned.named_parameters())[name])
+    pctr = predict_ctr(tuned, tokenizer, ["age: 40"], [CLICK_AD], 64, 1)
+    assert 0.0 < pctr[0] < 1.0
