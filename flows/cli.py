@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from tasks.config import Settings, load_settings
+from tasks.logs import LogContractError
 
 COMMANDS = {
     "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
@@ -29,7 +32,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: adrank <command> [--section.field value ...]\n\ncommands:\n{usage}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, flags = argv[0], argv[1:]
-    settings = load_settings(cli_args=flags)
+    try:
+        settings = load_settings(cli_args=flags)
+    except ValidationError as error:
+        print(f"adrank: invalid config: {error}", file=sys.stderr)
+        return 2
+    try:
+        run_command(command, settings)
+    except LogContractError as error:
+        print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_command(command: str, settings: Settings) -> None:
     overrides = settings.model_dump(mode="json")
     if command == "config":
         print(json.dumps(overrides, indent=2))
@@ -45,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rerank(overrides=overrides), indent=2, default=str))
     else:
         run_demo(settings, overrides)
-    return 0
 
 
 def write_sample_logs(settings: Settings) -> None:
@@ -72,10 +87,10 @@ def run_demo(settings: Settings, overrides: dict) -> None:
     print(
         f"""
 adrank demo finished
-  model        {settings.tracking.registered_model} version {trained['version']} \
-({'promoted to champion' if trained['promoted'] else 'not promoted'}: {trained['reason']})
-  test AUC     {', '.join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == 'overall')}
-  rankings     {ranked['rows']} rows for {ranked['users']} users x {ranked['ads']} ads, run_date {ranked['run_date']}
+  model        {settings.tracking.registered_model} version {trained["version"]} \
+({"promoted to champion" if trained["promoted"] else "not promoted"}: {trained["reason"]})
+  test AUC     {", ".join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == "overall")}
+  rankings     {ranked["rows"]} rows for {ranked["users"]} users x {ranked["ads"]} ads, run_date {ranked["run_date"]}
   warehouse    {settings.warehouse}  (tables: ad_rankings, view latest_ad_rankings)
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}

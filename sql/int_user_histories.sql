@@ -1,4 +1,5 @@
--- int_user_histories: one row per request_id in history_requests(request_id, user_id, as_of):
+-- int_user_histories: one row per request in history_requests (request_id, user_id, as_of), from
+-- sql/int_impression_history_requests.sql or sql/int_ranking_history_requests.sql:
 -- the titles of the user's latest $history_length clicked ads shown strictly before as_of,
 -- most recent first. Point-in-time: a click at or after as_of never appears.
 with clicks as (

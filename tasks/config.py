@@ -70,9 +70,9 @@ class ModelConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    epochs: int = Field(1, ge=0, description="Passes over the training pairs (0: keep the fresh head).")
+    epochs: int = Field(2, ge=0, description="Passes over the training pairs (0: keep the fresh head).")
     batch_size: int = Field(16, ge=1, description="Training pairs per optimizer step.")
-    learning_rate: float = Field(5e-5, ge=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(1e-4, ge=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases or LayerNorm).")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up, then linear decay.")
     eval_every_steps: int | None = Field(

@@ -11,7 +11,7 @@ import polars as pl
 
 from tasks.config import DataConfig, Settings, template_fields
 from tasks.logs import open_logs
-from tasks.sql_files import load_sql
+from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
 HISTORY_SEPARATOR = " | "
@@ -41,11 +41,8 @@ class RankingInputs:
 def build_pairs(settings: Settings) -> Pairs:
     """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
     con = open_logs(settings.data.logs)
-    con.execute(
-        "create temp view history_requests as "
-        "select impression_id as request_id, user_id, shown_at as as_of from stg_impressions"
-    )
-    _build_histories(con, settings.data.history_length)
+    materialize(con, "int_impression_history_requests", table="history_requests")
+    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
     params = {"test_fraction": settings.data.test_fraction, "valid_fraction": settings.data.valid_fraction}
     pairs = con.execute(load_sql("int_user_ad_pairs"), params).pl()
     if pairs.is_empty():
@@ -71,26 +68,14 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
     con = open_logs(settings.data.logs)
     run_date = settings.ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
-    params = {"run_date": run_date, "window_days": settings.ranking.active_window_days}
-    con.execute(f"create temp table active_users as {load_sql('int_active_users')}", params)
-    con.execute(
-        "create temp table history_requests as "
-        "select user_id as request_id, user_id, cast($run_date as timestamp) as as_of from active_users",
-        {"run_date": run_date},
-    )
-    _build_histories(con, settings.data.history_length)
-    requests = con.execute("select request_id as user_id, history_titles from int_user_histories").pl()
+    materialize(con, "int_active_users", {"run_date": run_date, "window_days": settings.ranking.active_window_days})
+    materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
+    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
+    requests = con.table("int_user_histories").select("request_id as user_id, history_titles").pl()
     users = requests.join(_render_user_texts(con, settings.data, requests), on="user_id").select("user_id", "user_text")
     active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
     ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
     return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"))
-
-
-def _build_histories(con: duckdb.DuckDBPyConnection, history_length: int) -> None:
-    con.execute(
-        f"create temp table int_user_histories as {load_sql('int_user_histories')}",
-        {"history_length": history_length},
-    )
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:
@@ -101,7 +86,7 @@ def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pai
 
 def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, requests: pl.DataFrame) -> pl.DataFrame:
     """requests (user_id, history_titles, ...) -> the same rows with user_text."""
-    users = con.execute("select * from stg_users").pl()
+    users = con.table("stg_users").pl()
     profile_columns = [c for c in users.columns if c != "user_id"]
     _check_template("user_template", data.user_template, {"profile", "history", *profile_columns})
     profiles = users.with_columns(
@@ -124,7 +109,7 @@ def render_profile(attributes: dict) -> str:
 
 def render_ad_texts(con: duckdb.DuckDBPyConnection, template: str) -> pl.DataFrame:
     """ad_id, ad_text for every ad in stg_ads."""
-    ads = con.execute("select * from stg_ads").pl()
+    ads = con.table("stg_ads").pl()
     _check_template("ad_template", template, set(ads.columns))
     texts = [_fill(template, row) for row in ads.iter_rows(named=True)]
     return ads.select("ad_id").with_columns(pl.Series("ad_text", texts, dtype=pl.String))

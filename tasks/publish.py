@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tasks.sql_files import load_sql
+from tasks.sql_files import load_sql, materialize
 
 
 class PublishCheckError(ValueError):
@@ -34,16 +34,16 @@ def publish_rankings(
         con.execute(load_sql("ad_rankings_ddl"))
         con.execute(load_sql("views/latest_ad_rankings"))
         con.register("scored_ads", scores)
-        con.execute(f"create temp table staged_ad_rankings as {load_sql('ad_rankings')}", params)
+        materialize(con, "ad_rankings", params, table="staged_ad_rankings")
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
             raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
         con.execute("begin transaction")
         try:
-            con.execute("delete from ad_rankings where run_date = $run_date", {"run_date": run_date})
-            con.execute("insert into ad_rankings select * from staged_ad_rankings")
+            con.execute(load_sql("ad_rankings_delete_run_date"), {"run_date": run_date})
+            con.table("staged_ad_rankings").insert_into("ad_rankings")
             con.execute("commit")
         except BaseException:
             con.execute("rollback")
             raise
-        return con.execute("select count(*) from staged_ad_rankings").fetchone()[0]
+        return len(con.table("staged_ad_rankings"))

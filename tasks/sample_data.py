@@ -131,7 +131,7 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path) -> dict[str, i
 def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> pa.Table:
     start = datetime.combine(config.start_date, time())
     first_cold_day = config.days - config.cold_start_days
-    n_cold = max(1, config.ads // 7)
+    n_cold = max(1, config.ads // 4)
     advertiser_topics = [topics[i % len(topics)] for i in range(config.advertisers)]
     rows: dict[str, list] = {
         k: [] for k in ("ad_id", "title", "description", "category", "advertiser", "bid", "active", "created_at")

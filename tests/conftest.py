@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from tasks.config import SampleDataConfig, Settings, load_settings, packaged_model_path
@@ -28,6 +29,13 @@ TINY_BERT = BertConfig(
 SMALL_MARKET = SampleDataConfig(
     users=40, advertisers=6, ads=14, days=10, impressions_per_user_day=1.5, cold_start_days=2
 )
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (temporary server on a local SQLite database) for flow runs."""
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 @pytest.fixture(scope="session")

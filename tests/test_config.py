@@ -49,6 +49,6 @@ def test_invalid_values_are_rejected_with_the_field_name(overrides, message):
 
 def test_flat_params_cover_every_field():
     params = flat_params(load_settings({"home": "/tmp/x"}))
-    assert params["training.learning_rate"] == "5e-05"
+    assert params["training.learning_rate"] == "0.0001"
     assert params["ranking.top_n"] == "50"
     assert all("." in key or key in ("home", "warehouse") for key in params)

@@ -7,7 +7,6 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.rerank import rerank
 from flows.retrain import retrain
@@ -15,12 +14,6 @@ from tasks.registry import CHALLENGER, CHAMPION, configure_tracking
 from tests.conftest import SIGNAL_ADS, build_settings
 
 SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,7 @@ def test_corrupt_parquet_names_the_folder(tmp_path):
 def test_mixed_partitioned_and_flat_files_are_a_clear_error(tmp_path):
     write_logs(tmp_path, [impression(1)], ADS, USERS)
     (tmp_path / "impressions" / "date=2026-01-02").mkdir()
-    duckdb.sql(
-        f"copy (select * from '{tmp_path}/impressions/part-0.parquet') to '{tmp_path}/impressions/date=2026-01-02/p.parquet'"
-    )
+    flat = tmp_path / "impressions" / "part-0.parquet"
+    duckdb.sql(f"copy (select * from '{flat}') to '{tmp_path}/impressions/date=2026-01-02/p.parquet'")
     with pytest.raises(LogContractError, match=r"impressions: cannot read Parquet.*partition"):
         open_logs(str(tmp_path))
