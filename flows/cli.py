@@ -7,6 +7,7 @@ lists them all. Env vars (ADRANK_...) apply underneath.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: adrank <command> [--section.field value ...]\n\ncommands:\n{usage}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, flags = argv[0], argv[1:]
+    # the temporary Prefect server would try (and, offline, fail noisily) to send usage statistics
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         settings = load_settings(cli_args=flags)
     except ValidationError as error:
@@ -84,6 +87,10 @@ def run_demo(settings: Settings, overrides: dict) -> None:
         preview = con.sql(SAMPLE_QUERY).limit(6)
         preview_text = str(preview)
     evaluation = {(r["model"], r["slice"]): r for r in trained["evaluation"]}
+    query_command = (
+        f"python -c \"import duckdb; duckdb.connect('{settings.warehouse}', read_only=True)"
+        f".sql('{SAMPLE_QUERY}').show()\""
+    )
     print(
         f"""
 adrank demo finished
@@ -94,7 +101,7 @@ adrank demo finished
   warehouse    {settings.warehouse}  (tables: ad_rankings, view latest_ad_rankings)
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
-  query        duckdb {settings.warehouse} "{SAMPLE_QUERY} limit 6"
+  query        {query_command}
 {preview_text}"""
     )
 

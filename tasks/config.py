@@ -10,7 +10,7 @@ import re
 import string
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,9 +67,15 @@ class ModelConfig(BaseModel):
     )
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
+    calibration: Literal["platt", "none"] = Field(
+        "platt", description="Rescale logits to calibrated CTRs with Platt scaling fitted on validation."
+    )
 
 
 class TrainingConfig(BaseModel):
+    trainable_layers: int | None = Field(
+        None, ge=0, description="Train only the top N transformer layers and the head (None: all; 0: head only)."
+    )
     epochs: int = Field(2, ge=0, description="Passes over the training pairs (0: keep the fresh head).")
     batch_size: int = Field(16, ge=1, description="Training pairs per optimizer step.")
     learning_rate: float = Field(1e-4, ge=0, description="Peak AdamW learning rate.")

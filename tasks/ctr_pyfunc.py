@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from tasks.model import load_cross_encoder, pick_device, predict_ctr
+from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr
 
 
 class CrossEncoderCTR(PythonModel):
@@ -17,6 +17,7 @@ class CrossEncoderCTR(PythonModel):
         self.max_length = int(context.model_config["max_seq_length"])
         self.batch_size = int(context.model_config["batch_size"])
         self.model, self.tokenizer = load_cross_encoder(context.artifacts["checkpoint"], pick_device())
+        self.calibration = load_calibration(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         return predict_ctr(
@@ -26,6 +27,7 @@ class CrossEncoderCTR(PythonModel):
             model_input["ad_text"].astype(str).tolist(),
             self.max_length,
             self.batch_size,
+            self.calibration,
         )
 
 

@@ -10,7 +10,7 @@ import polars as pl
 
 from tasks.config import Settings
 from tasks.metrics import metrics
-from tasks.model import load_cross_encoder, pick_device, predict_ctr
+from tasks.model import Calibration, load_calibration, load_cross_encoder, pick_device, predict_ctr
 from tasks.train import seed_everything
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
@@ -34,7 +34,10 @@ def evaluate_models(
     for name, path in ((FINE_TUNED, str(checkpoint)), ("base_fresh_head", settings.model.base_model)):
         seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
         model, tokenizer = load_cross_encoder(path, device)
-        predictions[name] = predict_ctr(model, tokenizer, test["user_text"], test["ad_text"], max_length, batch)
+        calibration = load_calibration(path) if name == FINE_TUNED else Calibration()
+        predictions[name] = predict_ctr(
+            model, tokenizer, test["user_text"], test["ad_text"], max_length, batch, calibration
+        )
     predictions["popularity"] = popularity_ctr(pl.read_parquet(train_path, columns=["ad_id", "is_clicked"]), test)
     predictions.update(other_predictions or {})
     return evaluation_table(test, predictions)

@@ -50,6 +50,17 @@ def mean_ndcg_at_k(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray, k: 
     return float(np.mean(scores)) if scores else math.nan
 
 
+def mean_hit_rate_at_k(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray, k: int = RANKING_CUTOFF) -> float:
+    """Share of groups (users) with a click whose top-k scored impressions hold at least one click."""
+    hits = []
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        if labels[members].any():
+            top = members[np.argsort(-pctr[members], kind="stable")[:k]]
+            hits.append(bool(labels[top].any()))
+    return float(np.mean(hits)) if hits else math.nan
+
+
 def metrics(labels: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str, float]:
     return {
         "auc": roc_auc(labels, pctr),
@@ -57,4 +68,5 @@ def metrics(labels: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str
         "ece": expected_calibration_error(labels, pctr),
         "mean_pctr": float(np.mean(pctr)) if len(pctr) else math.nan,
         "ndcg@10": mean_ndcg_at_k(users, labels, pctr),
+        "hit_rate@10": mean_hit_rate_at_k(users, labels, pctr),
     }

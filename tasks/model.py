@@ -6,9 +6,12 @@ model and rerank all use these functions, so a pair is scored the same way every
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +19,40 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 # config attribute names that hold dropout probabilities, across encoder families
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+CALIBRATION_FILE = "calibration.json"
+# a (nearly) unregularised logistic fit: Platt scaling has two parameters and plenty of data
+PLATT_INVERSE_REGULARISATION = 1e6
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling of the click logit: pCTR = sigmoid(slope * logit + intercept). Identity by default."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(self.slope * logits.astype(np.float64) + self.intercept)))
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+    """Fit slope and intercept on held-out logits (validation), never on training data."""
+    from sklearn.linear_model import LogisticRegression
+
+    if labels.min() == labels.max():
+        return Calibration()
+    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(logits.reshape(-1, 1), labels)
+    return Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]))
+
+
+def save_calibration(calibration: Calibration, model_dir: Path) -> None:
+    (Path(model_dir) / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration)))
+
+
+def load_calibration(model_dir: str | Path) -> Calibration:
+    """The calibration saved beside a fine-tuned model; identity for a model without one."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    return Calibration(**json.loads(path.read_text())) if path.exists() else Calibration()
 
 
 def pick_device() -> torch.device:
@@ -99,7 +136,7 @@ def predict_ctr(
     ad_texts: Sequence[str],
     max_length: int,
     batch_size: int,
+    calibration: Calibration = Calibration(),
 ) -> np.ndarray:
     """Predicted click-through rates in (0, 1), shape (pairs,)."""
-    logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return calibration.apply(predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size))

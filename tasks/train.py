@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
-from tasks.model import collate, load_cross_encoder, pick_device, predict_ctr, tokenize_pairs
+from tasks.model import (
+    collate,
+    fit_platt,
+    load_cross_encoder,
+    pick_device,
+    predict_logits,
+    save_calibration,
+    tokenize_pairs,
+)
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -35,6 +44,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
+    """Freeze the embeddings and all but the top `trainable_layers` transformer layers (None: train all).
+
+    Everything outside the embeddings and the numbered layers (pooler, classifier) stays trainable.
+    """
+    if trainable_layers is None:
+        return
+    first_trained = model.config.num_hidden_layers - trainable_layers
+    for name, parameter in model.base_model.named_parameters():
+        layer = re.search(r"(?:^|\.)layer\.(\d+)\.", name)
+        if "embeddings" in name:
+            parameter.requires_grad = False
+        elif layer:
+            parameter.requires_grad = int(layer.group(1)) >= first_trained
+
+
 def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: Path) -> TrainResult:
     """Train on train_path, early-stop on valid_path logloss, save the best model to out_dir."""
     cfg, max_length = settings.training, settings.model.max_seq_length
@@ -43,6 +68,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     seed_everything(cfg.seed)
     device = pick_device()
     model, tokenizer = load_cross_encoder(settings.model.base_model, device, dropout=settings.model.dropout)
+    freeze_lower_layers(model, cfg.trainable_layers)
 
     # 2. data: tokenise once; batches are padded per batch
     train = pl.read_parquet(train_path, columns=["user_text", "ad_text", "is_clicked"])
@@ -54,12 +80,10 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay
     steps_per_epoch = math.ceil(len(encodings) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [
-        {
-            "params": [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)],
-            "weight_decay": cfg.weight_decay,
-        },
-        {"params": [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+        {"params": [p for n, p in trained if not n.endswith(NO_DECAY)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in trained if n.endswith(NO_DECAY)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), max(total_steps, 1))
@@ -67,7 +91,8 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def validate(step: int, epoch: float, train_loss: float) -> float:
-        pctr = predict_ctr(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
+        logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
+        pctr = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
         row = {
             "step": step,
             "epoch": epoch,
@@ -80,6 +105,8 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             f"step {step:>6} epoch {epoch:5.2f} train_loss {train_loss:.4f} "
             f"valid_logloss {row['valid_logloss']:.4f} valid_auc {row['valid_auc']:.4f}"
         )
+        if row["valid_logloss"] < result.best_valid_logloss:
+            best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
         return row["valid_logloss"]
 
     def save_if_best(valid_loss: float) -> bool:
@@ -92,6 +119,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
 
     # 4. the untrained model is the first candidate: training must beat it to be kept
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
+    best_valid_logits = np.zeros(valid.height, dtype=np.float32)
     save_if_best(validate(step=0, epoch=0.0, train_loss=math.nan))
 
     # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
@@ -119,7 +147,13 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
                 valid_loss = validate(result.steps, result.steps / steps_per_epoch, running_loss / running_n)
                 running_loss, running_n = 0.0, 0
                 misses = 0 if save_if_best(valid_loss) else misses + 1
-                if misses >= cfg.patience:
-                    result.stopped_early = True
-                    return result
+                result.stopped_early = misses >= cfg.patience
+                if result.stopped_early:
+                    break
+        if result.stopped_early:
+            break
+
+    # 6. calibrate the best model's logits on validation, saved beside its weights
+    if settings.model.calibration == "platt":
+        save_calibration(fit_platt(best_valid_logits, valid_labels), out_dir)
     return result

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from tasks.evaluate import evaluation_table, popularity_ctr, to_markdown
-from tasks.metrics import expected_calibration_error, logloss, mean_ndcg_at_k, roc_auc
+from tasks.metrics import expected_calibration_error, logloss, mean_hit_rate_at_k, mean_ndcg_at_k, roc_auc
 
 
 def test_auc_by_hand():
@@ -42,6 +42,16 @@ def test_ndcg_at_10_by_hand():
     # only user a counts (b has no click, c one impression): the click is ranked 2nd -> 1 / log2(3)
     assert mean_ndcg_at_k(users, labels, pctr) == pytest.approx(1 / math.log2(3))
     assert mean_ndcg_at_k(users, labels, np.array([0.1, 0.9, 0.2, 0.3, 0.2, 0.7])) == pytest.approx(1.0)
+
+
+def test_hit_rate_at_k_by_hand():
+    users = np.array(["a", "a", "a", "b", "b", "c"])
+    labels = np.array([0, 1, 0, 1, 0, 0])
+    pctr = np.array([0.9, 0.5, 0.1, 0.1, 0.2, 0.7])
+    # k=1: a's top is a miss, b's top is a miss; c has no click and does not count
+    assert mean_hit_rate_at_k(users, labels, pctr, k=1) == 0.0
+    assert mean_hit_rate_at_k(users, labels, pctr, k=2) == 1.0
+    assert mean_hit_rate_at_k(users, labels, np.array([0.1, 0.9, 0.2, 0.1, 0.2, 0.7]), k=1) == 0.5
 
 
 def test_popularity_shrinks_towards_the_global_ctr():

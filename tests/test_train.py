@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.config import packaged_model_path
-from tasks.model import load_cross_encoder, predict_ctr
+from tasks.model import Calibration, fit_platt, load_calibration, load_cross_encoder, predict_ctr
 from tasks.train import fine_tune
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
@@ -91,3 +91,43 @@ def test_real_pretrained_minilm_fine_tunes(tmp_path, make_settings):
     assert not torch.equal(dict(base.named_parameters())[name], dict(tuned.named_parameters())[name])
     pctr = predict_ctr(tuned, tokenizer, ["age: 40"], [CLICK_AD], 64, 1)
     assert 0.0 < pctr[0] < 1.0
+
+
+def test_platt_scaling_recovers_a_known_calibration():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
+    calibration = fit_platt(logits, labels)
+    assert calibration.slope == pytest.approx(0.5, abs=0.05)
+    assert calibration.intercept == pytest.approx(-1.0, abs=0.05)
+    assert fit_platt(logits, np.zeros(20000, dtype=int)) == Calibration()  # one class: identity
+
+
+def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, make_settings, toy_pairs):
+    result = fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "ckpt")
+    calibration = load_calibration(result.checkpoint)
+    assert calibration != Calibration() and calibration.slope > 0
+    assert load_calibration(tmp_path) == Calibration()  # no file: identity
+
+
+@pytest.mark.parametrize(("trainable_layers", "changed_layers"), [(0, set()), (1, {1}), (None, {0, 1})])
+def test_trainable_layers_freezes_the_rest(
+    tmp_path, make_settings, toy_pairs, tiny_model_dir, trainable_layers, changed_layers
+):
+    settings = make_settings(training={"epochs": 1, "trainable_layers": trainable_layers, "learning_rate": 1e-2})
+    result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
+    assert result.best_valid_logloss < result.history[0]["valid_logloss"]
+    base = dict(load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))[0].named_parameters())
+    tuned = dict(load_cross_encoder(str(result.checkpoint), torch.device("cpu"))[0].named_parameters())
+    changed = {
+        layer
+        for layer in (0, 1)
+        if not torch.equal(
+            base[f"bert.encoder.layer.{layer}.output.dense.weight"],
+            tuned[f"bert.encoder.layer.{layer}.output.dense.weight"],
+        )
+    }
+    assert changed == changed_layers
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(base[embeddings], tuned[embeddings]) == (trainable_layers is not None)
+    assert not torch.equal(base["classifier.weight"], tuned["classifier.weight"])

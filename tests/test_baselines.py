@@ -1,0 +1,37 @@
+"""The ID baselines of benchmarks/quality.py learn from ids and side features."""
+
+import numpy as np
+import polars as pl
+
+from benchmarks import baselines
+from tasks.metrics import roc_auc
+
+
+def toy(n: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
+    """Ad a1 is clicked by students far more often than ad a2; ad a3 is new (only in test)."""
+    rng = np.random.default_rng(seed)
+    pairs = pl.DataFrame(
+        {"user_id": [f"u{i}" for i in rng.integers(0, 40, n)], "ad_id": rng.choice(["a1", "a2"], n).tolist()}
+    )
+    student = pairs["user_id"].str.extract(r"(\d+)").cast(pl.Int32) % 2 == 0
+    p = np.where(pairs["ad_id"] == "a1", np.where(student, 0.8, 0.4), 0.1)
+    return pairs, (rng.random(n) < p).astype(int)
+
+
+def test_logistic_regression_and_lightgbm_rank_by_ids_and_profile():
+    users = pl.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(40)],
+            "occupation": ["student" if i % 2 == 0 else "nurse" for i in range(40)],
+            "age": list(range(20, 60)),
+        }
+    )
+    ads = pl.DataFrame({"ad_id": ["a1", "a2", "a3"], "category": ["games", "tax", "games"]})
+    (train, y_train), (valid, y_valid), (test, y_test) = toy(3000, 1), toy(500, 2), toy(500, 3)
+    features = [baselines.side_features(frame, users, ads) for frame in (train, valid, test)]
+    logreg = baselines.logistic_regression(features[0], y_train, features[2], seed=0)
+    trees = baselines.lightgbm(features[0], y_train, features[1], y_valid, features[2], seed=0)
+    assert roc_auc(y_test, logreg) > 0.75 and roc_auc(y_test, trees) > 0.75
+    assert features[0]["occupation"].tolist()[:1] in (["student"], ["nurse"])  # inputs left unchanged
+    unseen = baselines.side_features(pl.DataFrame({"user_id": ["u0"], "ad_id": ["a3"]}), users, ads)
+    assert 0 < baselines.logistic_regression(features[0], y_train, unseen, seed=0)[0] < 1
