@@ -65,7 +65,8 @@ def lightgbm(
     model.fit(
         frames[0],
         labels,
-        eval_set=[(frames[1], valid_labels)],
+        eval_X=frames[1],
+        eval_y=valid_labels,
         eval_metric="binary_logloss",
         callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
     )

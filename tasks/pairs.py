@@ -48,7 +48,7 @@ def build_pairs(settings: Settings) -> Pairs:
     if pairs.is_empty():
         raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
     pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
-    pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
+    pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id").sort("shown_at", "impression_id")
 
     settings.pairs_dir.mkdir(parents=True, exist_ok=True)
     paths, rows, clicks = {}, {}, {}
