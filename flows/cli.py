@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
+from tasks import registry
 from tasks.config import Settings, load_settings
 from tasks.logs import LogContractError
 
@@ -22,6 +24,8 @@ COMMANDS = {
     "retrain": "run the retrain flow: build pairs, fine-tune, evaluate, register, promote",
     "rerank": "run the rerank flow: score active users x ads with the champion, write ad_rankings",
     "config": "print the resolved config as JSON",
+    "promote": "adrank promote <version>: make a registered version the champion (logged on the version)",
+    "rollback": "give the champion alias back to the previous champion",
 }
 SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_ad_rankings order by user_id, rank"
 
@@ -33,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: adrank <command> [--section.field value ...]\n\ncommands:\n{usage}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, flags = argv[0], argv[1:]
+    version = None
+    if command == "promote":
+        if not flags or flags[0].startswith("-"):
+            print("usage: adrank promote <version> [--section.field value ...]", file=sys.stderr)
+            return 2
+        version, flags = flags[0], flags[1:]
     # the temporary Prefect server would try (and, offline, fail noisily) to send usage statistics
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
@@ -41,16 +51,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adrank: invalid config: {error}", file=sys.stderr)
         return 2
     try:
-        run_command(command, settings)
+        run_command(command, settings, version)
     except LogContractError as error:
         print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
+        return 1
+    except (registry.PromotionError, MlflowException) as error:
+        print(f"adrank {command}: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def run_command(command: str, settings: Settings) -> None:
+def run_command(command: str, settings: Settings, version: str | None = None) -> None:
     overrides = settings.model_dump(mode="json")
-    if command == "config":
+    if command == "promote":
+        registry.move_champion(settings, version, reason="manual promotion (adrank promote)")
+    elif command == "rollback":
+        registry.rollback_champion(settings)
+    elif command == "config":
         print(json.dumps(overrides, indent=2))
     elif command == "sample-data":
         write_sample_logs(settings)

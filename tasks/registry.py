@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tasks.config import Settings, flat_params
 from tasks.train import TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION_HISTORY_TAG = "champion_history"
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "user_text"), ColSpec("string", "ad_text")]),
@@ -33,6 +35,10 @@ INPUT_EXAMPLE = pd.DataFrame(
         "ad_text": ["Get the sourdough starter kit from FreshCrate. Fresh ingredients delivered to your door."],
     }
 )
+
+
+class PromotionError(ValueError):
+    """A champion change that cannot be made; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,42 @@ def promote_if_better(
     configure_tracking(settings)
     client, name = MlflowClient(), settings.tracking.registered_model
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        move_champion(settings, version, reason=f"retrain run {run_id}: {reason}")
     decision = Promotion(version, promoted, reason, auc, champion_version, champion_auc)
     client.set_model_version_tag(name, version, "promotion", json.dumps(asdict(decision)))
     client.set_tag(run_id, "promotion.promoted", str(promoted))
     client.set_tag(run_id, "promotion.reason", reason)
     return decision
+
+
+def champion_history(settings: Settings) -> list[str]:
+    """Versions that held `champion`, oldest first (kept as a tag on the registered model)."""
+    configure_tracking(settings)
+    tags = MlflowClient().get_registered_model(settings.tracking.registered_model).tags
+    return json.loads(tags.get(CHAMPION_HISTORY_TAG, "[]"))
+
+
+def move_champion(settings: Settings, version: str, reason: str) -> None:
+    """Promote: point `champion` at version and push it on the champion history."""
+    _set_champion(settings, str(version), [*champion_history(settings), str(version)], reason)
+
+
+def rollback_champion(settings: Settings) -> str:
+    """Give `champion` back to the version that held it before the current one; returns that version."""
+    history, current = champion_history(settings), current_champion(settings)
+    if current is None or len(history) < 2:
+        raise PromotionError(f"model '{settings.tracking.registered_model}' has no earlier champion to roll back to")
+    if history[-1] != current:
+        raise PromotionError(f"champion is version {current} but adrank last set {history[-1]}; promote explicitly")
+    _set_champion(settings, history[-2], history[:-1], reason=f"rollback from version {current}")
+    return history[-2]
+
+
+def _set_champion(settings: Settings, version: str, history: list[str], reason: str) -> None:
+    configure_tracking(settings)
+    client, name = MlflowClient(), settings.tracking.registered_model
+    client.get_model_version(name, version)  # raises for an unknown version before anything changes
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, version, "champion_since", f"{datetime.now(UTC).isoformat()}: {reason}")
+    print(f"{name}: champion -> version {version} ({reason})")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from flows.cli import main
 from flows.rerank import rerank
 from flows.retrain import retrain
 from tasks.registry import CHALLENGER, CHAMPION, configure_tracking
@@ -106,3 +107,22 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
     again = rerank(overrides=overrides)
     assert again["run_date"] == summary["run_date"]
     assert rankings(settings) == first  # same rows, no duplicates (scored_at aside)
+
+
+def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, monkeypatch, capsys):
+    settings, _ = first_retrain
+    for key, value in (("ADRANK_HOME", settings.home), ("ADRANK_TRACKING__MLFLOW_URI", settings.tracking.mlflow_uri)):
+        monkeypatch.setenv(key, str(value))
+    client, name = MlflowClient(), settings.tracking.registered_model
+    assert main(["promote", "2"]) == 0
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 2
+    assert "manual promotion" in client.get_model_version(name, "2").tags["champion_since"]
+    assert main(["rollback"]) == 0
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1
+    assert "rollback from version 2" in client.get_model_version(name, "1").tags["champion_since"]
+    assert "champion -> version 1" in capsys.readouterr().out
+
+    assert main(["rollback"]) == 1  # version 1 was the first champion
+    assert main(["promote", "99"]) == 1
+    assert "no earlier champion" in capsys.readouterr().err
+    assert client.get_model_version_by_alias(name, CHAMPION).version == 1  # failed commands changed nothing
