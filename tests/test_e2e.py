@@ -99,12 +99,14 @@ def test_deployments_run_through_the_cli(prefect_stack):
     deployed = cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
     assert "retrain/nightly" in deployed and "rerank/nightly" in deployed
 
+    top_n = {"retrain/nightly": [], "rerank/nightly": ["-p", 'overrides={"ranking": {"top_n": 5}}']}
     for deployment in ("retrain/nightly", "rerank/nightly"):
         out = cli(
             env,
             "deployment",
             "run",
             deployment,
+            *top_n[deployment],
             "--watch",
             "--watch-timeout",
             str(RUN_TIMEOUT_S),
@@ -115,7 +117,7 @@ def test_deployments_run_through_the_cli(prefect_stack):
     with duckdb.connect(str(tmp_path / "adrank" / "warehouse.duckdb"), read_only=True) as con:
         users, rows, versions, bad_ranks = con.execute(
             "select count(distinct user_id), count(*), list(distinct model_version), "
-            "count(*) filter (where rank < 1 or rank > 50) from latest_ad_rankings"
+            "count(*) filter (where rank < 1 or rank > 5) from latest_ad_rankings"
         ).fetchone()
-    assert users > 20 and rows >= users * 10
+    assert users > 20 and rows == users * 5  # the top_n flow parameter reached the run
     assert versions == ["1"] and bad_ranks == 0
