@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
 from tasks import registry
-from tasks.config import Settings, load_settings
+from tasks.config import Settings, cli_overrides, load_settings
 from tasks.logs import LogContractError
 
 COMMANDS = {
@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     # the temporary Prefect server would try (and, offline, fail noisily) to send usage statistics
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        settings = load_settings(cli_args=flags)
+        overrides = cli_overrides(flags)
+        settings = load_settings(overrides)
     except ValidationError as error:
         print(f"adrank: invalid config: {error}", file=sys.stderr)
         return 2
     try:
-        run_command(command, settings, version)
+        run_command(command, settings, overrides, version)
     except LogContractError as error:
         print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
         return 1
@@ -61,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_command(command: str, settings: Settings, version: str | None = None) -> None:
-    overrides = settings.model_dump(mode="json")
+def run_command(command: str, settings: Settings, overrides: dict, version: str | None = None) -> None:
+    """Flows get only the CLI's overrides as parameters; they read the rest from the environment."""
     if command == "promote":
         registry.move_champion(settings, version, reason="manual promotion (adrank promote)")
     elif command == "rollback":
         registry.rollback_champion(settings)
     elif command == "config":
-        print(json.dumps(overrides, indent=2))
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
     elif command == "sample-data":
         write_sample_logs(settings)
     elif command == "retrain":

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 DEFAULT_HOME = Path("adrank_home")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+URI_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
 
 
 def packaged_model_path() -> str:
@@ -170,12 +171,22 @@ class Settings(BaseSettings):
         return self.home / "checkpoints"
 
 
-def load_settings(overrides: dict[str, Any] | None = None, cli_args: list[str] | None = None) -> Settings:
-    """Settings from defaults < env < overrides (nested dicts merge) < CLI flags."""
-    kwargs: dict[str, Any] = dict(overrides or {})
-    if cli_args is not None:
-        kwargs["_cli_parse_args"] = cli_args
-    return Settings(**kwargs)
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from defaults < env < overrides (nested dicts merge with env, e.g. {"training": {"epochs": 2}})."""
+    return Settings(**(overrides or {}))
+
+
+def cli_overrides(flags: list[str]) -> dict[str, Any]:
+    """Only the values given as CLI flags (`--training.epochs 2`), as nested overrides.
+
+    Values from env vars stay out, so flow parameters never carry what the environment already holds.
+    """
+    return CliSettingsSource(Settings, cli_parse_args=flags)()
+
+
+def redact(value: str) -> str:
+    """A URI with any user:password@ replaced, for logs and tracked params."""
+    return URI_CREDENTIALS.sub(r"\1***@", value)
 
 
 def flat_params(settings: Settings) -> dict[str, str]:
@@ -187,7 +198,7 @@ def flat_params(settings: Settings) -> dict[str, str]:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, inner)
         else:
-            flat[prefix] = str(value)
+            flat[prefix] = redact(str(value))
 
     walk("", settings.model_dump(mode="json"))
     return flat

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from tasks.config import Settings, flat_params
+from tasks.config import Settings, flat_params, redact
 from tasks.train import TrainResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -67,7 +67,7 @@ def start_run(settings: Settings, run_name: str) -> str:
     experiment_id = configure_tracking(settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         mlflow.log_params(flat_params(settings))
-        mlflow.log_dict(settings.model_dump(mode="json"), "config.json")
+        mlflow.log_dict(json.loads(redact(settings.model_dump_json())), "config.json")
     return run.info.run_id
 
 

@@ -1,10 +1,11 @@
+import json
 from datetime import date
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import flat_params, load_settings, packaged_model_path
+from tasks.config import cli_overrides, flat_params, load_settings, packaged_model_path
 
 
 def test_defaults_live_under_home(tmp_path, monkeypatch):
@@ -21,10 +22,9 @@ def test_defaults_live_under_home(tmp_path, monkeypatch):
 def test_precedence_defaults_env_overrides_cli(monkeypatch):
     monkeypatch.setenv("ADRANK_TRAINING__EPOCHS", "3")
     monkeypatch.setenv("ADRANK_TRAINING__BATCH_SIZE", "8")
-    settings = load_settings(
-        {"training": {"batch_size": 4}},
-        cli_args=["--training.learning_rate", "0.001", "--ranking.run_date", "2026-01-02"],
-    )
+    flags = cli_overrides(["--training.learning_rate", "0.001", "--ranking.run_date", "2026-01-02"])
+    assert flags == {"training": {"learning_rate": "0.001"}, "ranking": {"run_date": "2026-01-02"}}  # no env values
+    settings = load_settings({"training": {"batch_size": 4, **flags["training"]}, "ranking": flags["ranking"]})
     assert settings.training.epochs == 3  # env
     assert settings.training.batch_size == 4  # override beats env; nested dicts merge
     assert settings.training.learning_rate == 0.001  # CLI flag
@@ -52,3 +52,9 @@ def test_flat_params_cover_every_field():
     assert params["training.learning_rate"] == "0.0001"
     assert params["ranking.top_n"] == "50"
     assert all("." in key or key in ("home", "warehouse") for key in params)
+
+
+def test_credentials_in_uris_never_reach_tracked_params():
+    params = flat_params(load_settings({"tracking": {"mlflow_uri": "https://alice:s3cret@mlflow.example:5000"}}))
+    assert params["tracking.mlflow_uri"] == "https://***@mlflow.example:5000"
+    assert "s3cret" not in json.dumps(params)
