@@ -10,8 +10,7 @@ import polars as pl
 
 from tasks.config import Settings
 from tasks.metrics import metrics
-from tasks.model import Calibration, load_calibration, load_cross_encoder, pick_device, predict_ctr
-from tasks.train import seed_everything
+from tasks.model import Calibration, load_calibration, load_cross_encoder, pick_device, predict_ctr, seed_everything
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
 POPULARITY_PRIOR_IMPRESSIONS = 20.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -53,6 +54,13 @@ def load_calibration(model_dir: str | Path) -> Calibration:
     """The calibration saved beside a fine-tuned model; identity for a model without one."""
     path = Path(model_dir) / CALIBRATION_FILE
     return Calibration(**json.loads(path.read_text())) if path.exists() else Calibration()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch: fresh heads, dropout and data order repeat run to run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def pick_device() -> torch.device:

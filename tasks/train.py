@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,14 @@ from transformers import get_linear_schedule_with_warmup
 from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
 from tasks.model import (
+    Calibration,
     collate,
     fit_platt,
     load_cross_encoder,
     pick_device,
     predict_logits,
     save_calibration,
+    seed_everything,
     tokenize_pairs,
 )
 
@@ -36,12 +37,6 @@ class TrainResult:
     stopped_early: bool
     # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
@@ -92,7 +87,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
 
     def validate(step: int, epoch: float, train_loss: float) -> float:
         logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
-        pctr = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        pctr = Calibration().apply(logits)  # uncalibrated: the calibration is fitted after training
         row = {
             "step": step,
             "epoch": epoch,
