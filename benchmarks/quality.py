@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
-from tasks.evaluate import evaluation_table, popularity_ctr, to_markdown  # noqa: E402
-from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr  # noqa: E402
+from tasks.evaluate import evaluation_table, popularity_ctr, score_checkpoint, to_markdown  # noqa: E402
+from tasks.logs import open_logs  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import configure_tracking  # noqa: E402
 from tasks.train import fine_tune  # noqa: E402
@@ -80,16 +80,7 @@ def split_pairs(settings: Settings, seed: int, quick: bool) -> dict[str, pl.Data
 def cross_encoder(settings: Settings, splits: dict[str, Path], out_dir: Path, test: pl.DataFrame) -> np.ndarray:
     """adrank's fine_tune, then its calibrated predictions on the test pairs."""
     result = fine_tune(settings, splits["train"], splits["valid"], out_dir)
-    model, tokenizer = load_cross_encoder(str(result.checkpoint), pick_device())
-    return predict_ctr(
-        model,
-        tokenizer,
-        test["user_text"],
-        test["ad_text"],
-        settings.model.max_seq_length,
-        settings.training.eval_batch_size,
-        load_calibration(result.checkpoint),
-    )
+    return score_checkpoint(settings, result.checkpoint, test)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -127,15 +118,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{name}: {timings[name]} s", flush=True)
         return out
 
-    # ID baselines on the same pairs
-    import duckdb
-
-    users = duckdb.sql(f"select * from read_parquet('{logs}/users/**/*.parquet')").pl()
-    ads = duckdb.sql(f"select * from read_parquet('{logs}/ads/**/*.parquet')").pl()
-    users, ads = (
-        users.with_columns(pl.col("user_id").cast(pl.String)),
-        ads.with_columns(pl.col("ad_id").cast(pl.String)),
-    )
+    # ID baselines on the same pairs, with the profile and ad columns as adrank stages them (ids as text)
+    staged = open_logs(str(logs))
+    users, ads = staged.table("stg_users").pl(), staged.table("stg_ads").pl()
     features = {name: baselines.side_features(splits[name], users, ads) for name in ("train", "valid", "test")}
     predictions = {
         "popularity": timed("popularity", popularity_ctr, train, test),

@@ -10,7 +10,7 @@ import polars as pl
 
 from tasks.config import Settings
 from tasks.metrics import metrics
-from tasks.model import Calibration, load_calibration, load_cross_encoder, pick_device, predict_ctr, seed_everything
+from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr, seed_everything
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
 POPULARITY_PRIOR_IMPRESSIONS = 20.0
@@ -27,19 +27,27 @@ def evaluate_models(
     """Score the test split with the fine-tuned model, the base model with a fresh (seeded) head and
     the popularity baseline, plus any given predictions (e.g. the current champion's)."""
     test = pl.read_parquet(test_path)
-    device = pick_device()
-    batch, max_length = settings.training.eval_batch_size, settings.model.max_seq_length
     predictions: dict[str, np.ndarray] = {}
     for name, path in ((FINE_TUNED, str(checkpoint)), ("base_fresh_head", settings.model.base_model)):
         seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
-        model, tokenizer = load_cross_encoder(path, device)
-        calibration = load_calibration(path) if name == FINE_TUNED else Calibration()
-        predictions[name] = predict_ctr(
-            model, tokenizer, test["user_text"], test["ad_text"], max_length, batch, calibration
-        )
+        predictions[name] = score_checkpoint(settings, path, test)
     predictions["popularity"] = popularity_ctr(pl.read_parquet(train_path, columns=["ad_id", "is_clicked"]), test)
     predictions.update(other_predictions or {})
     return evaluation_table(test, predictions)
+
+
+def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:
+    """pCTR of a saved model folder on pairs (user_text, ad_text), with its calibration if it has one."""
+    model, tokenizer = load_cross_encoder(str(path), pick_device())
+    return predict_ctr(
+        model,
+        tokenizer,
+        pairs["user_text"],
+        pairs["ad_text"],
+        settings.model.max_seq_length,
+        settings.training.eval_batch_size,
+        load_calibration(path),
+    )
 
 
 def popularity_ctr(train: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:

@@ -85,7 +85,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def validate(step: int, epoch: float, train_loss: float) -> float:
+    def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray]:
         logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
         pctr = Calibration().apply(logits)  # uncalibrated: the calibration is fitted after training
         row = {
@@ -100,13 +100,12 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             f"step {step:>6} epoch {epoch:5.2f} train_loss {train_loss:.4f} "
             f"valid_logloss {row['valid_logloss']:.4f} valid_auc {row['valid_auc']:.4f}"
         )
-        if row["valid_logloss"] < result.best_valid_logloss:
-            best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
-        return row["valid_logloss"]
+        return row["valid_logloss"], logits
 
-    def save_if_best(valid_loss: float) -> bool:
+    def save_if_best(valid_loss: float, logits: np.ndarray) -> bool:
         if valid_loss < result.best_valid_logloss:
             result.best_valid_logloss = valid_loss
+            best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
             model.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
             return True
@@ -115,7 +114,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     # 4. the untrained model is the first candidate: training must beat it to be kept
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
-    save_if_best(validate(step=0, epoch=0.0, train_loss=math.nan))
+    save_if_best(*validate(step=0, epoch=0.0, train_loss=math.nan))
 
     # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -139,9 +138,9 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
 
             end_of_epoch = start + cfg.batch_size >= len(order)
             if end_of_epoch or (cfg.eval_every_steps and result.steps % cfg.eval_every_steps == 0):
-                valid_loss = validate(result.steps, result.steps / steps_per_epoch, running_loss / running_n)
+                validation = validate(result.steps, result.steps / steps_per_epoch, running_loss / running_n)
                 running_loss, running_n = 0.0, 0
-                misses = 0 if save_if_best(valid_loss) else misses + 1
+                misses = 0 if save_if_best(*validation) else misses + 1
                 result.stopped_early = misses >= cfg.patience
                 if result.stopped_early:
                     break
