@@ -31,6 +31,7 @@ from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
 from tasks.evaluate import evaluation_table, popularity_ctr, score_checkpoint, to_markdown  # noqa: E402
 from tasks.logs import open_logs  # noqa: E402
+from tasks.model import fit_calibration, load_cross_encoder, pick_device, predict_logits  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import configure_tracking  # noqa: E402
 from tasks.train import fine_tune  # noqa: E402
@@ -40,7 +41,7 @@ COLD_ITEM_SHARE = 0.10
 # --quick: what fits in < 20 minutes on 2 CPU cores at ~22 training pairs/s. The cross-encoders train on a
 # seeded random sample of the train split; the ID baselines (seconds on a CPU) fit all of it, as deployed.
 QUICK = {"train_pairs": 14000, "valid_pairs": 1500, "test_user_share": 0.4, "epochs": 1}
-DEFAULT_MODEL, HEAD_ONLY = "fine_tuned", "base_trained_head"
+DEFAULT_MODEL, HEAD_ONLY, TEXT_ONLY = "fine_tuned", "base_trained_head", "fine_tuned_text_only"
 ID_BASELINES = ["popularity", "logistic_regression", "lightgbm"]
 
 
@@ -81,6 +82,15 @@ def cross_encoder(settings: Settings, splits: dict[str, Path], out_dir: Path, te
     """adrank's fine_tune, then its calibrated predictions on the test pairs."""
     result = fine_tune(settings, splits["train"], splits["valid"], out_dir)
     return score_checkpoint(settings, result.checkpoint, test)
+
+
+def text_only(settings: Settings, checkpoint: Path, valid: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:
+    """Ablation of the ad prior: the same fine-tuned weights with Platt scaling alone, fitted on validation."""
+    model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
+    args = settings.model.max_seq_length, settings.training.eval_batch_size
+    valid_logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], *args)
+    platt = fit_calibration(valid_logits, valid["is_clicked"].cast(pl.Int8).to_numpy())
+    return platt.apply(predict_logits(model, tokenizer, test["user_text"], test["ad_text"], *args))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     head_only = settings.model_copy(update={"training": settings.training.model_copy(update={"trainable_layers": 0})})
     predictions[HEAD_ONLY] = timed(HEAD_ONLY, cross_encoder, head_only, paths, work / args.name / "head-only", test)
     predictions[DEFAULT_MODEL] = timed(DEFAULT_MODEL, cross_encoder, settings, paths, work / args.name / "tuned", test)
+    predictions[TEXT_ONLY] = timed(TEXT_ONLY, text_only, settings, work / args.name / "tuned", valid, test)
 
     table = evaluation_table(test, predictions)
     result = {

@@ -17,6 +17,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
 load_version = task(registry.load_version, name="load_champion", cache_policy=NO_CACHE, **IO_RETRIES)
 build_ranking_inputs = task(pairs.build_ranking_inputs, name="build_ranking_inputs", cache_policy=NO_CACHE)
+ranking_model = task(score.RankingModel.from_pyfunc, name="ranking_model", cache_policy=NO_CACHE)
 score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
 publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE, **IO_RETRIES)
 
@@ -41,17 +42,22 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
     # build texts
     inputs = build_ranking_inputs(settings)
 
-    # score
-    scores = score_candidates(model, inputs, settings.ranking.user_chunk_size, settings.ranking.top_n)
+    # score: two-stage, each user chunk's top N appended to a staged Parquet file
+    scores_path = settings.staging_dir / f"ad_rankings-{inputs.run_date.isoformat()}.parquet"
+    ranker = ranking_model(model, settings.ranking.quantize_int8)
+    stats = score_candidates(ranker, inputs, settings.ranking, scores_path)
 
     # publish
-    rows = publish_rankings(settings.warehouse, scores, inputs.run_date, name, version, settings.ranking.top_n)
+    rows = publish_rankings(settings.warehouse, scores_path, inputs.run_date, name, version, settings.ranking.top_n)
 
     summary = {
         "run_date": inputs.run_date.isoformat(),
         "users": inputs.users.height,
         "ads": inputs.ads.height,
         "rows": rows,
+        "two_stage": stats.two_stage,
+        "stage2_pairs": stats.stage2_pairs,
+        "seconds": {stage: round(seconds, 2) for stage, seconds in stats.seconds.items()},
         "model_name": name,
         "model_version": version,
         "warehouse": str(settings.warehouse),

@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import evaluate, pairs, registry, train
+from tasks import evaluate, pairs, registry, train, two_tower
 from tasks.config import load_settings
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
@@ -16,7 +16,9 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
 start_run = task(registry.start_run, name="start_mlflow_run", cache_policy=NO_CACHE, **IO_RETRIES)
 fine_tune = task(train.fine_tune, name="fine_tune", cache_policy=NO_CACHE)
+distill_two_tower = task(two_tower.distill_two_tower, name="distill_two_tower", cache_policy=NO_CACHE)
 log_training = task(registry.log_training, name="log_training", cache_policy=NO_CACHE, **IO_RETRIES)
+log_distillation = task(registry.log_distillation, name="log_distillation", cache_policy=NO_CACHE, **IO_RETRIES)
 current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
 evaluate_models = task(evaluate.evaluate_models, name="evaluate", cache_policy=NO_CACHE)
 log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -38,6 +40,10 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     checkpoint = settings.checkpoints_dir / run_id
     result = fine_tune(settings, built.paths["train"], built.paths["valid"], checkpoint)
     log_training(settings, run_id, built.rows, result)
+
+    # distil the stage-1 two-tower of rerank from the fine-tuned cross-encoder
+    distilled = distill_two_tower(settings, checkpoint, built.paths["train"])
+    log_distillation(settings, run_id, distilled)
 
     # evaluate, against the champion on the same test split
     champion = current_champion(settings)

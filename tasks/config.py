@@ -68,8 +68,13 @@ class ModelConfig(BaseModel):
     )
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
-    calibration: Literal["platt", "none"] = Field(
-        "platt", description="Rescale logits to calibrated CTRs with Platt scaling fitted on validation."
+    calibration: Literal["platt+ad_prior", "platt", "none"] = Field(
+        "platt+ad_prior",
+        description="Output layer fitted on validation: Platt scaling of the logit, plus (ad_prior, a hybrid "
+        "text + ID model) a weighted log-odds of the ad's click rate in training; unseen ads get the global rate.",
+    )
+    ad_prior_strength: float = Field(
+        5.0, gt=0, description="Pseudo-impressions at the global CTR added to each ad's counts in the ad prior."
     )
 
 
@@ -103,6 +108,43 @@ class RankingConfig(BaseModel):
     active_window_days: int = Field(7, ge=1, description="Users with an impression in this many days are ranked.")
     top_n: int = Field(50, ge=1, description="Ranked ads kept per user.")
     user_chunk_size: int = Field(64, ge=1, description="Users scored together; bounds memory.")
+    candidates_k: int | None = Field(
+        100,
+        ge=1,
+        description="Two-stage ranking: the stage-1 two-tower keeps each user's top K ads, the cross-encoder "
+        "rescores those. None (or K >= ads): the cross-encoder scores every pair.",
+    )
+    candidates_table: str | None = Field(
+        None,
+        description="Optional table (user_id, ad_id) in the logs (a DuckDB table or a Parquet sub-folder) "
+        "restricting each user's candidate ads, e.g. targeting rules.",
+    )
+    quantize_int8: bool = Field(
+        False, description="CPU: int8 dynamic quantisation of the cross-encoder's linear layers (faster, see docs)."
+    )
+
+    @model_validator(mode="after")
+    def _k_covers_top_n(self) -> RankingConfig:
+        if self.candidates_k is not None and self.candidates_k < self.top_n:
+            raise ValueError(f"candidates_k ({self.candidates_k}) must be at least top_n ({self.top_n})")
+        return self
+
+    @field_validator("candidates_table")
+    @classmethod
+    def _table_name(cls, name: str | None) -> str | None:
+        if name is not None and not IDENTIFIER.match(name):
+            raise ValueError(f"candidates_table {name!r} is not a plain table name")
+        return name
+
+
+class StageOneConfig(BaseModel):
+    dim: int = Field(64, ge=1, description="Width of the two-tower's user and ad vectors.")
+    distill_users: int = Field(200, ge=2, description="Training users whose pairs the cross-encoder labels.")
+    distill_ads_per_user: int = Field(20, ge=1, description="Random ads per distillation user.")
+    epochs: int = Field(500, ge=1, description="Full-batch optimizer steps of the distillation.")
+    learning_rate: float = Field(1e-2, gt=0, description="AdamW learning rate of the distillation.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the distillation.")
+    seed: int = Field(42, description="Seed of the distillation sample and the two-tower's initial weights.")
 
 
 class TrackingConfig(BaseModel):
@@ -144,6 +186,7 @@ class Settings(BaseSettings):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
+    stage1: StageOneConfig = Field(default_factory=StageOneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sample: SampleDataConfig = Field(default_factory=SampleDataConfig)
 
@@ -169,6 +212,10 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:

@@ -1,4 +1,7 @@
-"""The registered MLflow model, logged as code (no pickle): DataFrame(user_text, ad_text) -> pCTR.
+"""The registered MLflow model, logged as code (no pickle): DataFrame(user_text, ad_text[, ad_id]) -> pCTR.
+
+Without an ad_id column (or for ids the model never saw in training) ads are scored as cold-start: by
+their text alone.
 
 MLflow executes this file when the model is loaded; the weights come from the `checkpoint`
 artifact (safetensors + tokenizer files), the settings from the logged model_config.
@@ -10,6 +13,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr
+from tasks.two_tower import load_two_tower
 
 
 class CrossEncoderCTR(PythonModel):
@@ -18,6 +22,7 @@ class CrossEncoderCTR(PythonModel):
         self.batch_size = int(context.model_config["batch_size"])
         self.model, self.tokenizer = load_cross_encoder(context.artifacts["checkpoint"], pick_device())
         self.calibration = load_calibration(context.artifacts["checkpoint"])
+        self.two_tower = load_two_tower(context.artifacts["checkpoint"])  # stage 1 of rerank; None if absent
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         return predict_ctr(
@@ -28,6 +33,7 @@ class CrossEncoderCTR(PythonModel):
             self.max_length,
             self.batch_size,
             self.calibration,
+            model_input["ad_id"].astype(str).tolist() if "ad_id" in model_input else None,
         )
 
 

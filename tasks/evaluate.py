@@ -37,7 +37,7 @@ def evaluate_models(
 
 
 def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:
-    """pCTR of a saved model folder on pairs (user_text, ad_text), with its calibration if it has one."""
+    """pCTR of a saved model folder on pairs (ad_id, user_text, ad_text), with its calibration if it has one."""
     model, tokenizer = load_cross_encoder(str(path), pick_device())
     return predict_ctr(
         model,
@@ -47,6 +47,7 @@ def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) 
         settings.model.max_seq_length,
         settings.training.eval_batch_size,
         load_calibration(path),
+        pairs["ad_id"].to_list(),
     )
 
 

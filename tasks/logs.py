@@ -30,6 +30,7 @@ OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
     },
     "users": {},
 }
+CANDIDATE_COLUMNS = ("user_id", "ad_id")
 DUCKDB_SUFFIXES = (".duckdb", ".db")
 
 
@@ -53,6 +54,21 @@ def open_logs(source: str) -> duckdb.DuckDBPyConnection:
         _stage(con, table, where)
     _check_keys(con, path)
     return con
+
+
+def stage_candidates(con: duckdb.DuckDBPyConnection, source: str, table: str) -> None:
+    """Stage the optional candidates table (user_id, ad_id) of the same log source as stg_candidates."""
+    path = Path(source).expanduser()
+    if path.suffix in DUCKDB_SUFFIXES:
+        _view_duckdb_table(con, path, table)
+    else:
+        _view_parquet(con, path / table, table)
+    columns = [row[0] for row in con.execute(f"describe src_{table}").fetchall()]
+    missing = [c for c in CANDIDATE_COLUMNS if c not in columns]
+    if missing:
+        raise LogContractError(f"{path} ({table}): required column(s) {missing} missing; found {columns}")
+    con.execute(f"create view raw_candidates as select * from src_{table}")
+    con.execute(f"create table stg_candidates as {load_sql('stg_candidates')}")
 
 
 def _view_duckdb_table(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> None:

@@ -11,7 +11,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +23,69 @@ DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dr
 CALIBRATION_FILE = "calibration.json"
 # a (nearly) unregularised logistic fit: Platt scaling has two parameters and plenty of data
 PLATT_INVERSE_REGULARISATION = 1e6
+# keeps log-odds finite for ads (or a training split) with all or no clicks
+PROBABILITY_BOUNDS = (1e-4, 1 - 1e-4)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Platt scaling of the click logit: pCTR = sigmoid(slope * logit + intercept). Identity by default."""
+    """The output layer fitted on validation after fine-tuning (identity by default):
+
+        pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds[ad])
+
+    With the ad prior (hybrid text + ID), ad_log_odds holds each training ad's click rate as log-odds,
+    shrunk towards the global rate; ads unseen in training get the global rate, so a cold-start ad is
+    ranked by its text alone.
+    """
 
     slope: float = 1.0
     intercept: float = 0.0
+    ad_weight: float = 0.0
+    default_ad_log_odds: float = 0.0
+    ad_log_odds: dict[str, float] = field(default_factory=dict)
 
-    def apply(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.slope * logits.astype(np.float64) + self.intercept)))
+    def ad_prior(self, ad_ids: Sequence[str] | None, n: int) -> np.ndarray:
+        """Each pair's ad log-odds, shape (n,); no ad ids means every ad is treated as unseen."""
+        if ad_ids is None:
+            return np.full(n, self.default_ad_log_odds)
+        return np.array([self.ad_log_odds.get(str(a), self.default_ad_log_odds) for a in ad_ids], dtype=np.float64)
+
+    def apply(self, logits: np.ndarray, ad_ids: Sequence[str] | None = None) -> np.ndarray:
+        z = self.slope * logits.astype(np.float64) + self.intercept
+        if self.ad_weight:
+            z += self.ad_weight * self.ad_prior(ad_ids, len(logits))
+        return 1.0 / (1.0 + np.exp(-z))
 
 
-def fit_platt(logits: np.ndarray, labels: np.ndarray) -> Calibration:
-    """Fit slope and intercept on held-out logits (validation), never on training data."""
+def ad_click_log_odds(ad_ids: Sequence[str], clicks: np.ndarray, strength: float) -> tuple[dict[str, float], float]:
+    """Per-ad click log-odds with `strength` pseudo-impressions at the global rate, and the global log-odds."""
+    ads, index = np.unique(np.array([str(a) for a in ad_ids]), return_inverse=True)
+    rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
+    shrunk = (np.bincount(index, weights=clicks) + strength * rate) / (np.bincount(index) + strength)
+    log_odds = np.log(np.clip(shrunk, *PROBABILITY_BOUNDS) / (1 - np.clip(shrunk, *PROBABILITY_BOUNDS)))
+    return dict(zip(ads.tolist(), log_odds.tolist(), strict=True)), float(np.log(rate / (1 - rate)))
+
+
+def fit_calibration(
+    logits: np.ndarray, labels: np.ndarray, ad_ids: Sequence[str] | None = None, prior: Calibration | None = None
+) -> Calibration:
+    """Fit the output layer on held-out logits (validation), never on training data.
+
+    Platt scaling (slope, intercept) alone, or with the ad prior's weight when `prior` carries
+    ad_log_odds from the training split.
+    """
     from sklearn.linear_model import LogisticRegression
 
     if labels.min() == labels.max():
         return Calibration()
-    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(logits.reshape(-1, 1), labels)
-    return Calibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]))
+    features = [logits.astype(np.float64)]
+    if prior is not None:
+        features.append(prior.ad_prior(ad_ids, len(logits)))
+    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(np.column_stack(features), labels)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if prior is None:
+        return Calibration(slope, intercept)
+    return replace(prior, slope=slope, intercept=intercept, ad_weight=float(fit.coef_[0, 1]))
 
 
 def save_calibration(calibration: Calibration, model_dir: Path) -> None:
@@ -95,6 +137,10 @@ def tokenize_pairs(
     encoded = tokenizer(
         list(user_texts), list(ad_texts), truncation="longest_first", max_length=max_length, padding=False
     )
+    return _per_example(encoded)
+
+
+def _per_example(encoded) -> list[dict[str, list[int]]]:
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
     return [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
 
@@ -123,18 +169,59 @@ def predict_logits(
     batch_size: int,
 ) -> np.ndarray:
     """Click logits, shape (pairs,), in input order."""
+    if len(user_texts) == 0:
+        return np.empty(0, dtype=np.float32)
     device = next(model.parameters()).device
     encodings = tokenize_pairs(tokenizer, user_texts, ad_texts, max_length)
     logits = np.empty(len(encodings), dtype=np.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), _autocast(device):
         for index in length_sorted_batches(encodings, batch_size):
             batch = collate(tokenizer, [encodings[i] for i in index], device)
             logits[index] = model(**batch).logits.squeeze(-1).float().cpu().numpy()
     model.train(was_training)
     return logits
+
+
+def embed_texts(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, batch_size: int
+) -> np.ndarray:
+    """Mean-pooled last hidden states of the model's encoder, one row per text: shape (texts, hidden).
+
+    Identical texts are encoded once.
+    """
+    if len(texts) == 0:
+        return np.empty((0, model.config.hidden_size), dtype=np.float32)
+    unique, inverse = np.unique(np.asarray(list(texts), dtype=object).astype(str), return_inverse=True)
+    device = next(model.parameters()).device
+    encodings = _tokenize_texts(tokenizer, unique, max_length)
+    out = np.empty((len(unique), model.config.hidden_size), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), _autocast(device):
+        for index in length_sorted_batches(encodings, batch_size):
+            batch = collate(tokenizer, [encodings[i] for i in index], device)
+            hidden = model.base_model(**batch).last_hidden_state.float()  # (batch, seq, hidden)
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out[index] = ((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy()
+    model.train(was_training)
+    return out[inverse]
+
+
+def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[dict]:
+    return _per_example(tokenizer(list(texts), truncation=True, max_length=max_length, padding=False))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy with int8 dynamic quantisation of the linear layers (int8 weights, activations per batch)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model.cpu(), {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
 def predict_ctr(
@@ -145,6 +232,8 @@ def predict_ctr(
     max_length: int,
     batch_size: int,
     calibration: Calibration = Calibration(),
+    ad_ids: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Predicted click-through rates in (0, 1), shape (pairs,)."""
-    return calibration.apply(predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size))
+    """Predicted click-through rates in (0, 1), shape (pairs,). Without ad_ids every ad counts as unseen."""
+    logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
+    return calibration.apply(logits, ad_ids)

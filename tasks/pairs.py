@@ -10,7 +10,7 @@ import duckdb
 import polars as pl
 
 from tasks.config import DataConfig, Settings, template_fields
-from tasks.logs import open_logs
+from tasks.logs import open_logs, stage_candidates
 from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
@@ -36,6 +36,7 @@ class RankingInputs:
     run_date: date
     users: pl.DataFrame  # user_id, user_text
     ads: pl.DataFrame  # ad_id, ad_text
+    candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
 
 def build_pairs(settings: Settings) -> Pairs:
@@ -75,7 +76,11 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     users = requests.join(_render_user_texts(con, settings.data, requests), on="user_id").select("user_id", "user_text")
     active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
     ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
-    return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"))
+    candidates = None
+    if settings.ranking.candidates_table is not None:
+        stage_candidates(con, settings.data.logs, settings.ranking.candidates_table)
+        candidates = con.table("stg_candidates").pl().sort("user_id", "ad_id")
+    return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates)
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:

@@ -6,7 +6,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 from tasks.sql_files import load_sql, materialize
 
@@ -16,9 +15,10 @@ class PublishCheckError(ValueError):
 
 
 def publish_rankings(
-    warehouse: Path, scores: pa.Table, run_date: date, model_name: str, model_version: str, top_n: int
+    warehouse: Path, scores_path: Path, run_date: date, model_name: str, model_version: str, top_n: int
 ) -> int:
-    """Replace run_date's rows in ad_rankings with the ranked scores, in one transaction.
+    """Replace run_date's rows in ad_rankings with the scores staged in scores_path (Parquet: user_id,
+    ad_id, pctr; see tasks/score.py), in one transaction.
 
     Returns the number of rows published. Readers see the old or the new rows, never a mix.
     """
@@ -33,7 +33,7 @@ def publish_rankings(
     with duckdb.connect(str(warehouse)) as con:
         con.execute(load_sql("ad_rankings_ddl"))
         con.execute(load_sql("views/latest_ad_rankings"))
-        con.register("scored_ads", scores)
+        con.read_parquet(str(scores_path)).create_view("scored_ads")
         materialize(con, "ad_rankings", params, table="staged_ad_rankings")
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:

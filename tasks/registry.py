@@ -20,12 +20,15 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.config import Settings, flat_params, redact
 from tasks.train import TrainResult
+from tasks.two_tower import DistillResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "user_text"), ColSpec("string", "ad_text")]),
+    inputs=Schema(
+        [ColSpec("string", "user_text"), ColSpec("string", "ad_text"), ColSpec("string", "ad_id", required=False)]
+    ),
     outputs=Schema([ColSpec("double", "pctr")]),
 )
 
@@ -33,6 +36,7 @@ INPUT_EXAMPLE = pd.DataFrame(
     {
         "user_text": ["age: 34, occupation: chef. Recently clicked: Try our cast-iron skillet"],
         "ad_text": ["Get the sourdough starter kit from FreshCrate. Fresh ingredients delivered to your door."],
+        "ad_id": ["ad-0001"],
     }
 )
 
@@ -80,6 +84,12 @@ def log_training(settings: Settings, run_id: str, rows: dict[str, int], result: 
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)
         mlflow.log_metrics({"best_valid_logloss": result.best_valid_logloss, "train_steps": result.steps})
         mlflow.set_tag("stopped_early", str(result.stopped_early))
+
+
+def log_distillation(settings: Settings, run_id: str, result: DistillResult) -> None:
+    configure_tracking(settings)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"stage1.{k}": float(v) for k, v in asdict(result).items() if not math.isnan(v)})
 
 
 def log_evaluation(settings: Settings, run_id: str, table: pl.DataFrame) -> None:
@@ -134,12 +144,13 @@ def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
 
 def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndarray:
     """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split)."""
-    return predict_pctr(load_version(settings, version), pl.read_parquet(pairs_path, columns=["user_text", "ad_text"]))
+    pairs = pl.read_parquet(pairs_path, columns=["ad_id", "user_text", "ad_text"])
+    return predict_pctr(load_version(settings, version), pairs)
 
 
 def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
-    """pCTR for each row of a frame with user_text and ad_text."""
-    inputs = pd.DataFrame({"user_text": frame["user_text"].to_list(), "ad_text": frame["ad_text"].to_list()})
+    """pCTR for each row of a frame with ad_id, user_text and ad_text."""
+    inputs = pd.DataFrame({c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")})
     return np.asarray(model.predict(inputs), dtype=np.float64)
 
 

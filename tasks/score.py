@@ -1,39 +1,193 @@
-"""Score every (active user, active ad) pair with a registered model and keep each user's top ads."""
+"""Rank active ads for active users with a registered model, in two stages.
+
+Stage 1: the two-tower (tasks/two_tower.py) encodes each ad once and each user chunk once, scores the
+chunk x all ads with one matrix product and keeps each user's top K. Stage 2: the cross-encoder rescores
+those K (identical text pairs once). Each chunk's top N per user is appended to a Parquet file as soon
+as it is scored, so memory holds one chunk, never all pairs. With K >= ads, or a model without a
+two-tower, stage 2 scores every pair: the exhaustive ranking.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
 import mlflow
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedTokenizerBase
 
+from tasks.config import RankingConfig
+from tasks.model import Calibration, embed_texts, predict_logits, quantize_int8
 from tasks.pairs import RankingInputs
-from tasks.registry import predict_pctr
+from tasks.two_tower import TwoTower
+
+# pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
+STAGE2_BLOCK_PAIRS = 8192
+SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("ad_id", pa.string()), ("pctr", pa.float64())])
+
+
+@dataclass
+class RankingModel:
+    """The parts of a registered model that ranking uses (see tasks/ctr_pyfunc.py)."""
+
+    cross_encoder: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    calibration: Calibration
+    two_tower: TwoTower | None
+    max_length: int
+    batch_size: int
+
+    @classmethod
+    def from_pyfunc(cls, model: mlflow.pyfunc.PyFuncModel, quantize: bool = False) -> RankingModel:
+        inner = model.unwrap_python_model()
+        ranker = cls(
+            inner.model, inner.tokenizer, inner.calibration, inner.two_tower, inner.max_length, inner.batch_size
+        )
+        return ranker.quantized() if quantize else ranker
+
+    def quantized(self) -> RankingModel:
+        """A copy with an int8 dynamically quantised cross-encoder; on CUDA (bf16 already) the same model."""
+        if next(self.cross_encoder.parameters()).device.type != "cpu":
+            return self
+        return replace(self, cross_encoder=quantize_int8(self.cross_encoder))
+
+
+@dataclass
+class ScoringStats:
+    users: int = 0
+    ads: int = 0
+    two_stage: bool = False
+    stage1_pairs: int = 0  # user x ad scores from the matrix product
+    stage2_pairs: int = 0  # (user, ad) pairs ranked by the cross-encoder
+    stage2_unique_texts: int = 0  # distinct (user_text, ad_text) the cross-encoder actually ran on
+    rows: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"encode": 0.0, "stage1": 0.0, "stage2": 0.0})
 
 
 def score_candidates(
-    model: mlflow.pyfunc.PyFuncModel, inputs: RankingInputs, user_chunk_size: int, top_n: int
-) -> pa.Table:
-    """(user_id, ad_id, pctr) for each user's top_n ads, scored chunk by chunk of users.
+    model: RankingModel, inputs: RankingInputs, ranking: RankingConfig, out_path: Path
+) -> ScoringStats:
+    """Write (user_id, ad_id, pctr) for each user's top_n ads to out_path (Parquet, renamed into place whole)."""
+    ads, users = inputs.ads, inputs.users
+    k = ranking.candidates_k
+    stats = ScoringStats(users=users.height, ads=ads.height)
+    stats.two_stage = model.two_tower is not None and k is not None and k < ads.height
+    ad_vectors = _ad_vectors(model, ads, stats) if stats.two_stage else None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
+        for start in range(0, users.height, ranking.user_chunk_size):
+            chunk = users.slice(start, ranking.user_chunk_size)
+            allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
+            if stats.two_stage:
+                pairs = _stage1(model, chunk, ads, ad_vectors, allowed, k, stats)
+            else:
+                rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
+                pairs = _pairs(chunk, ads, rows, cols)
+            top = _stage2(model, pairs, ranking.top_n, stats)
+            writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
+            stats.rows += top.height
+    tmp.replace(out_path)
+    return stats
 
-    Memory stays at one chunk of pairs plus users x top_n results.
-    """
-    kept = []
-    for start in range(0, inputs.users.height, user_chunk_size):
-        pairs = inputs.users.slice(start, user_chunk_size).join(inputs.ads, how="cross")
-        scored = pairs.with_columns(pl.Series("pctr", predict_pctr(model, pairs)))
-        # same order as sql/ad_rankings.sql, so the SQL ranks exactly these rows
-        top = (
-            scored.sort(["user_id", "pctr", "ad_id"], descending=[False, True, False])
-            .group_by("user_id", maintain_order=True)
-            .head(top_n)
-        )
-        kept.append(top.select("user_id", "ad_id", "pctr"))
-    if not kept:
-        return pa.table(
-            {
-                "user_id": pa.array([], pa.string()),
-                "ad_id": pa.array([], pa.string()),
-                "pctr": pa.array([], pa.float64()),
-            }
-        )
-    return pl.concat(kept).to_arrow()
+
+def _ad_vectors(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> np.ndarray:
+    """(ads, dim + 2) stage-1 ad vectors, with the calibration's exact ad prior added to the ad bias."""
+    started = time.perf_counter()
+    embeddings = embed_texts(model.cross_encoder, model.tokenizer, ads["ad_text"], model.max_length, model.batch_size)
+    with torch.inference_mode():
+        vectors = model.two_tower.ad_vectors(torch.from_numpy(embeddings)).numpy()
+    prior = model.calibration.ad_weight * model.calibration.ad_prior(ads["ad_id"].to_list(), ads.height)
+    vectors[:, -2] += prior.astype(np.float32)  # the column the user vectors' constant 1 multiplies
+    stats.seconds["encode"] += time.perf_counter() - started
+    return vectors
+
+
+def _stage1(
+    model: RankingModel,
+    chunk: pl.DataFrame,
+    ads: pl.DataFrame,
+    ad_vectors: np.ndarray,
+    allowed: np.ndarray | None,
+    k: int,
+    stats: ScoringStats,
+) -> pl.DataFrame:
+    started = time.perf_counter()
+    texts = chunk["user_text"]
+    embeddings = embed_texts(model.cross_encoder, model.tokenizer, texts, model.max_length, model.batch_size)
+    with torch.inference_mode():
+        user_vectors = model.two_tower.user_vectors(torch.from_numpy(embeddings)).numpy()
+    stats.seconds["encode"] += time.perf_counter() - started
+
+    started = time.perf_counter()
+    scores = user_vectors @ ad_vectors.T  # (chunk, ads)
+    if allowed is not None:
+        scores[~allowed] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower ad index first, deterministically
+    rows = np.repeat(np.arange(chunk.height), top.shape[1])
+    cols = top.reshape(-1)
+    keep = np.isfinite(scores[rows, cols])  # fewer than k allowed candidates
+    stats.stage1_pairs += scores.size
+    stats.seconds["stage1"] += time.perf_counter() - started
+    return _pairs(chunk, ads, rows[keep], cols[keep])
+
+
+def _stage2(model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: ScoringStats) -> pl.DataFrame:
+    """Cross-encoder pCTR of each pair (identical text pairs scored once); each user's top_n."""
+    started = time.perf_counter()
+    texts = pairs.select("user_text", "ad_text").unique(maintain_order=True)
+    logits = np.concatenate(
+        [
+            predict_logits(
+                model.cross_encoder,
+                model.tokenizer,
+                block["user_text"],
+                block["ad_text"],
+                model.max_length,
+                model.batch_size,
+            )
+            for block in texts.iter_slices(STAGE2_BLOCK_PAIRS)  # bounds the tokenised pairs held at once
+        ]
+        or [np.empty(0, dtype=np.float32)]
+    )
+    scored = pairs.join(texts.with_columns(pl.Series("logit", logits)), on=["user_text", "ad_text"], how="left")
+    pctr = model.calibration.apply(scored["logit"].to_numpy(), scored["ad_id"].to_list())
+    stats.stage2_pairs += pairs.height
+    stats.stage2_unique_texts += texts.height
+    stats.seconds["stage2"] += time.perf_counter() - started
+    # same order as sql/ad_rankings.sql, so the SQL ranks exactly these rows
+    return (
+        scored.with_columns(pl.Series("pctr", pctr, dtype=pl.Float64))
+        .sort(["user_id", "pctr", "ad_id"], descending=[False, True, False])
+        .group_by("user_id", maintain_order=True)
+        .head(top_n)
+        .select("user_id", "ad_id", "pctr")
+    )
+
+
+def _candidate_mask(inputs: RankingInputs, chunk: pl.DataFrame) -> np.ndarray | None:
+    if inputs.candidates is None:
+        return None
+    user_pos = {u: i for i, u in enumerate(chunk["user_id"].to_list())}
+    ad_pos = {a: j for j, a in enumerate(inputs.ads["ad_id"].to_list())}
+    mask = np.zeros((chunk.height, inputs.ads.height), dtype=bool)
+    for user, ad in inputs.candidates.filter(pl.col("user_id").is_in(chunk["user_id"].implode())).iter_rows():
+        if ad in ad_pos:
+            mask[user_pos[user], ad_pos[ad]] = True
+    return mask
+
+
+def _all_pairs(n_users: int, n_ads: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.repeat(np.arange(n_users), n_ads), np.tile(np.arange(n_ads), n_users)
+
+
+def _pairs(chunk: pl.DataFrame, ads: pl.DataFrame, rows: np.ndarray, cols: np.ndarray) -> pl.DataFrame:
+    """(user_id, user_text, ad_id, ad_text) for the given chunk-row and ad-row indices."""
+    return pl.concat(
+        [chunk[rows].select("user_id", "user_text"), ads[cols].select("ad_id", "ad_text")], how="horizontal"
+    )

@@ -16,8 +16,9 @@ from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
 from tasks.model import (
     Calibration,
+    ad_click_log_odds,
     collate,
-    fit_platt,
+    fit_calibration,
     load_cross_encoder,
     pick_device,
     predict_logits,
@@ -66,8 +67,8 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     freeze_lower_layers(model, cfg.trainable_layers)
 
     # 2. data: tokenise once; batches are padded per batch
-    train = pl.read_parquet(train_path, columns=["user_text", "ad_text", "is_clicked"])
-    valid = pl.read_parquet(valid_path, columns=["user_text", "ad_text", "is_clicked"])
+    train = pl.read_parquet(train_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
+    valid = pl.read_parquet(valid_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
     encodings = tokenize_pairs(tokenizer, train["user_text"], train["ad_text"], max_length)
     labels = torch.tensor(train["is_clicked"].cast(pl.Float32).to_numpy())
     valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
@@ -147,7 +148,19 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
         if result.stopped_early:
             break
 
-    # 6. calibrate the best model's logits on validation, saved beside its weights
-    if settings.model.calibration == "platt":
-        save_calibration(fit_platt(best_valid_logits, valid_labels), out_dir)
+    # 6. fit the output layer on the best model's validation logits, saved beside its weights
+    save_calibration(calibrate(settings, train, valid, best_valid_logits), out_dir)
     return result
+
+
+def calibrate(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray) -> Calibration:
+    """Platt scaling on validation; with the ad prior, each ad's click log-odds come from the training split."""
+    method, labels = settings.model.calibration, valid["is_clicked"].cast(pl.Int8).to_numpy()
+    if method == "none":
+        return Calibration()
+    prior = None
+    if method == "platt+ad_prior":
+        clicks = train["is_clicked"].cast(pl.Float64).to_numpy()
+        log_odds, default = ad_click_log_odds(train["ad_id"].to_list(), clicks, settings.model.ad_prior_strength)
+        prior = Calibration(ad_log_odds=log_odds, default_ad_log_odds=default)
+    return fit_calibration(valid_logits, labels, valid["ad_id"].to_list(), prior)

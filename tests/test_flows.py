@@ -53,6 +53,7 @@ def test_first_retrain_registers_and_promotes(first_retrain):
     assert auc > run.data.metrics["test.popularity.overall.auc"] - 0.05
     history = client.get_metric_history(result["run_id"], "valid_logloss")
     assert [m.step for m in history] == [0, 36, 72, 108, 144]  # 576 training pairs, batches of 16
+    assert run.data.metrics["stage1.pairs"] > 0 and "stage1.holdout_spearman" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"evaluation.json", "config.json"} <= artifacts
 
@@ -76,7 +77,10 @@ def test_champion_loads_from_the_registry_and_predicts_ctr(first_retrain):
 
 def test_worse_model_is_registered_but_not_promoted(first_retrain, constant_model_dir, signal_logs):
     settings, _ = first_retrain
-    worse = build_settings(settings.home, constant_model_dir, signal_logs, training={"epochs": 0})
+    # text only: with the ad prior the constant model would rank like popularity
+    worse = build_settings(
+        settings.home, constant_model_dir, signal_logs, training={"epochs": 0}, model={"calibration": "none"}
+    )
     result = retrain(worse.model_dump(mode="json"))
     table = {(r["model"], r["slice"]): r["auc"] for r in result["evaluation"]}
     assert table[("fine_tuned", "overall")] == 0.5 < table[(CHAMPION, "overall")]
@@ -104,6 +108,7 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
         assert ranked[0][4] >= ranked[1][4] >= ranked[2][4]
     assert {row[5:] for row in first} == {(settings.tracking.registered_model, "1")}
 
+    assert not summary["two_stage"]  # candidates_k (100) >= ads: the exhaustive ranking
     again = rerank(overrides=overrides)
     assert again["run_date"] == summary["run_date"]
     assert rankings(settings) == first  # same rows, no duplicates (scored_at aside)
@@ -126,3 +131,13 @@ def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, monke
     assert main(["promote", "99"]) == 1
     assert "no earlier champion" in capsys.readouterr().err
     assert client.get_model_version_by_alias(name, CHAMPION).version == 1  # failed commands changed nothing
+
+
+def test_rerank_in_two_stages_with_the_registered_two_tower(first_retrain):
+    settings, _ = first_retrain
+    k = 3
+    ranking = {"top_n": 2, "candidates_k": k, "active_window_days": 3, "run_date": "2026-05-10"}
+    summary = rerank(overrides=settings.model_dump(mode="json") | {"ranking": ranking})
+    assert summary["two_stage"] and summary["stage2_pairs"] == summary["users"] * k
+    published = [row for row in rankings(settings) if row[0].isoformat() == "2026-05-10"]
+    assert len(published) == summary["rows"] == summary["users"] * 2

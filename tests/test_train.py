@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from tasks.config import packaged_model_path
-from tasks.model import Calibration, fit_platt, load_calibration, load_cross_encoder, predict_ctr
+from tasks.model import (
+    Calibration,
+    ad_click_log_odds,
+    fit_calibration,
+    load_calibration,
+    load_cross_encoder,
+    predict_ctr,
+)
 from tasks.train import fine_tune
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
@@ -25,6 +32,7 @@ def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
     labels = is_click_ad ^ (rng.random(n) < 0.05)
     pl.DataFrame(
         {
+            "ad_id": np.where(is_click_ad, "click-ad", "skip-ad"),
             "user_text": users,
             "ad_text": np.where(is_click_ad, CLICK_AD, SKIP_AD),
             "is_clicked": labels,
@@ -97,16 +105,41 @@ def test_platt_scaling_recovers_a_known_calibration():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, 20000)
     labels = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
-    calibration = fit_platt(logits, labels)
+    calibration = fit_calibration(logits, labels)
     assert calibration.slope == pytest.approx(0.5, abs=0.05)
     assert calibration.intercept == pytest.approx(-1.0, abs=0.05)
-    assert fit_platt(logits, np.zeros(20000, dtype=int)) == Calibration()  # one class: identity
+    assert fit_calibration(logits, np.zeros(20000, dtype=int)) == Calibration()  # one class: identity
+
+
+def test_ad_click_log_odds_shrinks_towards_the_global_rate():
+    log_odds, default = ad_click_log_odds(["a", "a", "a", "b"], np.array([1.0, 1.0, 0.0, 0.0]), strength=2.0)
+    assert default == pytest.approx(0.0)  # global rate 2/4
+    assert log_odds["a"] == pytest.approx(np.log(0.6 / 0.4))  # (2 + 2 * 0.5) / (3 + 2)
+    assert log_odds["b"] == pytest.approx(np.log((1 / 3) / (2 / 3)))  # (0 + 1) / (1 + 2)
+
+
+def test_ad_prior_weight_is_fitted_and_unseen_ads_get_the_global_rate():
+    rng = np.random.default_rng(1)
+    ads = rng.choice(["hit", "flop"], 20000)
+    logits = rng.normal(0, 1, 20000)
+    ad_term = np.where(ads == "hit", 1.0, -1.0)
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-(logits + 0.8 * ad_term)))).astype(int)
+    prior = Calibration(ad_log_odds={"hit": 1.0, "flop": -1.0}, default_ad_log_odds=0.0)
+    calibration = fit_calibration(logits, labels, ads.tolist(), prior)
+    assert calibration.ad_weight == pytest.approx(0.8, abs=0.06)
+    assert calibration.slope == pytest.approx(1.0, abs=0.06)
+    hit, new, no_ids = calibration.apply(np.zeros(1), ["hit"]), calibration.apply(np.zeros(1), ["new"]), None
+    assert hit[0] > new[0] == pytest.approx(calibration.apply(np.zeros(1), no_ids)[0])
 
 
 def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, make_settings, toy_pairs):
-    result = fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "ckpt")
-    calibration = load_calibration(result.checkpoint)
-    assert calibration != Calibration() and calibration.slope > 0
+    hybrid = load_calibration(fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "a").checkpoint)
+    assert set(hybrid.ad_log_odds) == {"click-ad", "skip-ad"} and hybrid.ad_weight > 0  # default: text + ad prior
+    assert hybrid.ad_log_odds["click-ad"] > hybrid.default_ad_log_odds > hybrid.ad_log_odds["skip-ad"]
+
+    settings = make_settings(training={"epochs": 1}, model={"calibration": "platt"})
+    platt = load_calibration(fine_tune(settings, *toy_pairs, tmp_path / "b").checkpoint)
+    assert platt.slope > 0 and platt.ad_weight == 0 and not platt.ad_log_odds
     assert load_calibration(tmp_path) == Calibration()  # no file: identity
 
 

@@ -1,0 +1,130 @@
+"""Stage 1 of the two-stage rerank: a two-tower model distilled from the fine-tuned cross-encoder.
+
+Each user text and each ad text is encoded once by the cross-encoder's own encoder (mean-pooled, see
+model.embed_texts). Two linear projections map them into one space where
+
+    user_vector . ad_vector + ad_bias  ~  slope * cross_encoder_logit      (the text part of the log-odds)
+
+and the calibration's ad prior is added exactly, so stage 1 ranks by the same log-odds the cross-encoder
+ranks by, approximately. Scoring users x ads is then one matrix product; the cross-encoder rescores
+only each user's top K (tasks/score.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
+
+from tasks.config import Settings
+from tasks.model import (
+    embed_texts,
+    load_calibration,
+    load_cross_encoder,
+    pick_device,
+    predict_logits,
+    seed_everything,
+)
+
+WEIGHTS_FILE, CONFIG_FILE = "two_tower.safetensors", "two_tower.json"
+HOLDOUT_SHARE = 0.2  # of distillation users, kept out of training to measure fidelity
+
+
+class TwoTower(torch.nn.Module):
+    def __init__(self, hidden_size: int, dim: int):
+        super().__init__()
+        self.user = torch.nn.Linear(hidden_size, dim)
+        self.ad = torch.nn.Linear(hidden_size, dim)
+        # a user's bias does not change their ranking, but fitting it keeps the rest for what does
+        self.user_bias = torch.nn.Linear(hidden_size, 1)
+        self.ad_bias = torch.nn.Linear(hidden_size, 1)
+
+    def user_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(users, hidden) -> (users, dim + 2): [projection, 1, user bias]."""
+        ones = torch.ones(len(embeddings), 1, dtype=embeddings.dtype)
+        return torch.cat([self.user(embeddings), ones, self.user_bias(embeddings)], dim=1)
+
+    def ad_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(ads, hidden) -> (ads, dim + 2): [projection, ad bias, 1]."""
+        ones = torch.ones(len(embeddings), 1, dtype=embeddings.dtype)
+        return torch.cat([self.ad(embeddings), self.ad_bias(embeddings), ones], dim=1)
+
+    def forward(self, user_embeddings: torch.Tensor, ad_embeddings: torch.Tensor) -> torch.Tensor:
+        """Row-wise scores of aligned (user, ad) rows: shape (pairs,)."""
+        return (self.user_vectors(user_embeddings) * self.ad_vectors(ad_embeddings)).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    pairs: int
+    holdout_mse: float
+    holdout_spearman: float  # rank correlation with the cross-encoder on held-out users' pairs
+
+
+def load_two_tower(checkpoint: str | Path) -> TwoTower | None:
+    """The stage-1 model saved beside a cross-encoder, or None for a checkpoint without one."""
+    config_path = Path(checkpoint) / CONFIG_FILE
+    if not config_path.exists():
+        return None
+    tower = TwoTower(**json.loads(config_path.read_text()))
+    tower.load_state_dict(load_file(Path(checkpoint) / WEIGHTS_FILE))
+    return tower.eval()
+
+
+def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) -> DistillResult:
+    """Fit the two-tower to the cross-encoder's scores of random (user, ad) pairs from the training split.
+
+    Saves two_tower.safetensors + two_tower.json into the checkpoint folder.
+    """
+    cfg, max_length, batch_size = settings.stage1, settings.model.max_seq_length, settings.training.eval_batch_size
+    seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    # 1. a sample of users x random ads, scored by the teacher (the text part of its calibrated log-odds)
+    train = pl.read_parquet(train_path, columns=["user_text", "ad_text"])
+    users = train["user_text"].unique().sort().to_numpy()
+    users = rng.choice(users, size=min(cfg.distill_users, len(users)), replace=False)
+    ads = train["ad_text"].unique().sort().to_numpy()
+    user_index = np.repeat(np.arange(len(users)), cfg.distill_ads_per_user)
+    ad_index = rng.integers(0, len(ads), size=len(user_index))
+    model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
+    logits = predict_logits(model, tokenizer, users[user_index], ads[ad_index], max_length, batch_size)
+    targets = torch.tensor(load_calibration(checkpoint).slope * logits, dtype=torch.float32)
+
+    # 2. each text encoded once
+    user_embeddings = torch.tensor(embed_texts(model, tokenizer, users, max_length, batch_size))
+    ad_embeddings = torch.tensor(embed_texts(model, tokenizer, ads, max_length, batch_size))
+
+    # 3. full-batch regression on the training users; held-out users measure fidelity
+    held_out = torch.tensor(np.isin(user_index, np.arange(round(HOLDOUT_SHARE * len(users)))))
+    tower = TwoTower(model.config.hidden_size, cfg.dim)
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    u, a = user_embeddings[user_index], ad_embeddings[ad_index]
+    for _ in range(cfg.epochs):
+        loss = torch.nn.functional.mse_loss(tower(u[~held_out], a[~held_out]), targets[~held_out])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # 4. save beside the cross-encoder
+    tower.eval()
+    save_file(tower.state_dict(), Path(checkpoint) / WEIGHTS_FILE)
+    (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps({"hidden_size": model.config.hidden_size, "dim": cfg.dim}))
+    with torch.inference_mode():
+        predicted = tower(u[held_out], a[held_out]).numpy()
+    expected = targets[held_out].numpy()
+    return DistillResult(
+        pairs=len(targets),
+        holdout_mse=float(np.mean((predicted - expected) ** 2)) if len(expected) else float("nan"),
+        holdout_spearman=_spearman(predicted, expected),
+    )
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return float(spearmanr(x, y).statistic) if len(x) > 1 else float("nan")

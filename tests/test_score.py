@@ -1,0 +1,132 @@
+"""Two-stage scoring: stage 1 (two-tower) + stage 2 (cross-encoder), on the tiny BERT."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tasks.config import RankingConfig
+from tasks.model import Calibration, load_cross_encoder
+from tasks.pairs import RankingInputs
+from tasks.score import RankingModel, score_candidates
+from tasks.train import fine_tune
+from tasks.two_tower import TwoTower, distill_two_tower, load_two_tower
+from tests.test_train import write_toy_pairs
+
+N_USERS, N_ADS = 11, 30
+TOPICS = ["running shoes", "tax forms", "garden tools", "coffee beans", "city breaks", "board games"]
+
+
+@pytest.fixture(scope="module")
+def ranking_model(tiny_model_dir) -> RankingModel:
+    model, tokenizer = load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))
+    torch.manual_seed(3)
+    tower = TwoTower(model.config.hidden_size, dim=8).eval()
+    calibration = Calibration(slope=2.0, ad_weight=0.5, ad_log_odds={"ad-03": 3.0, "ad-07": -3.0})
+    return RankingModel(model, tokenizer, calibration, tower, max_length=64, batch_size=7)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> RankingInputs:
+    users = [f"age: {20 + i}. Recently clicked: {TOPICS[i % len(TOPICS)]}" for i in range(N_USERS)]
+    users[5] = users[4]  # identical user texts are scored once and ranked alike
+    ads = [f"{TOPICS[j % len(TOPICS)]} deal number {j}" for j in range(N_ADS)]
+    return RankingInputs(
+        date(2026, 1, 1),
+        pl.DataFrame({"user_id": [f"u{i:02d}" for i in range(N_USERS)], "user_text": users}),
+        pl.DataFrame({"ad_id": [f"ad-{j:02d}" for j in range(N_ADS)], "ad_text": ads}),
+    )
+
+
+def run(model, inputs, tmp_path, name: str, **ranking) -> tuple[pl.DataFrame, object]:
+    config = RankingConfig(**({"top_n": 5, "user_chunk_size": 4} | ranking))
+    stats = score_candidates(model, inputs, config, tmp_path / f"{name}.parquet")
+    return pl.from_arrow(pq.read_table(tmp_path / f"{name}.parquet")), stats
+
+
+def test_k_at_least_the_ads_is_exactly_the_exhaustive_ranking(ranking_model, inputs, tmp_path):
+    exhaustive, stats = run(ranking_model, inputs, tmp_path, "all", candidates_k=None)
+    assert not stats.two_stage and stats.stage2_pairs == N_USERS * N_ADS
+    assert stats.stage2_unique_texts == (N_USERS - 1) * N_ADS  # users 4 and 5 share a text
+    same, stats_k = run(ranking_model, inputs, tmp_path, "k", candidates_k=N_ADS)
+    assert not stats_k.two_stage
+    assert same.equals(exhaustive)
+    assert exhaustive.height == N_USERS * 5 and exhaustive.select("user_id", "ad_id").is_unique().all()
+    # the ad prior of the calibration moves ad-03 up for every user
+    assert exhaustive.filter(pl.col("ad_id") == "ad-03").height == N_USERS
+
+
+def test_two_stage_rescores_k_per_user_with_the_cross_encoder(ranking_model, inputs, tmp_path):
+    exhaustive, _ = run(ranking_model, inputs, tmp_path, "all", candidates_k=None, top_n=N_ADS)
+    two_stage, stats = run(ranking_model, inputs, tmp_path, "two", candidates_k=8, top_n=8)
+    assert stats.two_stage and stats.stage1_pairs == N_USERS * N_ADS and stats.stage2_pairs == N_USERS * 8
+    assert two_stage.group_by("user_id").len()["len"].to_list() == [8] * N_USERS
+    # stage 2's scores are the cross-encoder's: the same pCTR as in the exhaustive run for the same pair
+    joined = two_stage.join(exhaustive, on=["user_id", "ad_id"], suffix="_all")
+    assert joined.height == two_stage.height
+    np.testing.assert_allclose(joined["pctr"], joined["pctr_all"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N_USERS, 100])
+def test_chunk_boundaries_neither_drop_nor_duplicate_pairs(ranking_model, inputs, tmp_path, chunk):
+    every = {"candidates_k": None, "top_n": N_ADS}
+    reference, _ = run(ranking_model, inputs, tmp_path, "ref", **every)
+    chunked, stats = run(ranking_model, inputs, tmp_path, f"c{chunk}", **every, user_chunk_size=chunk)
+    assert stats.rows == chunked.height == N_USERS * N_ADS
+    assert chunked.select("user_id", "ad_id").is_unique().all()
+    joined = chunked.join(reference, on=["user_id", "ad_id"], suffix="_ref")
+    assert joined.height == N_USERS * N_ADS
+    # batches differ with the chunk size; scores agree to float rounding
+    np.testing.assert_allclose(joined["pctr"], joined["pctr_ref"], rtol=1e-5)
+
+
+def test_two_stage_runs_repeat_exactly(ranking_model, inputs, tmp_path):
+    first, _ = run(ranking_model, inputs, tmp_path, "first", candidates_k=10)
+    second, _ = run(ranking_model, inputs, tmp_path, "second", candidates_k=10)
+    assert first.equals(second) and first.height == N_USERS * 5
+
+
+def test_candidates_table_restricts_each_users_ads(ranking_model, inputs, tmp_path):
+    allowed = pl.DataFrame(
+        {"user_id": ["u00", "u00", "u00", "u01", "u01"], "ad_id": ["ad-01", "ad-02", "ad-29", "ad-03", "gone"]}
+    )
+    restricted = RankingInputs(inputs.run_date, inputs.users, inputs.ads, allowed)
+    for k in (None, 10):  # exhaustive and two-stage
+        ranked, _ = run(ranking_model, restricted, tmp_path, f"cand{k}", candidates_k=k)
+        assert dict(ranked.group_by("user_id").agg(pl.col("ad_id").sort()).iter_rows()) == {
+            "u00": ["ad-01", "ad-02", "ad-29"],
+            "u01": ["ad-03"],  # "gone" is not an active ad
+        }
+
+
+def test_distilled_two_tower_is_saved_and_follows_the_cross_encoder(tmp_path, make_settings):
+    # a teacher that learned something: clicks follow the ad text in the toy pairs
+    train, valid = write_toy_pairs(tmp_path / "train.parquet", 384, 1), write_toy_pairs(tmp_path / "v.parquet", 64, 2)
+    settings = make_settings(
+        training={"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0},
+        stage1={"distill_users": 60, "distill_ads_per_user": 10, "dim": 8},
+        model={"calibration": "platt"},  # the toy ad ids alone would explain the clicks
+    )
+    checkpoint = fine_tune(settings, train, valid, tmp_path / "ckpt").checkpoint
+    result = distill_two_tower(settings, checkpoint, train)
+    assert result.pairs == 600
+    assert result.holdout_spearman > 0.8, result  # ranks held-out users' pairs like the cross-encoder
+    tower = load_two_tower(checkpoint)
+    assert isinstance(tower, TwoTower) and tower.user.out_features == 8
+    assert load_two_tower(tmp_path) is None
+
+
+def test_int8_quantised_cross_encoder_scores_close_to_fp32(ranking_model, inputs, tmp_path):
+    fp32, _ = run(ranking_model, inputs, tmp_path, "fp32", candidates_k=None, top_n=N_ADS)
+    int8_model = ranking_model.quantized()
+    assert isinstance(ranking_model.cross_encoder.classifier, torch.nn.Linear)  # the original stays fp32
+    assert not isinstance(int8_model.cross_encoder.classifier, torch.nn.Linear)
+    int8, _ = run(int8_model, inputs, tmp_path, "int8", candidates_k=None, top_n=N_ADS)
+    joined = int8.join(fp32, on=["user_id", "ad_id"], suffix="_fp32")
+    assert joined.height == N_USERS * N_ADS
+    np.testing.assert_allclose(joined["pctr"], joined["pctr_fp32"], atol=0.02)
