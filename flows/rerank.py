@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from prefect import flow, task
@@ -48,7 +48,17 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
     stats = score_candidates(ranker, inputs, settings.ranking, scores_path)
 
     # publish
-    rows = publish_rankings(settings.warehouse, scores_path, inputs.run_date, name, version, settings.ranking.top_n)
+    salt = settings.ranking.user_id_salt
+    rows = publish_rankings(
+        settings.warehouse,
+        scores_path,
+        inputs.run_date,
+        name,
+        version,
+        settings.ranking.top_n,
+        salt.get_secret_value() if salt else None,
+        timedelta(minutes=settings.ranking.superseded_retention_minutes),
+    )
 
     summary = {
         "run_date": inputs.run_date.isoformat(),

@@ -1,4 +1,5 @@
 -- ad_rankings rows for one run: one row per user_id x ad_id among the user's top $top_n ads.
+-- With $user_id_salt (ranking.user_id_salt) user ids are published as sha256(salt || user_id).
 with scored as (
     select * from scored_ads
 ),
@@ -15,7 +16,10 @@ ranked as (
 final as (
     select
         cast($run_date as date) as run_date,
-        user_id,
+        case
+            when cast($user_id_salt as varchar) is null then user_id
+            else sha256(cast($user_id_salt as varchar) || user_id)
+        end as user_id,
         ad_id,
         cast(rank as integer) as rank,
         pctr,

@@ -12,7 +12,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 DEFAULT_HOME = Path("adrank_home")
@@ -96,8 +96,18 @@ class TrainingConfig(BaseModel):
 
 
 class PromotionConfig(BaseModel):
+    """Gates a new version must pass, all of them, to become champion (tasks/registry.py)."""
+
     min_auc_gain: float = Field(
-        0.0, ge=0, description="Promote if test AUC > champion's AUC on the same test split + this margin."
+        0.0, ge=0, description="Test AUC must exceed the champion's AUC on the same test split by this margin."
+    )
+    max_logloss_gap: float = Field(
+        0.02, ge=0, description="Test logloss may exceed the popularity baseline's by at most this much."
+    )
+    max_ece: float = Field(0.05, ge=0, le=1, description="Largest test expected calibration error (10 bins).")
+    min_pctr_std: float = Field(1e-4, ge=0, description="Smallest spread (std) of test pCTRs: no constant output.")
+    max_mean_pctr_error: float = Field(
+        0.3, ge=0, description="Largest relative error of the mean test pCTR against the observed test CTR."
     )
 
 
@@ -118,6 +128,14 @@ class RankingConfig(BaseModel):
         None,
         description="Optional table (user_id, ad_id) in the logs (a DuckDB table or a Parquet sub-folder) "
         "restricting each user's candidate ads, e.g. targeting rules.",
+    )
+    user_id_salt: SecretStr | None = Field(
+        None,
+        description="If set, ad_rankings holds sha256(salt || user_id) instead of user ids. A secret: set it "
+        "with ADRANK_RANKING__USER_ID_SALT; it is never logged.",
+    )
+    superseded_retention_minutes: float = Field(
+        60, ge=0, description="Keep a run_date's replaced rankings file this long for queries already reading it."
     )
     quantize_int8: bool = Field(
         False, description="CPU: int8 dynamic quantisation of the cross-encoder's linear layers (faster, see docs)."

@@ -67,6 +67,7 @@ def metrics(labels: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str
         "logloss": logloss(labels, pctr),
         "ece": expected_calibration_error(labels, pctr),
         "mean_pctr": float(np.mean(pctr)) if len(pctr) else math.nan,
+        "std_pctr": float(np.std(pctr)) if len(pctr) else math.nan,
         "ndcg@10": mean_ndcg_at_k(users, labels, pctr),
         "hit_rate@10": mean_hit_rate_at_k(users, labels, pctr),
     }

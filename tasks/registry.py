@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from tasks.config import Settings, flat_params, redact
+from tasks.config import PromotionConfig, Settings, flat_params, redact
+from tasks.evaluate import FINE_TUNED
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 
@@ -154,33 +155,111 @@ def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.nd
     return np.asarray(model.predict(inputs), dtype=np.float64)
 
 
-def should_promote(auc: float, champion_auc: float | None, min_gain: float) -> tuple[bool, str]:
-    """The promotion rule: no champion yet, or test AUC better than the champion's on the same split."""
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+
+# fixed pairs every registered version must score (finite, in (0, 1), the same twice) before promotion
+SMOKE_EXAMPLES = pd.concat(
+    [
+        INPUT_EXAMPLE,
+        pd.DataFrame(
+            {
+                "user_text": ["Recently clicked: nothing yet", "age: 61. Recently clicked: " + "garden tools | " * 40],
+                "ad_text": ["", "Seeds and bulbs for spring. Order today."],
+                "ad_id": ["never-seen-ad", "ad-0001"],
+            }
+        ),
+    ],
+    ignore_index=True,
+)
+
+
+def promotion_gates(
+    candidate: dict[str, float],
+    popularity: dict[str, float],
+    champion: dict[str, float] | None,
+    smoke_error: str | None,
+    cfg: PromotionConfig,
+) -> list[Gate]:
+    """Every check a new version must pass to become champion. Metric dicts: overall test rows of the
+    evaluation table (auc, logloss, ece, mean_pctr, std_pctr, pairs, clicks), all on the same split."""
+    auc, gates = candidate["auc"], []
     if math.isnan(auc):
-        return False, "candidate AUC is undefined (test split has one class)"
-    if champion_auc is None:
-        return True, "no champion yet"
-    if auc > champion_auc + min_gain:
-        return True, f"AUC {auc:.4f} > champion {champion_auc:.4f} + {min_gain}"
-    return False, f"AUC {auc:.4f} not above champion {champion_auc:.4f} + {min_gain}"
+        gates.append(Gate("auc", False, "candidate AUC is undefined (test split has one class)"))
+    elif champion is None:
+        gates.append(Gate("auc", True, "no champion yet"))
+    else:
+        better = auc > champion["auc"] + cfg.min_auc_gain
+        verdict = ">" if better else "not above"
+        gates.append(
+            Gate("auc", better, f"AUC {auc:.4f} {verdict} champion {champion['auc']:.4f} + {cfg.min_auc_gain}")
+        )
+    logloss_ok = candidate["logloss"] <= popularity["logloss"] + cfg.max_logloss_gap
+    gates.append(
+        Gate(
+            "logloss",
+            logloss_ok,
+            f"logloss {candidate['logloss']:.4f} vs popularity {popularity['logloss']:.4f} + {cfg.max_logloss_gap}",
+        )
+    )
+    gates.append(Gate("calibration", candidate["ece"] <= cfg.max_ece, f"ECE {candidate['ece']:.4f} <= {cfg.max_ece}?"))
+    spread = candidate["std_pctr"]
+    gates.append(Gate("pctr_spread", spread >= cfg.min_pctr_std, f"pCTR std {spread:.2e} >= {cfg.min_pctr_std:.0e}?"))
+    observed = candidate["clicks"] / candidate["pairs"]
+    error = abs(candidate["mean_pctr"] - observed) / max(observed, 1e-9)
+    gates.append(
+        Gate(
+            "mean_pctr",
+            error <= cfg.max_mean_pctr_error,
+            f"mean pCTR {candidate['mean_pctr']:.4f} vs observed CTR {observed:.4f} "
+            f"(relative error {error:.2f} <= {cfg.max_mean_pctr_error}?)",
+        )
+    )
+    gates.append(Gate("smoke", smoke_error is None, smoke_error or "scores the fixed examples"))
+    return gates
+
+
+def smoke_test(settings: Settings, version: str) -> str | None:
+    """Load the registered version as a user would and score SMOKE_EXAMPLES twice; the problem, or None."""
+    try:
+        model = load_version(settings, version)
+        first, second = (np.asarray(model.predict(SMOKE_EXAMPLES), dtype=np.float64) for _ in range(2))
+    except Exception as error:  # any failure to load or score is a failed gate, recorded, not a crash
+        return f"loading or scoring failed: {type(error).__name__}: {error}"
+    if first.shape != (len(SMOKE_EXAMPLES),) or not np.all(np.isfinite(first)):
+        return f"non-finite or misshapen scores: {first}"
+    if np.any(first <= 0) or np.any(first >= 1):
+        return f"scores outside (0, 1): {first}"
+    if not np.array_equal(first, second):
+        return f"scores differ between two calls: {first} vs {second}"
+    return None
 
 
 def promote_if_better(
     settings: Settings, run_id: str, version: str, champion_version: str | None, table: pl.DataFrame
 ) -> Promotion:
-    """Move `champion` to version if the rule holds; record the decision on the run and the version."""
-    overall = table.filter(pl.col("slice") == "overall")
-    auc = overall.filter(pl.col("model") == "fine_tuned")["auc"].item()
-    champion_auc = overall.filter(pl.col("model") == CHAMPION)["auc"].item() if champion_version else None
-    promoted, reason = should_promote(auc, champion_auc, settings.promotion.min_auc_gain)
+    """Move `champion` to version only if every gate passes; record the gates on the run and the version."""
+    overall = {row["model"]: row for row in table.filter(pl.col("slice") == "overall").iter_rows(named=True)}
+    champion = overall.get(CHAMPION) if champion_version else None
+    gates = promotion_gates(
+        overall[FINE_TUNED], overall["popularity"], champion, smoke_test(settings, version), settings.promotion
+    )
+    promoted = all(gate.passed for gate in gates)
+    reason = "; ".join(g.detail for g in gates if not g.passed) or "; ".join(g.detail for g in gates)
     configure_tracking(settings)
     client, name = MlflowClient(), settings.tracking.registered_model
     if promoted:
-        move_champion(settings, version, reason=f"retrain run {run_id}: {reason}")
-    decision = Promotion(version, promoted, reason, auc, champion_version, champion_auc)
+        move_champion(settings, version, reason=f"retrain run {run_id}: {gates[0].detail}")
+    champion_auc = champion["auc"] if champion else None
+    decision = Promotion(version, promoted, reason, overall[FINE_TUNED]["auc"], champion_version, champion_auc)
     client.set_model_version_tag(name, version, "promotion", json.dumps(asdict(decision)))
     client.set_tag(run_id, "promotion.promoted", str(promoted))
-    client.set_tag(run_id, "promotion.reason", reason)
+    client.set_tag(run_id, "promotion.reason", reason[:5000])
+    client.set_tag(run_id, "promotion.gates", json.dumps([asdict(g) for g in gates])[:5000])
     return decision
 
 

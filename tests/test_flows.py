@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import mlflow
 import pandas as pd
@@ -11,7 +13,7 @@ from mlflow import MlflowClient
 from flows.cli import main
 from flows.rerank import rerank
 from flows.retrain import retrain
-from tasks.registry import CHALLENGER, CHAMPION, configure_tracking
+from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, smoke_test
 from tests.conftest import SIGNAL_ADS, build_settings
 
 SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
@@ -89,7 +91,17 @@ def test_worse_model_is_registered_but_not_promoted(first_retrain, constant_mode
     name = settings.tracking.registered_model
     assert client.get_model_version_by_alias(name, CHAMPION).version == 1
     assert client.get_model_version_by_alias(name, CHALLENGER).version == 2
-    assert "not above champion" in client.get_run(result["run_id"]).data.tags["promotion.reason"]
+    tags = client.get_run(result["run_id"]).data.tags
+    assert "not above champion" in tags["promotion.reason"]
+    failed = {gate["name"] for gate in json.loads(tags["promotion.gates"]) if not gate["passed"]}
+    assert {"auc", "pctr_spread"} <= failed and "smoke" not in failed  # it loads and scores; it is just useless
+
+
+@pytest.mark.fault
+def test_a_version_that_cannot_be_loaded_fails_the_smoke_gate(first_retrain):
+    settings, _ = first_retrain
+    assert "loading or scoring failed" in smoke_test(settings, "99")
+    assert smoke_test(settings, "1") is None
 
 
 def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):

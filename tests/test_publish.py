@@ -1,4 +1,9 @@
-from datetime import date
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
 
 import duckdb
 import pyarrow as pa
@@ -72,3 +77,83 @@ def test_failed_key_check_publishes_nothing(tmp_path, scores):
     with pytest.raises(PublishCheckError, match=r"pctr outside \[0, 1\]"):
         publish_rankings(warehouse, nan, date(2026, 1, 1), "m", "9", top_n=3)
     assert rows(warehouse) == before
+
+
+READER = """
+import json, sys, time
+import duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("ready", flush=True)
+seen, deadline = [], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    rows = con.execute(
+        "select run_date::varchar, count(*), min(model_version), max(model_version) from ad_rankings group by 1"
+    ).fetchall()
+    seen.append(rows)
+print(json.dumps(seen))
+"""
+
+
+def big_scores(folder, version: int, users: int = 400) -> str:
+    """Scores whose row count depends on the version, so a mix of two publishes would show."""
+    n_ads = 3 + version % 4
+    table = pa.table(
+        {
+            "user_id": [f"u{u}" for u in range(users) for _ in range(n_ads)],
+            "ad_id": [f"a{a}" for _ in range(users) for a in range(n_ads)],
+            "pctr": [0.5] * (users * n_ads),
+        }
+    )
+    return staged(table, folder)
+
+
+@pytest.mark.fault
+def test_an_analyst_reading_never_blocks_the_writer_nor_sees_a_mix(tmp_path):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, big_scores(tmp_path, 0), date(2026, 1, 1), "m", "0", top_n=10)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(warehouse), "6"], stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"  # the analyst's read-only connection is open
+    for version in range(1, 13):  # the nightly writer republishes the same date meanwhile
+        publish_rankings(warehouse, big_scores(tmp_path, version), date(2026, 1, 1), "m", str(version), top_n=10)
+        time.sleep(0.2)
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0
+    snapshots = json.loads(out)
+    assert len(snapshots) > 10
+    for snapshot in snapshots:
+        ((run_date, count, low, high),) = snapshot
+        assert low == high  # one publish's rows, never two
+        assert count == 400 * (3 + int(low) % 4)  # and all of them
+    assert {s[0][2] for s in snapshots} > {"0"}  # the reader saw later publishes too
+    assert rows(warehouse)[0][5] == "12"
+
+
+@pytest.mark.fault
+def test_user_ids_can_be_published_hashed(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3, user_id_salt="pepper")
+    users = {row[1] for row in rows(warehouse)}
+    assert users == {hashlib.sha256(f"pepper{u}".encode()).hexdigest() for u in ("u1", "u2")}
+
+
+def test_a_warehouse_with_the_old_ad_rankings_table_is_moved_to_files(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute(
+            "create table ad_rankings as select date '2025-12-31' as run_date, 'u9' as user_id, 'z' as ad_id, "
+            "1 as rank, 0.9::double as pctr, 'm' as model_name, '0' as model_version, now()::timestamp as scored_at"
+        )
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
+    published = rows(warehouse)
+    assert published[0] == (date(2025, 12, 31), "u9", 1, "z", 0.9, "0") and len(published) == 7
+
+
+def test_superseded_files_are_removed_only_after_the_retention(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "2", top_n=3)
+    folder = tmp_path / "ad_rankings" / "run_date=2026-01-01"
+    assert len(list(folder.glob("*.parquet"))) == 2  # the first is kept for readers still on it
+    assert {r[5] for r in rows(warehouse)} == {"2"}
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "3", top_n=3, retention=timedelta(0))
+    assert len(list(folder.glob("*.parquet"))) == 1 and {r[5] for r in rows(warehouse)} == {"3"}

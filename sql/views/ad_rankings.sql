@@ -1,0 +1,25 @@
+-- ad_rankings: one row per run_date x user_id x ad_id; rank 1 is the ad the model expects the user
+-- to click most. Files are never rewritten: each publish of a run_date adds a new file (tasks/publish.py)
+-- and this view keeps, per run_date, the rows of its latest publish (scored_at), read in one scan so
+-- a query sees one publish per date, whole.
+-- DDL takes no bound parameters: {rankings_glob} is filled with a quoted string literal.
+create or replace view ad_rankings as
+with published as (
+    select * from read_parquet({rankings_glob}, hive_partitioning = false)
+),
+
+final as (
+    select
+        run_date,
+        user_id,
+        ad_id,
+        rank,
+        pctr,
+        model_name,
+        model_version,
+        scored_at
+    from published
+    qualify scored_at = max(scored_at) over (partition by run_date)
+)
+
+select * from final
