@@ -69,8 +69,6 @@ def split_pairs(settings: Settings, seed: int, quick: bool) -> dict[str, pl.Data
         splits[name] = splits[name].filter(~pl.col("ad_id").is_in(cold))
     splits["test"] = splits["test"].with_columns(pl.col("ad_id").is_in(cold).alias("is_cold_start"))
     if quick:
-        # the cross-encoders' share of train; ID baselines always fit the whole train split (see run)
-        splits["lm_train"] = splits["train"].sample(min(QUICK["train_pairs"], splits["train"].height), seed=seed)
         splits["valid"] = splits["valid"].sample(min(QUICK["valid_pairs"], splits["valid"].height), seed=seed)
         users = splits["test"]["user_id"].unique().sort()
         kept = users.sample(fraction=QUICK["test_user_share"], seed=seed)
@@ -107,15 +105,15 @@ def run(args: argparse.Namespace) -> dict:
         "tracking": {"experiment": "adrank-benchmarks"},
         "training": {"seed": args.seed},
     }
-    if args.quick:
-        overrides["training"]["epochs"] = QUICK["epochs"]
+    if args.quick:  # the cross-encoders fine-tune on a sample; the ad prior and the ID baselines see all of train
+        overrides["training"] |= {"epochs": QUICK["epochs"], "sample_pairs": QUICK["train_pairs"]}
     settings = load_settings(overrides)
 
     # pairs and splits
     splits = split_pairs(settings, args.seed, args.quick)
     train, valid, test = splits["train"], splits["valid"], splits["test"]
     paths = {}
-    for name, frame in (("train", splits.get("lm_train", train)), ("valid", valid), ("test", test)):
+    for name, frame in (("train", train), ("valid", valid), ("test", test)):
         paths[name] = settings.pairs_dir / f"bench-{name}.parquet"
         frame.write_parquet(paths[name])
     labels = train["is_clicked"].cast(pl.Int8).to_numpy()
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         return out
 
     # ID baselines on the same pairs, with the profile and ad columns as adrank stages them (ids as text)
-    staged = open_logs(str(logs))
+    staged = open_logs(str(logs), settings.data)
     users, ads = staged.table("stg_users").pl(), staged.table("stg_ads").pl()
     features = {name: baselines.side_features(splits[name], users, ads) for name in ("train", "valid", "test")}
     predictions = {

@@ -39,7 +39,7 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     # fine-tune
     checkpoint = settings.checkpoints_dir / run_id
     result = fine_tune(settings, built.paths["train"], built.paths["valid"], checkpoint)
-    log_training(settings, run_id, built.rows, result)
+    log_training(settings, run_id, built.rows, result, built.log_quality)
 
     # distil the stage-1 two-tower of rerank from the fine-tuned cross-encoder
     distilled = distill_two_tower(settings, checkpoint, built.paths["train"])

@@ -1,4 +1,5 @@
 -- stg_ads: one row per ad_id, typed; optional columns are null where the log has none.
+-- Titles and descriptions are cut to $max_text_chars characters (counted in checks/log_quality.sql).
 with source as (
     select * from raw_ads
 ),
@@ -6,8 +7,8 @@ with source as (
 final as (
     select
         cast(ad_id as varchar) as ad_id,
-        cast(title as varchar) as title,
-        cast(description as varchar) as description,
+        left(cast(title as varchar), $max_text_chars) as title,
+        left(cast(description as varchar), $max_text_chars) as description,
         cast(category as varchar) as category,
         cast(advertiser as varchar) as advertiser,
         cast(bid as double) as bid,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import string
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,15 @@ class DataConfig(BaseModel):
         "{title}. {description}",
         description="Ad text. Fields: any ads column (missing optional columns render empty).",
     )
+    max_text_chars: int = Field(
+        2000, ge=16, description="Longer ad titles/descriptions and profile values are truncated (and counted)."
+    )
+    max_clock_skew_hours: float = Field(
+        24, ge=0, description="Impressions later than now + this are an error (a clock or timezone bug upstream)."
+    )
+    earliest_ts: datetime = Field(
+        datetime(1990, 1, 1), description="Impressions before this are an error (zero or default timestamps)."
+    )
     max_train_pairs: int | None = Field(
         None, ge=1, description="Keep only the latest N training pairs (None: all). For CPU-bound runs."
     )
@@ -83,12 +92,23 @@ class TrainingConfig(BaseModel):
         None, ge=0, description="Train only the top N transformer layers and the head (None: all; 0: head only)."
     )
     epochs: int = Field(2, ge=0, description="Passes over the training pairs (0: keep the fresh head).")
+    sample_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Fine-tune on a seeded random sample of this many training pairs (None: all); the ad prior "
+        "still counts every training pair. For CPU-bound runs.",
+    )
     batch_size: int = Field(16, ge=1, description="Training pairs per optimizer step.")
     learning_rate: float = Field(1e-4, ge=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases or LayerNorm).")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up, then linear decay.")
     eval_every_steps: int | None = Field(
         None, ge=1, description="Validate every N steps as well as after each epoch (None: per epoch only)."
+    )
+    checkpoint_every_steps: int = Field(
+        200,
+        ge=1,
+        description="Save a resume state every N steps; a rerun on the same data and config resumes from it.",
     )
     patience: int = Field(2, ge=1, description="Validations without logloss improvement before stopping early.")
     eval_batch_size: int = Field(64, ge=1, description="Pairs per inference batch.")

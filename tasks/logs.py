@@ -6,10 +6,12 @@ The tables become views `raw_<table>` in an in-memory DuckDB connection, then ty
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 
+from tasks.config import DataConfig
 from tasks.sql_files import load_sql
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -38,8 +40,13 @@ class LogContractError(ValueError):
     """The logs do not follow the contract in docs/data.md."""
 
 
-def open_logs(source: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection holding checked stg_impressions, stg_ads, stg_users."""
+def open_logs(source: str, data: DataConfig | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection holding checked stg_impressions, stg_ads, stg_users.
+
+    Documented rules instead of errors (counted by log_quality): exact duplicate impression rows are
+    kept once; ad titles/descriptions longer than data.max_text_chars are truncated.
+    """
+    data = data or DataConfig()
     path = Path(source).expanduser()
     if not path.exists():
         raise LogContractError(f"log source {path} does not exist")
@@ -51,9 +58,15 @@ def open_logs(source: str) -> duckdb.DuckDBPyConnection:
         else:
             _view_parquet(con, path / table, table)
         _complete_raw_view(con, table, where)
-        _stage(con, table, where)
-    _check_keys(con, path)
+        _stage(con, table, where, {"max_text_chars": data.max_text_chars} if table == "ads" else {})
+    _check_keys(con, path, data)
     return con
+
+
+def log_quality(con: duckdb.DuckDBPyConnection, data: DataConfig) -> dict[str, int]:
+    """How often open_logs applied a documented rule instead of failing: for MLflow and the flow logs."""
+    row = con.execute(load_sql("checks/log_quality"), {"max_text_chars": data.max_text_chars}).fetchone()
+    return dict(zip(("duplicate_impressions_dropped", "ad_texts_truncated"), map(int, row), strict=True))
 
 
 def stage_candidates(con: duckdb.DuckDBPyConnection, source: str, table: str) -> None:
@@ -109,15 +122,21 @@ def _complete_raw_view(con: duckdb.DuckDBPyConnection, table: str, where: str) -
     con.execute(f"create view raw_{table} as select {', '.join(['*', *nulls])} from src_{table}")
 
 
-def _stage(con: duckdb.DuckDBPyConnection, table: str, where: str) -> None:
+def _stage(con: duckdb.DuckDBPyConnection, table: str, where: str, params: dict) -> None:
     try:
-        con.execute(f"create table stg_{table} as {load_sql(f'stg_{table}')}")
+        con.execute(f"create table stg_{table} as {load_sql(f'stg_{table}')}", params)
     except duckdb.ConversionException as error:
         raise LogContractError(f"{where}: a column does not have the contract's type: {error}") from error
+    except duckdb.InvalidInputException as error:  # e.g. text that is not UTF-8, with the file named
+        raise LogContractError(f"{where}: unreadable value: {error}") from error
 
 
-def _check_keys(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    violations = con.execute(load_sql("checks/stg_impressions_keys")).fetchall()
+def _check_keys(con: duckdb.DuckDBPyConnection, path: Path, data: DataConfig) -> None:
+    params = {
+        "latest_allowed": datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=data.max_clock_skew_hours),
+        "earliest_allowed": data.earliest_ts,
+    }
+    violations = con.execute(load_sql("checks/stg_impressions_keys"), params).fetchall()
     if violations:
         examples = "\n".join(
             f"  {problem}: impression_id={i}, user_id={u}, ad_id={a}, ts={t}" for problem, i, u, a, t in violations

@@ -10,7 +10,7 @@ import duckdb
 import polars as pl
 
 from tasks.config import DataConfig, Settings, template_fields
-from tasks.logs import open_logs, stage_candidates
+from tasks.logs import log_quality, open_logs, stage_candidates
 from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
@@ -27,6 +27,7 @@ class Pairs:
     clicks: dict[str, int]
     valid_from: datetime
     test_from: datetime
+    log_quality: dict[str, int]  # how often a documented rule was applied to the logs (tasks/logs.py)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RankingInputs:
 
 def build_pairs(settings: Settings) -> Pairs:
     """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
-    con = open_logs(settings.data.logs)
+    con = open_logs(settings.data.logs, settings.data)
     materialize(con, "int_impression_history_requests", table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
     params = {"test_fraction": settings.data.test_fraction, "valid_fraction": settings.data.valid_fraction}
@@ -62,12 +63,14 @@ def build_pairs(settings: Settings) -> Pairs:
         paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
         rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
     first_of = {s: pairs.filter(pl.col("split") == s)["shown_at"].min() for s in ("valid", "test")}
-    return Pairs(paths, rows, clicks, valid_from=first_of["valid"], test_from=first_of["test"])
+    quality = log_quality(con, settings.data)
+    print(f"{settings.data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
+    return Pairs(paths, rows, clicks, first_of["valid"], first_of["test"], quality)
 
 
 def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
-    con = open_logs(settings.data.logs)
+    con = open_logs(settings.data.logs, settings.data)
     run_date = settings.ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
     materialize(con, "int_active_users", {"run_date": run_date, "window_days": settings.ranking.active_window_days})
     materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
@@ -95,7 +98,9 @@ def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, request
     profile_columns = [c for c in users.columns if c != "user_id"]
     _check_template("user_template", data.user_template, {"profile", "history", *profile_columns})
     profiles = users.with_columns(
-        pl.struct(profile_columns).map_elements(render_profile, return_dtype=pl.String).alias("profile")
+        pl.struct(profile_columns)
+        .map_elements(lambda row: render_profile(row, data.max_text_chars), return_dtype=pl.String)
+        .alias("profile")
         if profile_columns
         else pl.lit("").alias("profile")
     )
@@ -107,9 +112,11 @@ def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, request
     return rows.with_columns(pl.Series("user_text", texts, dtype=pl.String))
 
 
-def render_profile(attributes: dict) -> str:
-    """'age: 34, city: Leeds' from a user's profile columns, skipping empty ones."""
-    return ", ".join(f"{name}: {value}" for name, value in attributes.items() if value not in (None, ""))
+def render_profile(attributes: dict, max_chars: int) -> str:
+    """'age: 34, city: Leeds' from a user's profile columns, skipping empty ones, each value cut to max_chars."""
+    return ", ".join(
+        f"{name}: {str(value)[:max_chars]}" for name, value in attributes.items() if value not in (None, "")
+    )
 
 
 def render_ad_texts(con: duckdb.DuckDBPyConnection, template: str) -> pl.DataFrame:

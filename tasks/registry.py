@@ -76,10 +76,13 @@ def start_run(settings: Settings, run_name: str) -> str:
     return run.info.run_id
 
 
-def log_training(settings: Settings, run_id: str, rows: dict[str, int], result: TrainResult) -> None:
+def log_training(
+    settings: Settings, run_id: str, rows: dict[str, int], result: TrainResult, log_quality: dict[str, int]
+) -> None:
     configure_tracking(settings)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params({f"pairs.{split}_rows": n for split, n in rows.items()})
+        mlflow.log_metrics({f"logs.{name}": n for name, n in log_quality.items()})
         for row in result.history:
             step = int(row["step"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+from safetensors.torch import load_model, save_model
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import Settings
@@ -69,8 +73,13 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     # 2. data: tokenise once; batches are padded per batch
     train = pl.read_parquet(train_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
     valid = pl.read_parquet(valid_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
-    encodings = tokenize_pairs(tokenizer, train["user_text"], train["ad_text"], max_length)
-    labels = torch.tensor(train["is_clicked"].cast(pl.Float32).to_numpy())
+    tuned = (
+        train
+        if cfg.sample_pairs is None or cfg.sample_pairs >= train.height
+        else train.sample(cfg.sample_pairs, seed=cfg.seed)
+    )
+    encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
+    labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
     valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
 
     # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay
@@ -112,18 +121,30 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             return True
         return False
 
-    # 4. the untrained model is the first candidate: training must beat it to be kept
+    # 4. the untrained model is the first candidate, unless a killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
-    save_if_best(*validate(step=0, epoch=0.0, train_loss=math.nan))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    resume = resume_dir(settings, tuned, valid)
+    loop = {"epoch": 0, "batch": 0, "misses": 0, "running_loss": 0.0, "running_n": 0}
+    if (state := load_resume_state(resume, model, optimizer, schedule)) is not None:
+        loop, best_valid_logits[:] = state["loop"], state["best_valid_logits"]
+        result.steps, result.best_valid_logloss, result.history = state["steps"], state["best"], state["history"]
+        generator.set_state(state["epoch_generator"])
+        if Path(state["best_dir"]) != out_dir:
+            shutil.copytree(state["best_dir"], out_dir, dirs_exist_ok=True)
+        print(f"resuming from step {result.steps} ({resume})")
+    else:
+        save_if_best(*validate(step=0, epoch=0.0, train_loss=math.nan))
 
     # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
-    generator = torch.Generator().manual_seed(cfg.seed)
-    misses, running_loss, running_n = 0, 0.0, 0
     model.train()
-    for _ in range(cfg.epochs):
+    for epoch in range(loop["epoch"], cfg.epochs):
+        epoch_generator = generator.get_state()
         order = torch.randperm(len(encodings), generator=generator).tolist()
-        for start in range(0, len(order), cfg.batch_size):
+        for batch_index, start in enumerate(range(0, len(order), cfg.batch_size)):
+            if epoch == loop["epoch"] and batch_index < loop["batch"]:
+                continue  # done before the kill
             index = order[start : start + cfg.batch_size]
             batch = collate(tokenizer, [encodings[i] for i in index], device)
             with autocast:
@@ -135,22 +156,87 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps += 1
-            running_loss, running_n = running_loss + loss.item(), running_n + 1
+            loop["running_loss"], loop["running_n"] = loop["running_loss"] + loss.item(), loop["running_n"] + 1
 
             end_of_epoch = start + cfg.batch_size >= len(order)
             if end_of_epoch or (cfg.eval_every_steps and result.steps % cfg.eval_every_steps == 0):
-                validation = validate(result.steps, result.steps / steps_per_epoch, running_loss / running_n)
-                running_loss, running_n = 0.0, 0
-                misses = 0 if save_if_best(*validation) else misses + 1
-                result.stopped_early = misses >= cfg.patience
+                mean_loss = loop["running_loss"] / loop["running_n"]
+                validation = validate(result.steps, result.steps / steps_per_epoch, mean_loss)
+                loop["running_loss"], loop["running_n"] = 0.0, 0
+                loop["misses"] = 0 if save_if_best(*validation) else loop["misses"] + 1
+                result.stopped_early = loop["misses"] >= cfg.patience
                 if result.stopped_early:
                     break
+            if result.steps % cfg.checkpoint_every_steps == 0:
+                loop |= {"epoch": epoch, "batch": batch_index + 1}
+                state = {
+                    "loop": loop,
+                    "steps": result.steps,
+                    "best": result.best_valid_logloss,
+                    "history": result.history,
+                    "best_dir": str(out_dir),
+                    "epoch_generator": epoch_generator,
+                    "best_valid_logits": best_valid_logits,
+                }
+                save_resume_state(resume, model, optimizer, schedule, state)
         if result.stopped_early:
             break
 
     # 6. fit the output layer on the best model's validation logits, saved beside its weights
     save_calibration(calibrate(settings, train, valid, best_valid_logits), out_dir)
+    shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     return result
+
+
+def resume_dir(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame) -> Path:
+    """Where a run with exactly this data and model/training config keeps its resume state."""
+    digest = hashlib.sha256(settings.model_dump_json(include={"model", "training"}).encode())
+    for frame in (train, valid):
+        digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+    return settings.checkpoints_dir / "resume" / digest.hexdigest()[:16]
+
+
+def save_resume_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule, state: dict
+) -> None:
+    """Weights (safetensors), optimizer, schedule, RNG and loop position; swapped in whole, so a kill
+    while saving leaves the previous state."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    tensors = {
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch_generator": state["epoch_generator"],
+        "best_valid_logits": torch.from_numpy(state["best_valid_logits"].copy()),
+    }
+    torch.save(tensors, tmp / "trainer.pt")
+    scalars = {k: v for k, v in state.items() if k not in ("epoch_generator", "best_valid_logits")}
+    (tmp / "state.json").write_text(json.dumps(scalars))
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule) -> dict | None:
+    """Restore what save_resume_state wrote into model, optimizer and schedule; the rest as a dict."""
+    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
+        folder = folder.with_name(folder.name + ".old")  # killed between the two renames
+    if not (folder / "state.json").exists():
+        return None
+    load_model(model, str(folder / "model.safetensors"))
+    tensors = torch.load(folder / "trainer.pt", weights_only=True)  # our own file: tensors and numbers only
+    optimizer.load_state_dict(tensors["optimizer"])
+    schedule.load_state_dict(tensors["schedule"])
+    torch.set_rng_state(tensors["torch_rng"])
+    state = json.loads((folder / "state.json").read_text())
+    return state | {
+        "epoch_generator": tensors["epoch_generator"],
+        "best_valid_logits": tensors["best_valid_logits"].numpy(),
+    }
 
 
 def calibrate(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray) -> Calibration:

@@ -58,3 +58,25 @@ def test_credentials_in_uris_never_reach_tracked_params():
     params = flat_params(load_settings({"tracking": {"mlflow_uri": "https://alice:s3cret@mlflow.example:5000"}}))
     assert params["tracking.mlflow_uri"] == "https://***@mlflow.example:5000"
     assert "s3cret" not in json.dumps(params)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"ranking": {"candidates_table": "x; DROP TABLE ad_rankings"}},
+        {"tracking": {"registered_model": "x'; DROP TABLE ad_rankings; --"}},
+        {"data": {"user_template": "{profile}{x; DROP TABLE ad_rankings}"}},
+        {"ranking": {"candidates_k": 10, "top_n": 50}},  # K below top_n: not an injection, still refused early
+    ],
+)
+def test_config_values_that_could_reach_sql_or_names_are_rejected(overrides):
+    with pytest.raises(ValidationError):
+        load_settings(overrides)
+
+
+def test_the_user_id_salt_is_a_secret_that_never_reaches_params(monkeypatch):
+    monkeypatch.setenv("ADRANK_RANKING__USER_ID_SALT", "pepper-123")
+    settings = load_settings()
+    assert settings.ranking.user_id_salt.get_secret_value() == "pepper-123"
+    assert "pepper-123" not in str(flat_params(settings)) and "pepper-123" not in settings.model_dump_json()

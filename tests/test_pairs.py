@@ -151,4 +151,5 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
 
 
 def test_render_profile_skips_empty_values():
-    assert render_profile({"age": 30, "city": None, "job": ""}) == "age: 30"
+    assert render_profile({"age": 30, "city": None, "job": ""}, 100) == "age: 30"
+    assert render_profile({"bio": "x" * 50}, 10) == "bio: " + "x" * 10  # huge values are cut

@@ -1,5 +1,11 @@
 """Model behaviour: loss falls, scores follow the text, early stopping, the real pretrained model trains."""
 
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +23,7 @@ from tasks.model import (
     predict_ctr,
 )
 from tasks.train import fine_tune
+from tests.conftest import build_settings
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
 
@@ -164,3 +171,52 @@ def test_trainable_layers_freezes_the_rest(
     embeddings = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(base[embeddings], tuned[embeddings]) == (trainable_layers is not None)
     assert not torch.equal(base["classifier.weight"], tuned["classifier.weight"])
+
+
+TRAIN_WORKER = """
+import json, sys
+from pathlib import Path
+from tasks.config import load_settings
+from tasks.train import fine_tune
+fine_tune(load_settings(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+"""
+
+
+def resumable_steps(settings) -> int:
+    """Steps of the saved resume state (0: none yet); folders being swapped in are skipped."""
+    for path in settings.checkpoints_dir.glob("resume/*/state.json"):
+        if path.parent.suffix not in (".tmp", ".old"):
+            return json.loads(path.read_text())["steps"]
+    return 0
+
+
+@pytest.mark.fault
+def test_a_killed_fine_tune_resumes_from_its_last_checkpoint_and_ends_the_same(
+    tmp_path, make_settings, toy_pairs, tiny_model_dir, sample_logs, capsys
+):
+    training = {"epochs": 12, "batch_size": 16, "learning_rate": 1e-3, "patience": 100, "checkpoint_every_steps": 10}
+    uninterrupted = fine_tune(make_settings(training=training), *toy_pairs, tmp_path / "a")
+
+    settings = build_settings(tmp_path / "home-b", tiny_model_dir, sample_logs, training=training)
+    args = [json.dumps(settings.model_dump(mode="json")), *map(str, toy_pairs), str(tmp_path / "b-killed")]
+    process = subprocess.Popen([sys.executable, "-c", TRAIN_WORKER, *args], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while resumable_steps(settings) < 100:
+        assert process.poll() is None, "training finished before the kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    capsys.readouterr()
+    resumed = fine_tune(settings, *toy_pairs, tmp_path / "b")
+    resumed_from = int(re.search(r"resuming from step (\d+)", capsys.readouterr().out).group(1))
+    assert 100 <= resumed_from < resumed.steps  # it went on from the kill, it did not start over
+    assert len(resumed.history) == len(uninterrupted.history) == 13  # step 0 and one validation per epoch
+    for got, want in zip(resumed.history, uninterrupted.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, nan_ok=True)
+    assert resumed.best_valid_logloss == pytest.approx(uninterrupted.best_valid_logloss, rel=1e-5)
+    assert load_calibration(resumed.checkpoint).slope == pytest.approx(
+        load_calibration(uninterrupted.checkpoint).slope, rel=1e-3
+    )
+    assert not list(settings.checkpoints_dir.glob("resume/*"))  # finished: the resume state is gone

@@ -25,10 +25,29 @@ unknown_ads as (
     limit 5
 ),
 
+unknown_users as (
+    select 'user_id not in users' as problem, i.impression_id, i.user_id, i.ad_id, i.shown_at
+    from impressions as i
+    anti join stg_users as u on i.user_id = u.user_id
+    limit 5
+),
+
+out_of_window as (
+    select
+        case when shown_at > $latest_allowed then 'ts in the future' else 'ts before data.earliest_ts' end
+            as problem,
+        impression_id, user_id, ad_id, shown_at
+    from impressions
+    where shown_at > $latest_allowed or shown_at < $earliest_allowed
+    limit 5
+),
+
 final as (
     select * from null_keys
     union all select * from duplicate_ids
     union all select * from unknown_ads
+    union all select * from unknown_users
+    union all select * from out_of_window
 )
 
 select * from final
