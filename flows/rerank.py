@@ -12,32 +12,31 @@ from prefect.cache_policies import NO_CACHE
 from tasks import pairs, publish, registry, score
 from tasks.config import load_settings
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
-
-current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
-load_version = task(registry.load_version, name="load_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE)
+load_version = task(registry.load_version, name="load_champion", cache_policy=NO_CACHE)
 build_ranking_inputs = task(pairs.build_ranking_inputs, name="build_ranking_inputs", cache_policy=NO_CACHE)
 ranking_model = task(score.RankingModel.from_pyfunc, name="ranking_model", cache_policy=NO_CACHE)
 score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
-publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE, **IO_RETRIES)
+publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE)
 
 
 @flow(name="rerank", log_prints=True)
 def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank active ads for every recently active user with the `champion` model."""
     settings = load_settings(overrides)
+    io = settings.tracking.retry_options()  # MLflow and warehouse I/O retry with backoff
     if run_date is not None:
         settings.ranking.run_date = run_date
     name = settings.tracking.registered_model
 
     # resolve the model
-    version = current_champion(settings)
+    version = current_champion.with_options(**io)(settings)
     if version is None:
         raise RuntimeError(
             f"no '{registry.CHAMPION}' alias on model '{name}' at {settings.tracking.mlflow_uri}; "
             "run the retrain flow first"
         )
-    model = load_version(settings, version)
+    model = load_version.with_options(**io)(settings, version)
 
     # build texts
     inputs = build_ranking_inputs(settings)
@@ -49,7 +48,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
 
     # publish
     salt = settings.ranking.user_id_salt
-    rows = publish_rankings(
+    rows = publish_rankings.with_options(**io)(
         settings.warehouse,
         scores_path,
         inputs.run_date,

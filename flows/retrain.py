@@ -11,49 +11,52 @@ from prefect.cache_policies import NO_CACHE
 from tasks import evaluate, pairs, registry, train, two_tower
 from tasks.config import load_settings
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
-
 build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
-start_run = task(registry.start_run, name="start_mlflow_run", cache_policy=NO_CACHE, **IO_RETRIES)
+start_run = task(registry.start_run, name="start_mlflow_run", cache_policy=NO_CACHE)
 fine_tune = task(train.fine_tune, name="fine_tune", cache_policy=NO_CACHE)
 distill_two_tower = task(two_tower.distill_two_tower, name="distill_two_tower", cache_policy=NO_CACHE)
-log_training = task(registry.log_training, name="log_training", cache_policy=NO_CACHE, **IO_RETRIES)
-log_distillation = task(registry.log_distillation, name="log_distillation", cache_policy=NO_CACHE, **IO_RETRIES)
-current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+log_training = task(registry.log_training, name="log_training", cache_policy=NO_CACHE)
+log_distillation = task(registry.log_distillation, name="log_distillation", cache_policy=NO_CACHE)
+current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE)
 evaluate_models = task(evaluate.evaluate_models, name="evaluate", cache_policy=NO_CACHE)
-log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_policy=NO_CACHE, **IO_RETRIES)
-register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE, **IO_RETRIES)
-promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE, **IO_RETRIES)
-score_version = task(registry.score_version, name="score_champion", cache_policy=NO_CACHE, **IO_RETRIES)
+log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_policy=NO_CACHE)
+register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE)
+promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE)
+score_version = task(registry.score_version, name="score_champion", cache_policy=NO_CACHE)
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune on the latest logs, register the model, promote it if it beats the champion."""
     settings = load_settings(overrides)
+    io = settings.tracking.retry_options()  # MLflow and warehouse I/O retry with backoff
 
     # build pairs
     built = build_pairs(settings)
-    run_id = start_run(settings, run_name="retrain")
+    run_id = start_run.with_options(**io)(settings, run_name="retrain")
 
     # fine-tune
     checkpoint = settings.checkpoints_dir / run_id
     result = fine_tune(settings, built.paths["train"], built.paths["valid"], checkpoint)
-    log_training(settings, run_id, built.rows, result, built.log_quality)
+    log_training.with_options(**io)(settings, run_id, built.rows, result, built.log_quality)
 
     # distil the stage-1 two-tower of rerank from the fine-tuned cross-encoder
     distilled = distill_two_tower(settings, checkpoint, built.paths["train"])
-    log_distillation(settings, run_id, distilled)
+    log_distillation.with_options(**io)(settings, run_id, distilled)
 
     # evaluate, against the champion on the same test split
-    champion = current_champion(settings)
-    others = {registry.CHAMPION: score_version(settings, champion, built.paths["test"])} if champion else {}
+    champion = current_champion.with_options(**io)(settings)
+    others = (
+        {registry.CHAMPION: score_version.with_options(**io)(settings, champion, built.paths["test"])}
+        if champion
+        else {}
+    )
     table = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
-    log_evaluation(settings, run_id, table)
+    log_evaluation.with_options(**io)(settings, run_id, table)
 
     # register and promote
-    version = register_model(settings, run_id, checkpoint)
-    decision = promote_if_better(settings, run_id, version, champion, table)
+    version = register_model.with_options(**io)(settings, run_id, checkpoint)
+    decision = promote_if_better.with_options(**io)(settings, run_id, version, champion, table)
 
     create_markdown_artifact(
         key="retrain-summary",

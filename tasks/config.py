@@ -189,6 +189,15 @@ class TrackingConfig(BaseModel):
     mlflow_uri: str | None = Field(None, description="MLflow tracking + registry URI. Default: sqlite under home.")
     experiment: str = Field("adrank", description="MLflow experiment name.")
     registered_model: str = Field("adrank-ctr", description="Registered model name in the MLflow registry.")
+    retry_delays_seconds: list[float] = Field(
+        [2, 10, 30],
+        description="Waits between retries of MLflow and warehouse I/O tasks (one retry per entry), on top of "
+        "MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES).",
+    )
+
+    def retry_options(self) -> dict[str, Any]:
+        """Prefect task options for I/O tasks: one retry per configured delay."""
+        return {"retries": len(self.retry_delays_seconds), "retry_delay_seconds": self.retry_delays_seconds}
 
     @field_validator("registered_model")
     @classmethod

@@ -56,11 +56,21 @@ class Promotion:
     champion_auc: float | None
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
+
+
 def configure_tracking(settings: Settings) -> str:
     """Point MLflow at the configured store; create the experiment (artifacts under home) if needed."""
-    mlflow.set_tracking_uri(settings.tracking.mlflow_uri)
-    mlflow.set_registry_uri(settings.tracking.mlflow_uri)
-    experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
+    uri = settings.tracking.mlflow_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(settings.tracking.experiment)
+    except MlflowException as error:
+        if error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"):
+            raise TrackingUnavailable(f"MLflow tracking server {redact(uri)} is unreachable: {error}") from error
+        raise
     if experiment is not None:
         return experiment.experiment_id
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +120,19 @@ def log_evaluation(settings: Settings, run_id: str, table: pl.DataFrame) -> None
 
 
 def register_model(settings: Settings, run_id: str, checkpoint: Path) -> str:
-    """Log the checkpoint as an MLflow pyfunc model, register it and alias it `challenger`."""
+    """Log the checkpoint as an MLflow pyfunc model, register it and alias it `challenger`.
+
+    Idempotent per run: a retry after a failure part-way (e.g. a tracking-server outage) finishes the
+    version the run already registered instead of registering another one.
+    """
     configure_tracking(settings)
     name = settings.tracking.registered_model
+    # names are validated ([A-Za-z0-9_.-]) and run ids are hex: safe inside the filter string
+    existing = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = str(min(int(v.version) for v in existing))
+        MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
+        return version
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -137,8 +157,11 @@ def current_champion(settings: Settings) -> str | None:
     configure_tracking(settings)
     try:
         return str(MlflowClient().get_model_version_by_alias(settings.tracking.registered_model, CHAMPION).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        # no such model or alias; anything else (an outage) must not pass for "no champion yet"
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
@@ -274,8 +297,11 @@ def champion_history(settings: Settings) -> list[str]:
 
 
 def move_champion(settings: Settings, version: str, reason: str) -> None:
-    """Promote: point `champion` at version and push it on the champion history."""
-    _set_champion(settings, str(version), [*champion_history(settings), str(version)], reason)
+    """Promote: point `champion` at version and push it on the champion history (once, if retried)."""
+    history = champion_history(settings)
+    if history[-1:] != [str(version)]:
+        history.append(str(version))
+    _set_champion(settings, str(version), history, reason)
 
 
 def rollback_champion(settings: Settings) -> str:
