@@ -179,6 +179,9 @@ class StageOneConfig(BaseModel):
     dim: int = Field(64, ge=1, description="Width of the two-tower's user and ad vectors.")
     distill_users: int = Field(200, ge=2, description="Training users whose pairs the cross-encoder labels.")
     distill_ads_per_user: int = Field(20, ge=1, description="Random ads per distillation user.")
+    reference_users: int = Field(
+        8, ge=0, description="Users every ad is scored against by the cross-encoder at rerank (its anchor)."
+    )
     epochs: int = Field(500, ge=1, description="Full-batch optimizer steps of the distillation.")
     learning_rate: float = Field(1e-2, gt=0, description="AdamW learning rate of the distillation.")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the distillation.")

@@ -62,11 +62,23 @@ class ScoringStats:
     users: int = 0
     ads: int = 0
     two_stage: bool = False
+    anchor_pairs: int = 0  # reference user x ad cross-encoder passes anchoring stage 1
     stage1_pairs: int = 0  # user x ad scores from the matrix product
     stage2_pairs: int = 0  # (user, ad) pairs ranked by the cross-encoder
     stage2_unique_texts: int = 0  # distinct (user_text, ad_text) the cross-encoder actually ran on
     rows: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"encode": 0.0, "stage1": 0.0, "stage2": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"encode": 0.0, "anchor": 0.0, "stage1": 0.0, "stage2": 0.0}
+    )
+
+
+@dataclass
+class StageOneAds:
+    """What stage 1 needs of the ads, computed once a run."""
+
+    projections: np.ndarray  # (ads, dim): the two-tower's Q(ad)
+    terms: np.ndarray  # (ads,): anchor (or learned ad bias) + ad prior, exact per ad
+    reference: np.ndarray  # (dim,): mean P(reference users), subtracted from every user's P
 
 
 def score_candidates(
@@ -77,7 +89,7 @@ def score_candidates(
     k = ranking.candidates_k
     stats = ScoringStats(users=users.height, ads=ads.height)
     stats.two_stage = model.two_tower is not None and k is not None and k < ads.height
-    ad_vectors = _ad_vectors(model, ads, stats) if stats.two_stage else None
+    stage1_ads = _stage1_ads(model, ads, stats) if stats.two_stage else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
@@ -85,7 +97,7 @@ def score_candidates(
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
             if stats.two_stage:
-                pairs = _stage1(model, chunk, ads, ad_vectors, allowed, k, stats)
+                pairs = _stage1(model, chunk, ads, stage1_ads, allowed, k, stats)
             else:
                 rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
                 pairs = _pairs(chunk, ads, rows, cols)
@@ -96,36 +108,50 @@ def score_candidates(
     return stats
 
 
-def _ad_vectors(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> np.ndarray:
-    """(ads, dim + 2) stage-1 ad vectors, with the calibration's exact ad prior added to the ad bias."""
+def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
+    """Ad projections and exact per-ad terms: the cross-encoder's mean log-odds against the reference
+    users (see tasks/two_tower.py) plus the calibration's ad prior."""
+    tower, calibration = model.two_tower, model.calibration
     started = time.perf_counter()
-    embeddings = embed_texts(model.cross_encoder, model.tokenizer, ads["ad_text"], model.max_length, model.batch_size)
+    embeddings = torch.from_numpy(_embed(model, ads["ad_text"]))
+    references = tower.reference_user_texts
     with torch.inference_mode():
-        vectors = model.two_tower.ad_vectors(torch.from_numpy(embeddings)).numpy()
-    prior = model.calibration.ad_weight * model.calibration.ad_prior(ads["ad_id"].to_list(), ads.height)
-    vectors[:, -2] += prior.astype(np.float32)  # the column the user vectors' constant 1 multiplies
+        projections = tower.ad(embeddings).numpy()
+        learned_bias = tower.ad_bias(embeddings).squeeze(-1).numpy()
+        reference = tower.user(torch.from_numpy(_embed(model, references))).numpy().mean(0) if references else None
     stats.seconds["encode"] += time.perf_counter() - started
-    return vectors
+
+    started = time.perf_counter()
+    if references:
+        user_texts = np.repeat(np.asarray(references, dtype=object), ads.height)
+        ad_texts = np.tile(ads["ad_text"].to_numpy(), len(references))
+        logits = _logits(model, user_texts, ad_texts).reshape(len(references), ads.height)
+        terms = calibration.slope * logits.mean(axis=0)
+        stats.anchor_pairs += logits.size
+    else:
+        terms, reference = learned_bias, np.zeros(projections.shape[1], dtype=np.float32)
+    terms = terms + calibration.ad_weight * calibration.ad_prior(ads["ad_id"].to_list(), ads.height)
+    stats.seconds["anchor"] += time.perf_counter() - started
+    return StageOneAds(projections, terms.astype(np.float32), reference)
 
 
 def _stage1(
     model: RankingModel,
     chunk: pl.DataFrame,
     ads: pl.DataFrame,
-    ad_vectors: np.ndarray,
+    stage1_ads: StageOneAds,
     allowed: np.ndarray | None,
     k: int,
     stats: ScoringStats,
 ) -> pl.DataFrame:
     started = time.perf_counter()
-    texts = chunk["user_text"]
-    embeddings = embed_texts(model.cross_encoder, model.tokenizer, texts, model.max_length, model.batch_size)
     with torch.inference_mode():
-        user_vectors = model.two_tower.user_vectors(torch.from_numpy(embeddings)).numpy()
+        projections = model.two_tower.user(torch.from_numpy(_embed(model, chunk["user_text"]))).numpy()
     stats.seconds["encode"] += time.perf_counter() - started
 
     started = time.perf_counter()
-    scores = user_vectors @ ad_vectors.T  # (chunk, ads)
+    # (chunk, ads); terms that depend on the user only are left out: they do not change a user's order
+    scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
     if allowed is not None:
         scores[~allowed] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower ad index first, deterministically
@@ -137,24 +163,31 @@ def _stage1(
     return _pairs(chunk, ads, rows[keep], cols[keep])
 
 
+def _embed(model: RankingModel, texts) -> np.ndarray:
+    return embed_texts(model.cross_encoder, model.tokenizer, texts, model.max_length, model.batch_size)
+
+
+def _logits(model: RankingModel, user_texts, ad_texts) -> np.ndarray:
+    """Cross-encoder logits, at most STAGE2_BLOCK_PAIRS tokenised pairs held at once."""
+    blocks = [
+        predict_logits(
+            model.cross_encoder,
+            model.tokenizer,
+            user_texts[i : i + STAGE2_BLOCK_PAIRS],
+            ad_texts[i : i + STAGE2_BLOCK_PAIRS],
+            model.max_length,
+            model.batch_size,
+        )
+        for i in range(0, len(user_texts), STAGE2_BLOCK_PAIRS)
+    ]
+    return np.concatenate(blocks) if blocks else np.empty(0, dtype=np.float32)
+
+
 def _stage2(model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: ScoringStats) -> pl.DataFrame:
     """Cross-encoder pCTR of each pair (identical text pairs scored once); each user's top_n."""
     started = time.perf_counter()
     texts = pairs.select("user_text", "ad_text").unique(maintain_order=True)
-    logits = np.concatenate(
-        [
-            predict_logits(
-                model.cross_encoder,
-                model.tokenizer,
-                block["user_text"],
-                block["ad_text"],
-                model.max_length,
-                model.batch_size,
-            )
-            for block in texts.iter_slices(STAGE2_BLOCK_PAIRS)  # bounds the tokenised pairs held at once
-        ]
-        or [np.empty(0, dtype=np.float32)]
-    )
+    logits = _logits(model, texts["user_text"].to_numpy(), texts["ad_text"].to_numpy())
     scored = pairs.join(texts.with_columns(pl.Series("logit", logits)), on=["user_text", "ad_text"], how="left")
     pctr = model.calibration.apply(scored["logit"].to_numpy(), scored["ad_id"].to_list())
     stats.stage2_pairs += pairs.height

@@ -1,13 +1,18 @@
 """Stage 1 of the two-stage rerank: a two-tower model distilled from the fine-tuned cross-encoder.
 
 Each user text and each ad text is encoded once by the cross-encoder's own encoder (mean-pooled, see
-model.embed_texts). Two linear projections map them into one space where
+model.embed_texts). Two linear projections P (users) and Q (ads) are regressed so that
 
-    user_vector . ad_vector + ad_bias  ~  slope * cross_encoder_logit      (the text part of the log-odds)
+    P(user) . Q(ad) + biases  ~  slope * cross_encoder_logit(user, ad)
 
-and the calibration's ad prior is added exactly, so stage 1 ranks by the same log-odds the cross-encoder
-ranks by, approximately. Scoring users x ads is then one matrix product; the cross-encoder rescores
-only each user's top K (tasks/score.py).
+on random (user, ad) pairs of the training split. At rerank (tasks/score.py) each ad's score is
+anchored exactly: the cross-encoder scores every ad against a few fixed reference users (saved here),
+and the two-tower only predicts how a user differs from them:
+
+    stage1(user, ad) = anchor(ad) + (P(user) - mean P(reference users)) . Q(ad) + ad prior
+
+so the ad effects that dominate a CTR model come from the cross-encoder itself, at a cost of
+reference_users x ads passes a night.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ HOLDOUT_SHARE = 0.2  # of distillation users, kept out of training to measure fi
 
 
 class TwoTower(torch.nn.Module):
-    def __init__(self, hidden_size: int, dim: int):
+    def __init__(self, hidden_size: int, dim: int, reference_user_texts: list[str] | None = None):
         super().__init__()
+        self.reference_user_texts = list(reference_user_texts or [])
         self.user = torch.nn.Linear(hidden_size, dim)
         self.ad = torch.nn.Linear(hidden_size, dim)
         # a user's bias does not change their ranking, but fitting it keeps the rest for what does
@@ -112,10 +118,16 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
         loss.backward()
         optimizer.step()
 
-    # 4. save beside the cross-encoder
+    # 4. save beside the cross-encoder, with the reference users that anchor each ad's score at rerank
     tower.eval()
+    tower.reference_user_texts = rng.choice(users, size=min(cfg.reference_users, len(users)), replace=False).tolist()
     save_file(tower.state_dict(), Path(checkpoint) / WEIGHTS_FILE)
-    (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps({"hidden_size": model.config.hidden_size, "dim": cfg.dim}))
+    config = {
+        "hidden_size": model.config.hidden_size,
+        "dim": cfg.dim,
+        "reference_user_texts": tower.reference_user_texts,
+    }
+    (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps(config))
     with torch.inference_mode():
         predicted = tower(u[held_out], a[held_out]).numpy()
     expected = targets[held_out].numpy()

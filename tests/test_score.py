@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import date
 
 import numpy as np
@@ -26,7 +27,8 @@ TOPICS = ["running shoes", "tax forms", "garden tools", "coffee beans", "city br
 def ranking_model(tiny_model_dir) -> RankingModel:
     model, tokenizer = load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))
     torch.manual_seed(3)
-    tower = TwoTower(model.config.hidden_size, dim=8).eval()
+    references = ["age: 40. Recently clicked: tax forms", "age: 22. Recently clicked: board games"]
+    tower = TwoTower(model.config.hidden_size, dim=8, reference_user_texts=references).eval()
     calibration = Calibration(slope=2.0, ad_weight=0.5, ad_log_odds={"ad-03": 3.0, "ad-07": -3.0})
     return RankingModel(model, tokenizer, calibration, tower, max_length=64, batch_size=7)
 
@@ -65,6 +67,7 @@ def test_two_stage_rescores_k_per_user_with_the_cross_encoder(ranking_model, inp
     exhaustive, _ = run(ranking_model, inputs, tmp_path, "all", candidates_k=None, top_n=N_ADS)
     two_stage, stats = run(ranking_model, inputs, tmp_path, "two", candidates_k=8, top_n=8)
     assert stats.two_stage and stats.stage1_pairs == N_USERS * N_ADS and stats.stage2_pairs == N_USERS * 8
+    assert stats.anchor_pairs == 2 * N_ADS  # each ad scored against the two reference users
     assert two_stage.group_by("user_id").len()["len"].to_list() == [8] * N_USERS
     # stage 2's scores are the cross-encoder's: the same pCTR as in the exhaustive run for the same pair
     joined = two_stage.join(exhaustive, on=["user_id", "ad_id"], suffix="_all")
@@ -118,6 +121,7 @@ def test_distilled_two_tower_is_saved_and_follows_the_cross_encoder(tmp_path, ma
     assert result.holdout_spearman > 0.8, result  # ranks held-out users' pairs like the cross-encoder
     tower = load_two_tower(checkpoint)
     assert isinstance(tower, TwoTower) and tower.user.out_features == 8
+    assert len(tower.reference_user_texts) == 8 and len(set(tower.reference_user_texts)) == 8
     assert load_two_tower(tmp_path) is None
 
 
@@ -130,3 +134,10 @@ def test_int8_quantised_cross_encoder_scores_close_to_fp32(ranking_model, inputs
     joined = int8.join(fp32, on=["user_id", "ad_id"], suffix="_fp32")
     assert joined.height == N_USERS * N_ADS
     np.testing.assert_allclose(joined["pctr"], joined["pctr_fp32"], atol=0.02)
+
+
+def test_a_two_tower_without_reference_users_ranks_with_its_learned_ad_bias(ranking_model, inputs, tmp_path):
+    plain = TwoTower(ranking_model.two_tower.user.in_features, dim=8).eval()
+    ranked, stats = run(replace(ranking_model, two_tower=plain), inputs, tmp_path, "plain", candidates_k=8)
+    assert stats.two_stage and stats.anchor_pairs == 0 and stats.stage2_pairs == N_USERS * 8
+    assert ranked.height == N_USERS * 5
