@@ -45,9 +45,8 @@ class RankingModel:
     @classmethod
     def from_pyfunc(cls, model: mlflow.pyfunc.PyFuncModel, quantize: bool = False) -> RankingModel:
         inner = model.unwrap_python_model()
-        ranker = cls(
-            inner.model, inner.tokenizer, inner.calibration, inner.two_tower, inner.max_length, inner.batch_size
-        )
+        two_tower = getattr(inner, "two_tower", None)  # versions registered before two-stage ranking have none
+        ranker = cls(inner.model, inner.tokenizer, inner.calibration, two_tower, inner.max_length, inner.batch_size)
         return ranker.quantized() if quantize else ranker
 
     def quantized(self) -> RankingModel:
