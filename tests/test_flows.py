@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import duckdb
 import mlflow
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from flows.cli import main
 from flows.rerank import rerank
 from flows.retrain import retrain
+from tasks.logs import LogContractError
 from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, smoke_test
 from tests.conftest import SIGNAL_ADS, build_settings
 
@@ -124,6 +126,20 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
     again = rerank(overrides=overrides)
     assert again["run_date"] == summary["run_date"]
     assert rankings(settings) == first  # same rows, no duplicates (scored_at aside)
+
+
+@pytest.mark.fault
+def test_bad_logs_fail_the_rerank_before_anything_published_changes(first_retrain, signal_logs, tmp_path):
+    settings, _ = first_retrain
+    before = rankings(settings)
+    broken = tmp_path / "logs"
+    shutil.copytree(signal_logs, broken)
+    part = next((broken / "impressions").glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated in transfer
+    overrides = settings.model_dump(mode="json") | {"data": {"logs": str(broken)}}
+    with pytest.raises(LogContractError, match=r"impressions.*cannot read Parquet"):
+        rerank(overrides=overrides)
+    assert rankings(settings) == before
 
 
 def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, monkeypatch, capsys):

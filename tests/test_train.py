@@ -220,3 +220,15 @@ def test_a_killed_fine_tune_resumes_from_its_last_checkpoint_and_ends_the_same(
         load_calibration(uninterrupted.checkpoint).slope, rel=1e-3
     )
     assert not list(settings.checkpoints_dir.glob("resume/*"))  # finished: the resume state is gone
+
+
+@pytest.mark.fault
+def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model_dir):
+    pickled = tmp_path / "pickled"
+    model, tokenizer = load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # the legacy format: a pickle
+    tokenizer.save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
+    with pytest.raises(OSError, match="safetensors"):
+        load_cross_encoder(str(pickled), torch.device("cpu"))
