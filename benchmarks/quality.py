@@ -190,7 +190,7 @@ def write_outputs(args: argparse.Namespace, result: dict, table: pl.DataFrame) -
         f"Command: `{result['command']}`  \n"
         f"Mode: {result['mode']} · data sha256 `{result['data_checksum_sha256'][:16]}…` · seed {result['seed']} · "
         f"{result['hardware']} · wall time {result['seconds']['total'] / 60:.1f} min · pairs {result['pairs']}\n\n"
-        + to_markdown(table.drop("mean_pctr"))
+        + to_markdown(table.drop("mean_pctr", "std_pctr"))
         + "\n"
     )
     doc = args.out_dir / "benchmarks.md"

@@ -1,10 +1,11 @@
 """Rank active ads for active users with a registered model, in two stages.
 
-Stage 1: the two-tower (tasks/two_tower.py) encodes each ad once and each user chunk once, scores the
-chunk x all ads with one matrix product and keeps each user's top K. Stage 2: the cross-encoder rescores
-those K (identical text pairs once). Each chunk's top N per user is appended to a Parquet file as soon
-as it is scored, so memory holds one chunk, never all pairs. With K >= ads, or a model without a
-two-tower, stage 2 scores every pair: the exhaustive ranking.
+Stage 1 (tasks/two_tower.py): each ad is encoded once and anchored once (the cross-encoder against a
+few reference users); each chunk of users is encoded once; one matrix product gives every user x ad
+score of the chunk, and each user keeps the top K. Stage 2: the cross-encoder rescores those K
+(identical text pairs once). Each chunk's top N per user is appended to a Parquet file as soon as it
+is scored, so memory holds one chunk, never all pairs. With K >= ads, or a model without a two-tower,
+stage 2 scores every pair: the exhaustive ranking.
 """
 
 from __future__ import annotations
