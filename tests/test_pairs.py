@@ -153,3 +153,21 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
 def test_render_profile_skips_empty_values():
     assert render_profile({"age": 30, "city": None, "job": ""}, 100) == "age: 30"
     assert render_profile({"bio": "x" * 50}, 10) == "bio: " + "x" * 10  # huge values are cut
+
+
+@pytest.mark.fault
+def test_a_day_without_impressions_leaves_a_gap_not_an_error(tmp_path, make_settings):
+    # impressions on days 0-2 and 4-6; day 3 is empty (a lost partition or a quiet day)
+    days = [d for d in range(7) if d != 3]
+    rows = [
+        imp(10 * d + u, 60 * 24 * d + u, f"u{u % 2 + 1}", f"a{u % 3 + 1}", u % 2 == 0) for d in days for u in range(6)
+    ]
+    logs = write_logs(tmp_path / "logs", rows, ADS, USERS)
+    settings = make_settings(data={"logs": str(logs), "valid_fraction": 0.2, "test_fraction": 0.2})
+    built = build_pairs(settings)
+    assert sum(built.rows.values()) == len(rows)
+    assert not any(
+        p["shown_at"].date() == (START + timedelta(days=3)).date()
+        for p in pl.read_parquet(built.paths["train"]).iter_rows(named=True)
+    )
+    assert build_ranking_inputs(settings).run_date == (START + timedelta(days=7)).date()
