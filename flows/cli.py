@@ -116,7 +116,7 @@ adrank demo finished
 ({"promoted to champion" if trained["promoted"] else "not promoted"}: {trained["reason"]})
   test AUC     {", ".join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == "overall")}
   rankings     {ranked["rows"]} rows for {ranked["users"]} users x {ranked["ads"]} ads, run_date {ranked["run_date"]}
-  warehouse    {settings.warehouse}  (tables: ad_rankings, view latest_ad_rankings)
+  warehouse    {settings.warehouse}  (views ad_rankings, latest_ad_rankings; open it read-only)
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
   query        {query_command}
