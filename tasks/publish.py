@@ -41,7 +41,8 @@ def publish_rankings(
     retention: timedelta = timedelta(hours=1),
 ) -> int:
     """Rank the scores staged in scores_path (Parquet: user_id, ad_id, pctr; see tasks/score.py) and
-    replace run_date's file. With user_id_salt, user ids are published as sha256(salt || user_id).
+    publish them as run_date's newest file, which the views switch to at once. With user_id_salt, user
+    ids are published as sha256(salt || user_id). Files superseded for longer than retention go.
 
     Returns the number of rows published.
     """
