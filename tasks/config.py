@@ -167,6 +167,14 @@ class RankingConfig(BaseModel):
             raise ValueError(f"candidates_k ({self.candidates_k}) must be at least top_n ({self.top_n})")
         return self
 
+    @field_validator("user_id_salt")
+    @classmethod
+    def _not_a_masked_copy(cls, salt: SecretStr | None) -> SecretStr | None:
+        # a dumped config shows secrets as '**********'; passed back as overrides it must not become the salt
+        if salt is not None and set(salt.get_secret_value()) <= {"*"}:
+            raise ValueError("user_id_salt is a masked copy ('****'); set it with ADRANK_RANKING__USER_ID_SALT")
+        return salt
+
     @field_validator("candidates_table")
     @classmethod
     def _table_name(cls, name: str | None) -> str | None:

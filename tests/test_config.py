@@ -80,3 +80,5 @@ def test_the_user_id_salt_is_a_secret_that_never_reaches_params(monkeypatch):
     settings = load_settings()
     assert settings.ranking.user_id_salt.get_secret_value() == "pepper-123"
     assert "pepper-123" not in str(flat_params(settings)) and "pepper-123" not in settings.model_dump_json()
+    with pytest.raises(ValidationError, match="masked copy"):  # a dumped config passed back as overrides
+        load_settings(settings.model_dump(mode="json"))
