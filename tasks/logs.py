@@ -53,10 +53,7 @@ def open_logs(source: str, data: DataConfig | None = None) -> duckdb.DuckDBPyCon
     con = duckdb.connect()
     for table in REQUIRED_COLUMNS:
         where = f"{path} ({table})"
-        if path.suffix in DUCKDB_SUFFIXES:
-            _view_duckdb_table(con, path, table)
-        else:
-            _view_parquet(con, path / table, table)
+        _view_source(con, path, table)
         _complete_raw_view(con, table, where)
         _stage(con, table, where, {"max_text_chars": data.max_text_chars} if table == "ads" else {})
     _check_keys(con, path, data)
@@ -72,16 +69,28 @@ def log_quality(con: duckdb.DuckDBPyConnection, data: DataConfig) -> dict[str, i
 def stage_candidates(con: duckdb.DuckDBPyConnection, source: str, table: str) -> None:
     """Stage the optional candidates table (user_id, ad_id) of the same log source as stg_candidates."""
     path = Path(source).expanduser()
+    where = f"{path} ({table})"
+    _view_source(con, path, table)
+    _source_columns(con, table, CANDIDATE_COLUMNS, where)
+    con.execute(f"create view raw_candidates as select * from src_{table}")
+    _stage(con, "candidates", where, {})
+
+
+def _view_source(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> None:
+    """The log source's `table` as view src_<table>: a DuckDB table/view or a folder of Parquet files."""
     if path.suffix in DUCKDB_SUFFIXES:
         _view_duckdb_table(con, path, table)
     else:
         _view_parquet(con, path / table, table)
+
+
+def _source_columns(con: duckdb.DuckDBPyConnection, table: str, required: tuple[str, ...], where: str) -> list[str]:
+    """src_<table>'s columns; a contract error if a required one is missing."""
     columns = [row[0] for row in con.execute(f"describe src_{table}").fetchall()]
-    missing = [c for c in CANDIDATE_COLUMNS if c not in columns]
+    missing = [c for c in required if c not in columns]
     if missing:
-        raise LogContractError(f"{path} ({table}): required column(s) {missing} missing; found {columns}")
-    con.execute(f"create view raw_candidates as select * from src_{table}")
-    con.execute(f"create table stg_candidates as {load_sql('stg_candidates')}")
+        raise LogContractError(f"{where}: required column(s) {missing} missing; found {columns}")
+    return columns
 
 
 def _view_duckdb_table(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> None:
@@ -114,10 +123,7 @@ def _view_parquet(con: duckdb.DuckDBPyConnection, folder: Path, table: str) -> N
 
 
 def _complete_raw_view(con: duckdb.DuckDBPyConnection, table: str, where: str) -> None:
-    columns = [row[0] for row in con.execute(f"describe src_{table}").fetchall()]
-    missing = [c for c in REQUIRED_COLUMNS[table] if c not in columns]
-    if missing:
-        raise LogContractError(f"{where}: required column(s) {missing} missing; found {columns}")
+    columns = _source_columns(con, table, REQUIRED_COLUMNS[table], where)
     nulls = [f"null::{kind} as {name}" for name, kind in OPTIONAL_COLUMNS[table].items() if name not in columns]
     con.execute(f"create view raw_{table} as select {', '.join(['*', *nulls])} from src_{table}")
 

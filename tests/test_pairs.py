@@ -2,8 +2,11 @@ from datetime import date, datetime, timedelta
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from tasks.logs import LogContractError
 from tasks.pairs import EMPTY_HISTORY, build_pairs, build_ranking_inputs, render_profile
 from tests.conftest import write_logs
 
@@ -171,3 +174,16 @@ def test_a_day_without_impressions_leaves_a_gap_not_an_error(tmp_path, make_sett
         for p in pl.read_parquet(built.paths["train"]).iter_rows(named=True)
     )
     assert build_ranking_inputs(settings).run_date == (START + timedelta(days=7)).date()
+
+
+def test_candidates_table_is_read_from_the_log_source(tmp_path, make_settings):
+    logs = write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    (logs / "targeting").mkdir()
+    rows = [{"user_id": "u1", "ad_id": "a2"}, {"user_id": "u1", "ad_id": "a2"}, {"user_id": None, "ad_id": "a1"}]
+    pq.write_table(pa.Table.from_pylist(rows), logs / "targeting" / "part-0.parquet")
+    settings = make_settings(data={"logs": str(logs)}, ranking={"candidates_table": "targeting"})
+    assert build_ranking_inputs(settings).candidates.rows() == [("u1", "a2")]  # deduplicated, null ids dropped
+
+    pq.write_table(pa.table({"user_id": ["u1"]}), logs / "targeting" / "part-0.parquet")
+    with pytest.raises(LogContractError, match=r"targeting\): required column\(s\) \['ad_id'\] missing"):
+        build_ranking_inputs(settings)
