@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -171,17 +171,8 @@ def predict_logits(
     """Click logits, shape (pairs,), in input order."""
     if len(user_texts) == 0:
         return np.empty(0, dtype=np.float32)
-    device = next(model.parameters()).device
     encodings = tokenize_pairs(tokenizer, user_texts, ad_texts, max_length)
-    logits = np.empty(len(encodings), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode(), _autocast(device):
-        for index in length_sorted_batches(encodings, batch_size):
-            batch = collate(tokenizer, [encodings[i] for i in index], device)
-            logits[index] = model(**batch).logits.squeeze(-1).float().cpu().numpy()
-    model.train(was_training)
-    return logits
+    return _infer(model, tokenizer, encodings, batch_size, (), lambda batch: model(**batch).logits.squeeze(-1))
 
 
 def embed_texts(
@@ -194,19 +185,34 @@ def embed_texts(
     if len(texts) == 0:
         return np.empty((0, model.config.hidden_size), dtype=np.float32)
     unique, inverse = np.unique(np.asarray(list(texts), dtype=object).astype(str), return_inverse=True)
-    device = next(model.parameters()).device
+
+    def mean_pooled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model.base_model(**batch).last_hidden_state.float()  # (batch, seq, hidden)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
     encodings = _tokenize_texts(tokenizer, unique, max_length)
-    out = np.empty((len(unique), model.config.hidden_size), dtype=np.float32)
+    return _infer(model, tokenizer, encodings, batch_size, (model.config.hidden_size,), mean_pooled)[inverse]
+
+
+def _infer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    encodings: Sequence[dict[str, list[int]]],
+    batch_size: int,
+    row_shape: tuple[int, ...],
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+) -> np.ndarray:
+    """forward() over length-sorted, dynamically padded batches in eval mode: (encodings, *row_shape), in order."""
+    device = next(model.parameters()).device
+    out = np.empty((len(encodings), *row_shape), dtype=np.float32)
     was_training = model.training
     model.eval()
     with torch.inference_mode(), _autocast(device):
         for index in length_sorted_batches(encodings, batch_size):
-            batch = collate(tokenizer, [encodings[i] for i in index], device)
-            hidden = model.base_model(**batch).last_hidden_state.float()  # (batch, seq, hidden)
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out[index] = ((hidden * mask).sum(1) / mask.sum(1)).cpu().numpy()
+            out[index] = forward(collate(tokenizer, [encodings[i] for i in index], device)).float().cpu().numpy()
     model.train(was_training)
-    return out[inverse]
+    return out
 
 
 def _tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[dict]:
