@@ -117,8 +117,11 @@ def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> 
     references = tower.reference_user_texts
     with torch.inference_mode():
         projections = tower.ad(embeddings).numpy()
-        learned_bias = tower.ad_bias(embeddings).squeeze(-1).numpy()
-        reference = tower.user(torch.from_numpy(_embed(model, references))).numpy().mean(0) if references else None
+        if references:
+            reference = tower.user(torch.from_numpy(_embed(model, references))).numpy().mean(0)
+        else:  # no anchor: the two-tower's own ad bias, users uncentred
+            terms = tower.ad_bias(embeddings).squeeze(-1).numpy()
+            reference = np.zeros(projections.shape[1], dtype=np.float32)
     stats.seconds["encode"] += time.perf_counter() - started
 
     started = time.perf_counter()
@@ -128,8 +131,6 @@ def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> 
         logits = _logits(model, user_texts, ad_texts).reshape(len(references), ads.height)
         terms = calibration.slope * logits.mean(axis=0)
         stats.anchor_pairs += logits.size
-    else:
-        terms, reference = learned_bias, np.zeros(projections.shape[1], dtype=np.float32)
     terms = terms + calibration.ad_weight * calibration.ad_prior(ads["ad_id"].to_list(), ads.height)
     stats.seconds["anchor"] += time.perf_counter() - started
     return StageOneAds(projections, terms.astype(np.float32), reference)

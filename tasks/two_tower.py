@@ -51,19 +51,10 @@ class TwoTower(torch.nn.Module):
         self.user_bias = torch.nn.Linear(hidden_size, 1)
         self.ad_bias = torch.nn.Linear(hidden_size, 1)
 
-    def user_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(users, hidden) -> (users, dim + 2): [projection, 1, user bias]."""
-        ones = torch.ones(len(embeddings), 1, dtype=embeddings.dtype)
-        return torch.cat([self.user(embeddings), ones, self.user_bias(embeddings)], dim=1)
-
-    def ad_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(ads, hidden) -> (ads, dim + 2): [projection, ad bias, 1]."""
-        ones = torch.ones(len(embeddings), 1, dtype=embeddings.dtype)
-        return torch.cat([self.ad(embeddings), self.ad_bias(embeddings), ones], dim=1)
-
     def forward(self, user_embeddings: torch.Tensor, ad_embeddings: torch.Tensor) -> torch.Tensor:
         """Row-wise scores of aligned (user, ad) rows: shape (pairs,)."""
-        return (self.user_vectors(user_embeddings) * self.ad_vectors(ad_embeddings)).sum(dim=1)
+        interaction = (self.user(user_embeddings) * self.ad(ad_embeddings)).sum(dim=1)
+        return interaction + self.user_bias(user_embeddings).squeeze(-1) + self.ad_bias(ad_embeddings).squeeze(-1)
 
 
 @dataclass(frozen=True)
