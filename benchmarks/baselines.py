@@ -1,11 +1,15 @@
 """ID-based CTR baselines on the same pairs: logistic regression on one-hot ids and side features,
-and gradient-boosted trees (LightGBM) on the same features."""
+gradient-boosted trees (LightGBM) on the same features, also with the user's click history counts,
+and FuxiCTR's DeepFM on the same features."""
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import pandas as pd
 import polars as pl
+import polars.selectors as cs
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
@@ -24,6 +28,13 @@ LIGHTGBM_PARAMS = {
     "verbose": -1,
 }
 EARLY_STOPPING_ROUNDS = 30
+# FuxiCTR's DeepFM: its model_zoo defaults (embedding_dim 10, three ReLU layers of 64, Adam at 1e-3), with
+# batches sized for ~70k pairs on a CPU; at most DEEPFM_EPOCHS epochs, stopped after DEEPFM_PATIENCE epochs
+# without a better validation AUC - logloss (each of those also divides the learning rate by 10)
+DEEPFM_PARAMS = {"embedding_dim": 10, "hidden_units": [64, 64, 64], "learning_rate": 1e-3, "net_dropout": 0.0}
+DEEPFM_BATCH_SIZE = 256
+DEEPFM_EPOCHS = 5
+DEEPFM_PATIENCE = 2
 
 
 def side_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -> pd.DataFrame:
@@ -32,6 +43,17 @@ def side_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -
     frame = pairs.select(*ID_COLUMNS).join(users, on="user_id", how="left", maintain_order="left")
     frame = frame.join(side_ads, on="ad_id", how="left", maintain_order="left")
     return frame.to_pandas()
+
+
+def with_user_history(features: pd.DataFrame, pairs: pl.DataFrame) -> pd.DataFrame:
+    """features + the user's impressions, clicks and click rate before each pair (point-in-time, as
+    build_pairs counts them for adrank's user prior); the rate is missing for a user with no impressions."""
+    counts = pairs.select(
+        "user_prior_impressions",
+        "user_prior_clicks",
+        (pl.col("user_prior_clicks") / pl.col("user_prior_impressions").replace(0, None)).alias("user_prior_ctr"),
+    )
+    return pd.concat([features.reset_index(drop=True), counts.to_pandas()], axis=1)
 
 
 def logistic_regression(train: pd.DataFrame, labels: np.ndarray, test: pd.DataFrame, seed: int) -> np.ndarray:
@@ -71,3 +93,92 @@ def lightgbm(
         callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
     )
     return model.predict_proba(frames[2])[:, 1]
+
+
+def _as_text(frame: pd.DataFrame) -> pl.DataFrame:
+    """Every column as text, missing values null; numbers via float so that 24 and 24.0 (an int column that
+    pandas turned into floats because one row is missing) are the same category."""
+    return pl.from_pandas(frame).with_columns(cs.numeric().cast(pl.Float64)).cast(pl.String)
+
+
+def deepfm(
+    train: pd.DataFrame,
+    labels: np.ndarray,
+    valid: pd.DataFrame,
+    valid_labels: np.ndarray,
+    test: pd.DataFrame,
+    seed: int,
+) -> np.ndarray:
+    """FuxiCTR's DeepFM (a linear term, an FM and an MLP over the same embeddings) with every column as a
+    categorical. Vocabularies come from train: a value unseen there, or missing, gets the out-of-vocabulary
+    embedding. Early-stopped on validation AUC - logloss; the best epoch's weights predict test."""
+    try:
+        from fuxictr.preprocess import FeatureProcessor
+        from fuxictr.pytorch.dataloaders.npz_dataloader import BatchCollator
+        from fuxictr.pytorch.layers import FactorizationMachine, FeatureEmbedding, MLP_Block
+        from fuxictr.pytorch.models import BaseModel
+        from fuxictr.pytorch.torch_utils import seed_everything
+    except ImportError as error:
+        raise ImportError("the DeepFM baseline needs FuxiCTR: pip install fuxictr") from error
+    from torch.utils.data import DataLoader
+
+    class DeepFM(BaseModel):
+        """FuxiCTR's model_zoo/DeepFM (not in the pip package) on the package's layers and training loop."""
+
+        def __init__(self, feature_map, embedding_dim, hidden_units, learning_rate, net_dropout, **kwargs):
+            super().__init__(feature_map, model_id="DeepFM", **kwargs)
+            self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
+            self.fm = FactorizationMachine(feature_map)
+            self.mlp = MLP_Block(
+                input_dim=feature_map.sum_emb_out_dim(),
+                output_dim=1,
+                hidden_units=hidden_units,
+                dropout_rates=net_dropout,
+            )
+            self.compile("adam", "binary_crossentropy", learning_rate)
+            self.reset_parameters()
+            self.model_to_device()
+
+        def forward(self, inputs):
+            X = self.get_inputs(inputs)
+            feature_emb = self.embedding_layer(X)
+            y_pred = self.fm(X, feature_emb) + self.mlp(feature_emb.flatten(start_dim=1))
+            return {"y_pred": self.output_activation(y_pred)}
+
+    seed_everything(seed)
+    columns = list(train.columns)
+    with tempfile.TemporaryDirectory() as root:  # FeatureProcessor saves its vocabularies, BaseModel its best epoch
+        processor = FeatureProcessor(
+            feature_cols=[
+                {
+                    "name": columns,
+                    "active": True,
+                    "dtype": "str",
+                    "type": "categorical",
+                    "embedding_dim": DEEPFM_PARAMS["embedding_dim"],
+                }
+            ],
+            label_col={"name": "label", "dtype": "float"},
+            dataset_id="deepfm",
+            data_root=root,
+        )
+        processor.fit(_as_text(train).lazy())
+        feature_map = processor.feature_map
+
+        def batches(frame: pd.DataFrame, y: np.ndarray, shuffle: bool) -> DataLoader:
+            text = _as_text(frame)
+            ids = processor.transform({column: text[column] for column in columns})
+            rows = np.column_stack([ids[column] for column in columns] + [y])
+            return DataLoader(rows, DEEPFM_BATCH_SIZE, shuffle=shuffle, collate_fn=BatchCollator(feature_map))
+
+        model = DeepFM(
+            feature_map,
+            monitor={"AUC": 1, "logloss": -1},
+            early_stop_patience=DEEPFM_PATIENCE,
+            model_root=root,
+            metrics=["logloss", "AUC"],
+            verbose=0,
+            **DEEPFM_PARAMS,
+        )
+        model.fit(batches(train, labels, True), DEEPFM_EPOCHS, batches(valid, valid_labels, False))
+        return model.predict(batches(test, np.zeros(len(test)), False))

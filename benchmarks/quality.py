@@ -31,18 +31,20 @@ from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
 from tasks.evaluate import evaluation_table, popularity_ctr, score_checkpoint, to_markdown  # noqa: E402
 from tasks.logs import open_logs  # noqa: E402
-from tasks.model import fit_calibration, load_cross_encoder, pick_device, predict_logits  # noqa: E402
-from tasks.pairs import build_pairs  # noqa: E402
+from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa: E402
+from tasks.pairs import build_pairs, user_history  # noqa: E402
 from tasks.registry import configure_tracking  # noqa: E402
-from tasks.train import fine_tune  # noqa: E402
+from tasks.train import calibrate, fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COLD_ITEM_SHARE = 0.10
 # --quick: what fits in < 20 minutes on 2 CPU cores at ~22 training pairs/s. The cross-encoders train on a
 # seeded random sample of the train split; the ID baselines (seconds on a CPU) fit all of it, as deployed.
 QUICK = {"train_pairs": 14000, "valid_pairs": 1500, "test_user_share": 0.4, "epochs": 1}
-DEFAULT_MODEL, HEAD_ONLY, TEXT_ONLY = "fine_tuned", "base_trained_head", "fine_tuned_text_only"
-ID_BASELINES = ["popularity", "logistic_regression", "lightgbm"]
+DEFAULT_MODEL, HEAD_ONLY = "fine_tuned", "base_trained_head"
+# the same fine-tuned weights with a smaller output layer (model.calibration), to show what each prior adds
+ABLATIONS = {"fine_tuned_text_only": "platt", "fine_tuned_no_user_prior": "platt+ad_prior"}
+ID_BASELINES = ["popularity", "logistic_regression", "lightgbm", "lightgbm_user_history", "deepfm"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,13 +84,18 @@ def cross_encoder(settings: Settings, splits: dict[str, Path], out_dir: Path, te
     return score_checkpoint(settings, result.checkpoint, test)
 
 
-def text_only(settings: Settings, checkpoint: Path, valid: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:
-    """Ablation of the ad prior: the same fine-tuned weights with Platt scaling alone, fitted on validation."""
+def ablations(settings: Settings, checkpoint: Path, train: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFrame):
+    """The fine-tuned weights with each output layer in ABLATIONS, fitted on validation as fine_tune does."""
     model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
     args = settings.model.max_seq_length, settings.training.eval_batch_size
     valid_logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], *args)
-    platt = fit_calibration(valid_logits, valid["is_clicked"].cast(pl.Int8).to_numpy())
-    return platt.apply(predict_logits(model, tokenizer, test["user_text"], test["ad_text"], *args))
+    test_logits = predict_logits(model, tokenizer, test["user_text"], test["ad_text"], *args)
+    predictions = {}
+    for name, method in ABLATIONS.items():
+        config = settings.model_copy(update={"model": settings.model.model_copy(update={"calibration": method})})
+        layer = calibrate(config, train, valid, valid_logits)
+        predictions[name] = layer.apply(test_logits, test["ad_id"].to_list(), user_history(test))
+    return predictions
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -135,22 +142,23 @@ def run(args: argparse.Namespace) -> dict:
         "logistic_regression": timed(
             "logistic_regression", baselines.logistic_regression, features["train"], labels, features["test"], args.seed
         ),
-        "lightgbm": timed(
-            "lightgbm",
-            baselines.lightgbm,
-            features["train"],
-            labels,
-            features["valid"],
-            valid["is_clicked"].cast(pl.Int8).to_numpy(),
-            features["test"],
-            args.seed,
-        ),
     }
+    # early-stopped on validation: LightGBM, LightGBM also given the point-in-time user click counts that
+    # adrank's user prior uses, and FuxiCTR's DeepFM
+    valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    with_history = {name: baselines.with_user_history(frame, splits[name]) for name, frame in features.items()}
+    for name, fit, frames in (
+        ("lightgbm", baselines.lightgbm, features),
+        ("lightgbm_user_history", baselines.lightgbm, with_history),
+        ("deepfm", baselines.deepfm, features),
+    ):
+        fit_args = frames["train"], labels, frames["valid"], valid_labels, frames["test"], args.seed
+        predictions[name] = timed(name, fit, *fit_args)
     # the base model with only a trained head, then adrank's default: full fine-tuning
     head_only = settings.model_copy(update={"training": settings.training.model_copy(update={"trainable_layers": 0})})
     predictions[HEAD_ONLY] = timed(HEAD_ONLY, cross_encoder, head_only, paths, work / args.name / "head-only", test)
     predictions[DEFAULT_MODEL] = timed(DEFAULT_MODEL, cross_encoder, settings, paths, work / args.name / "tuned", test)
-    predictions[TEXT_ONLY] = timed(TEXT_ONLY, text_only, settings, work / args.name / "tuned", valid, test)
+    predictions |= timed("ablations", ablations, settings, work / args.name / "tuned", train, valid, test)
 
     table = evaluation_table(test, predictions)
     result = {

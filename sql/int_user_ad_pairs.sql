@@ -1,4 +1,4 @@
--- int_user_ad_pairs: one row per impression, with the user's point-in-time history, the time
+-- int_user_ad_pairs: one row per impression, with the user's point-in-time history and counts, the time
 -- split (train < valid < test by shown_at) and whether the ad is new since the training window.
 with impressions as (
     select * from stg_impressions
@@ -37,6 +37,8 @@ final as (
         i.is_clicked,
         i.position,
         h.history_titles,
+        h.user_prior_impressions,
+        h.user_prior_clicks,
         case
             when i.shown_at >= c.test_from then 'test'
             when i.shown_at >= c.valid_from then 'valid'

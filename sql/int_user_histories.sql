@@ -1,7 +1,8 @@
 -- int_user_histories: one row per request in history_requests (request_id, user_id, as_of), from
 -- sql/int_impression_history_requests.sql or sql/int_ranking_history_requests.sql:
 -- the titles of the user's latest $history_length clicked ads shown strictly before as_of,
--- most recent first. Point-in-time: a click at or after as_of never appears.
+-- most recent first, and how many ads the user was shown and clicked strictly before as_of (the
+-- user prior of the output layer). Point-in-time: nothing shown at or after as_of ever counts.
 with clicks as (
     select
         i.user_id,
@@ -13,36 +14,44 @@ with clicks as (
     where i.is_clicked
 ),
 
--- one row per (user, timestamp): how many clicks the user made up to and including it
-clicks_through_ts as (
-    select user_id, shown_at, max(click_seq) as n_clicks
-    from clicks
+-- one row per (user, timestamp): the user's impressions and clicks up to and including it
+counts_through_ts as (
+    select
+        user_id,
+        shown_at,
+        cast(sum(count(*)) over by_time as bigint) as n_impressions,
+        cast(sum(count(*) filter (where is_clicked)) over by_time as bigint) as n_clicks
+    from stg_impressions
     group by user_id, shown_at
+    window by_time as (partition by user_id order by shown_at)
 ),
 
-prior_clicks as (
+prior_counts as (
     select
         r.request_id,
         r.user_id,
-        coalesce(c.n_clicks, 0) as n_prior_clicks
+        coalesce(c.n_impressions, 0) as user_prior_impressions,
+        coalesce(c.n_clicks, 0) as user_prior_clicks
     from history_requests as r
-    asof left join clicks_through_ts as c
+    asof left join counts_through_ts as c
         on r.user_id = c.user_id and r.as_of > c.shown_at
 ),
 
 final as (
     select
         p.request_id,
+        p.user_prior_impressions,
+        p.user_prior_clicks,
         coalesce(
             list(c.title order by c.click_seq desc) filter (where c.title is not null),
             []
         ) as history_titles
-    from prior_clicks as p
+    from prior_counts as p
     left join clicks as c
         on c.user_id = p.user_id
-        and c.click_seq > p.n_prior_clicks - $history_length
-        and c.click_seq <= p.n_prior_clicks
-    group by p.request_id
+        and c.click_seq > p.user_prior_clicks - $history_length
+        and c.click_seq <= p.user_prior_clicks
+    group by p.request_id, p.user_prior_impressions, p.user_prior_clicks
 )
 
 select * from final

@@ -77,13 +77,17 @@ class ModelConfig(BaseModel):
     )
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
-    calibration: Literal["platt+ad_prior", "platt", "none"] = Field(
-        "platt+ad_prior",
-        description="Output layer fitted on validation: Platt scaling of the logit, plus (ad_prior, a hybrid "
-        "text + ID model) a weighted log-odds of the ad's click rate in training; unseen ads get the global rate.",
+    calibration: Literal["platt+ad_prior+user_prior", "platt+ad_prior", "platt", "none"] = Field(
+        "platt+ad_prior+user_prior",
+        description="Output layer fitted on validation: Platt scaling of the logit, plus (a hybrid text + ID model) "
+        "weighted log-odds of the ad's click rate in training (ad_prior; ads unseen in training get weights fitted "
+        "without it) and of the user's click rate before the request (user_prior).",
     )
     ad_prior_strength: float = Field(
         5.0, gt=0, description="Pseudo-impressions at the global CTR added to each ad's counts in the ad prior."
+    )
+    user_prior_strength: float = Field(
+        20.0, gt=0, description="Pseudo-impressions at the global CTR added to each user's counts in the user prior."
     )
 
 
@@ -111,6 +115,11 @@ class TrainingConfig(BaseModel):
         description="Save a resume state every N steps; a rerun on the same data and config resumes from it.",
     )
     patience: int = Field(2, ge=1, description="Validations without logloss improvement before stopping early.")
+    user_prior_offset: bool = Field(
+        False,
+        description="Fine-tune on logit + the user prior's log-odds (a fixed offset), so the text model learns "
+        "what the user's click rate does not already say.",
+    )
     eval_batch_size: int = Field(64, ge=1, description="Pairs per inference batch.")
     seed: int = Field(42, description="Seed for the head, dropout and the data order.")
 

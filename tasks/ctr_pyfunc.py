@@ -1,7 +1,9 @@
-"""The registered MLflow model, logged as code (no pickle): DataFrame(user_text, ad_text[, ad_id]) -> pCTR.
+"""The registered MLflow model, logged as code (no pickle):
+DataFrame(user_text, ad_text[, ad_id][, user_prior_impressions, user_prior_clicks]) -> pCTR.
 
 Without an ad_id column (or for ids the model never saw in training) ads are scored as cold-start: by
-their text alone.
+their text alone. Without the user's impressions and clicks before the request, users are scored as
+having none yet.
 
 MLflow executes this file when the model is loaded; the weights come from the `checkpoint`
 artifact (safetensors + tokenizer files), the settings from the logged model_config.
@@ -13,6 +15,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr
+from tasks.pairs import user_history
 from tasks.two_tower import load_two_tower
 
 
@@ -34,6 +37,7 @@ class CrossEncoderCTR(PythonModel):
             self.batch_size,
             self.calibration,
             model_input["ad_id"].astype(str).tolist() if "ad_id" in model_input else None,
+            user_history(model_input),
         )
 
 

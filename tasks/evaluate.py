@@ -11,6 +11,7 @@ import polars as pl
 from tasks.config import Settings
 from tasks.metrics import metrics
 from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr, seed_everything
+from tasks.pairs import user_history
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
 POPULARITY_PRIOR_IMPRESSIONS = 20.0
@@ -37,7 +38,8 @@ def evaluate_models(
 
 
 def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:
-    """pCTR of a saved model folder on pairs (ad_id, user_text, ad_text), with its calibration if it has one."""
+    """pCTR of a saved model folder on pairs (ad_id, user_text, ad_text[, user prior counts]), with its
+    calibration if it has one."""
     model, tokenizer = load_cross_encoder(str(path), pick_device())
     return predict_ctr(
         model,
@@ -48,6 +50,7 @@ def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) 
         settings.training.eval_batch_size,
         load_calibration(path),
         pairs["ad_id"].to_list(),
+        user_history(pairs),
     )
 
 

@@ -25,17 +25,21 @@ CALIBRATION_FILE = "calibration.json"
 PLATT_INVERSE_REGULARISATION = 1e6
 # keeps log-odds finite for ads (or a training split) with all or no clicks
 PROBABILITY_BOUNDS = (1e-4, 1 - 1e-4)
+# a user's (clicks, impressions) strictly before each request, one entry per pair
+UserHistory = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass(frozen=True)
 class Calibration:
     """The output layer fitted on validation after fine-tuning (identity by default):
 
-        pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds[ad])
+        pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds[ad] + user_weight * user_log_odds)
 
     With the ad prior (hybrid text + ID), ad_log_odds holds each training ad's click rate as log-odds,
-    shrunk towards the global rate; ads unseen in training get the global rate, so a cold-start ad is
-    ranked by its text alone.
+    shrunk towards the global rate. Ads unseen in training use a second set of weights fitted without
+    the ad prior (unseen_*; the ad-ID dropout of this layer), so a cold-start ad is ranked by its text.
+    With the user prior, user_log_odds is the user's click rate over the ads shown to them before the
+    request, shrunk towards the global rate with user_prior_strength pseudo-impressions.
     """
 
     slope: float = 1.0
@@ -43,6 +47,13 @@ class Calibration:
     ad_weight: float = 0.0
     default_ad_log_odds: float = 0.0
     ad_log_odds: dict[str, float] = field(default_factory=dict)
+    user_weight: float = 0.0
+    user_prior_strength: float = 1.0
+    global_log_odds: float = 0.0
+    # weights for ads unseen in training; None: the ones above, with default_ad_log_odds as the ad prior
+    unseen_slope: float | None = None
+    unseen_intercept: float | None = None
+    unseen_user_weight: float | None = None
 
     def ad_prior(self, ad_ids: Sequence[str] | None, n: int) -> np.ndarray:
         """Each pair's ad log-odds, shape (n,); no ad ids means every ad is treated as unseen."""
@@ -50,11 +61,47 @@ class Calibration:
             return np.full(n, self.default_ad_log_odds)
         return np.array([self.ad_log_odds.get(str(a), self.default_ad_log_odds) for a in ad_ids], dtype=np.float64)
 
-    def apply(self, logits: np.ndarray, ad_ids: Sequence[str] | None = None) -> np.ndarray:
-        z = self.slope * logits.astype(np.float64) + self.intercept
-        if self.ad_weight:
-            z += self.ad_weight * self.ad_prior(ad_ids, len(logits))
-        return 1.0 / (1.0 + np.exp(-z))
+    def user_prior(self, history: UserHistory | None, n: int) -> np.ndarray:
+        """Each pair's user log-odds, shape (n,); no history means users with no impressions yet."""
+        if history is None:
+            return np.full(n, self.global_log_odds)
+        clicks, impressions = (np.asarray(h, dtype=np.float64) for h in history)
+        rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
+        return _log_odds((clicks + self.user_prior_strength * rate) / (impressions + self.user_prior_strength))
+
+    def terms(self, ad_ids: Sequence[str] | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair: the logit's slope, the offset (intercept + ad prior term) and the user prior's weight."""
+        slope, offset = np.full(n, self.slope), self.intercept + self.ad_weight * self.ad_prior(ad_ids, n)
+        user_weight = np.full(n, self.user_weight)
+        if self.unseen_slope is not None:
+            unseen = np.array(
+                [True] * n if ad_ids is None else [str(a) not in self.ad_log_odds for a in ad_ids], dtype=bool
+            )
+            slope[unseen], offset[unseen], user_weight[unseen] = (
+                self.unseen_slope,
+                self.unseen_intercept,
+                self.unseen_user_weight or 0.0,
+            )
+        return slope, offset, user_weight
+
+    def log_odds(
+        self, logits: np.ndarray, ad_ids: Sequence[str] | None = None, history: UserHistory | None = None
+    ) -> np.ndarray:
+        slope, offset, user_weight = self.terms(ad_ids, len(logits))
+        z = slope * logits.astype(np.float64) + offset
+        if self.user_weight or self.unseen_user_weight:
+            z += user_weight * self.user_prior(history, len(logits))
+        return z
+
+    def apply(
+        self, logits: np.ndarray, ad_ids: Sequence[str] | None = None, history: UserHistory | None = None
+    ) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.log_odds(logits, ad_ids, history)))
+
+
+def _log_odds(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, *PROBABILITY_BOUNDS)
+    return np.log(p / (1 - p))
 
 
 def ad_click_log_odds(ad_ids: Sequence[str], clicks: np.ndarray, strength: float) -> tuple[dict[str, float], float]:
@@ -62,30 +109,45 @@ def ad_click_log_odds(ad_ids: Sequence[str], clicks: np.ndarray, strength: float
     ads, index = np.unique(np.array([str(a) for a in ad_ids]), return_inverse=True)
     rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
     shrunk = (np.bincount(index, weights=clicks) + strength * rate) / (np.bincount(index) + strength)
-    log_odds = np.log(np.clip(shrunk, *PROBABILITY_BOUNDS) / (1 - np.clip(shrunk, *PROBABILITY_BOUNDS)))
-    return dict(zip(ads.tolist(), log_odds.tolist(), strict=True)), float(np.log(rate / (1 - rate)))
+    return dict(zip(ads.tolist(), _log_odds(shrunk).tolist(), strict=True)), float(_log_odds(np.array(rate)))
 
 
 def fit_calibration(
-    logits: np.ndarray, labels: np.ndarray, ad_ids: Sequence[str] | None = None, prior: Calibration | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    ad_ids: Sequence[str] | None = None,
+    prior: Calibration | None = None,
+    history: UserHistory | None = None,
 ) -> Calibration:
     """Fit the output layer on held-out logits (validation), never on training data.
 
-    Platt scaling (slope, intercept) alone, or with the ad prior's weight when `prior` carries
-    ad_log_odds from the training split.
+    Platt scaling (slope, intercept) alone, or with the weights of the priors `prior` carries: the ad
+    prior when it has ad_log_odds from the training split, the user prior when `history` is given.
+    With the ad prior, the weights for unseen ads are fitted on the same pairs without it.
     """
-    from sklearn.linear_model import LogisticRegression
-
     if labels.min() == labels.max():
         return Calibration()
-    features = [logits.astype(np.float64)]
-    if prior is not None:
-        features.append(prior.ad_prior(ad_ids, len(logits)))
-    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(np.column_stack(features), labels)
-    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if prior is None:
-        return Calibration(slope, intercept)
-    return replace(prior, slope=slope, intercept=intercept, ad_weight=float(fit.coef_[0, 1]))
+        return Calibration(**_logistic_fit(logits, labels))
+    user = prior.user_prior(history, len(logits)) if history is not None else None
+    without_ad = _logistic_fit(logits, labels, user=user)
+    if not prior.ad_log_odds:
+        return replace(prior, **without_ad)
+    with_ad = _logistic_fit(logits, labels, ad=prior.ad_prior(ad_ids, len(logits)), user=user)
+    unseen = {f"unseen_{name}": value for name, value in without_ad.items()}
+    return replace(prior, **with_ad, **unseen)
+
+
+def _logistic_fit(
+    logits: np.ndarray, labels: np.ndarray, ad: np.ndarray | None = None, user: np.ndarray | None = None
+) -> dict[str, float]:
+    """slope, intercept and the weights of the given priors, by a (nearly) unregularised logistic fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = {"slope": logits, "ad_weight": ad, "user_weight": user}
+    features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
+    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(np.column_stack(list(features.values())), labels)
+    return dict(zip(features, fit.coef_[0].tolist(), strict=True)) | {"intercept": float(fit.intercept_[0])}
 
 
 def save_calibration(calibration: Calibration, model_dir: Path) -> None:
@@ -239,7 +301,9 @@ def predict_ctr(
     batch_size: int,
     calibration: Calibration = Calibration(),
     ad_ids: Sequence[str] | None = None,
+    history: UserHistory | None = None,
 ) -> np.ndarray:
-    """Predicted click-through rates in (0, 1), shape (pairs,). Without ad_ids every ad counts as unseen."""
+    """Predicted click-through rates in (0, 1), shape (pairs,). Without ad_ids every ad counts as unseen,
+    without history every user as one with no impressions yet."""
     logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
-    return calibration.apply(logits, ad_ids)
+    return calibration.apply(logits, ad_ids, history)

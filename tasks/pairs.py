@@ -7,6 +7,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 
 from tasks.config import DataConfig, Settings, template_fields
@@ -16,6 +17,8 @@ from tasks.sql_files import load_sql, materialize
 SPLITS = ("train", "valid", "test")
 HISTORY_SEPARATOR = " | "
 EMPTY_HISTORY = "nothing yet"
+# the user's impressions and clicks strictly before the request: the user prior of the output layer
+USER_PRIOR_COLUMNS = ("user_prior_impressions", "user_prior_clicks")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class RankingInputs:
     """The texts to score for one run_date: active users and active ads."""
 
     run_date: date
-    users: pl.DataFrame  # user_id, user_text
+    users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks
     ads: pl.DataFrame  # ad_id, ad_text
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
@@ -75,8 +78,8 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     materialize(con, "int_active_users", {"run_date": run_date, "window_days": settings.ranking.active_window_days})
     materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
-    requests = con.table("int_user_histories").select("request_id as user_id, history_titles").pl()
-    users = requests.join(_render_user_texts(con, settings.data, requests), on="user_id").select("user_id", "user_text")
+    requests = con.table("int_user_histories").select("request_id as user_id, *").pl()
+    users = _render_user_texts(con, settings.data, requests).select("user_id", "user_text", *USER_PRIOR_COLUMNS)
     active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
     ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
     candidates = None
@@ -84,6 +87,17 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
         stage_candidates(con, settings.data.logs, settings.ranking.candidates_table)
         candidates = con.table("stg_candidates").pl().sort("user_id", "ad_id")
     return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates)
+
+
+def user_history(frame) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each row's user clicks and impressions before it (USER_PRIOR_COLUMNS of a polars or pandas frame),
+    or None when the frame has neither column."""
+    present = [c for c in USER_PRIOR_COLUMNS if c in frame.columns]
+    if not present:
+        return None
+    if len(present) < len(USER_PRIOR_COLUMNS):
+        raise ValueError(f"the user prior needs both {USER_PRIOR_COLUMNS}; only {present} given")
+    return np.asarray(frame["user_prior_clicks"]), np.asarray(frame["user_prior_impressions"])
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:

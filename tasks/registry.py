@@ -20,6 +20,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks.config import PromotionConfig, Settings, flat_params, redact
 from tasks.evaluate import FINE_TUNED
+from tasks.pairs import USER_PRIOR_COLUMNS
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 
@@ -28,7 +29,12 @@ CHAMPION_HISTORY_TAG = "champion_history"
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 SIGNATURE = ModelSignature(
     inputs=Schema(
-        [ColSpec("string", "user_text"), ColSpec("string", "ad_text"), ColSpec("string", "ad_id", required=False)]
+        [
+            ColSpec("string", "user_text"),
+            ColSpec("string", "ad_text"),
+            ColSpec("string", "ad_id", required=False),
+            *[ColSpec("long", column, required=False) for column in USER_PRIOR_COLUMNS],
+        ]
     ),
     outputs=Schema([ColSpec("double", "pctr")]),
 )
@@ -38,6 +44,8 @@ INPUT_EXAMPLE = pd.DataFrame(
         "user_text": ["age: 34, occupation: chef. Recently clicked: Try our cast-iron skillet"],
         "ad_text": ["Get the sourdough starter kit from FreshCrate. Fresh ingredients delivered to your door."],
         "ad_id": ["ad-0001"],
+        "user_prior_impressions": [12],
+        "user_prior_clicks": [5],
     }
 )
 
@@ -171,14 +179,14 @@ def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
 
 def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndarray:
     """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split)."""
-    pairs = pl.read_parquet(pairs_path, columns=["ad_id", "user_text", "ad_text"])
-    return predict_pctr(load_version(settings, version), pairs)
+    return predict_pctr(load_version(settings, version), pl.read_parquet(pairs_path))
 
 
 def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
-    """pCTR for each row of a frame with ad_id, user_text and ad_text."""
-    inputs = pd.DataFrame({c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")})
-    return np.asarray(model.predict(inputs), dtype=np.float64)
+    """pCTR for each row of a frame with ad_id, user_text and ad_text (and the user prior counts, if present)."""
+    inputs = {c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")}
+    inputs |= {c: frame[c].cast(pl.Int64).to_list() for c in USER_PRIOR_COLUMNS if c in frame.columns}
+    return np.asarray(model.predict(pd.DataFrame(inputs)), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,8 @@ SMOKE_EXAMPLES = pd.concat(
                 "user_text": ["Recently clicked: nothing yet", "age: 61. Recently clicked: " + "garden tools | " * 40],
                 "ad_text": ["", "Seeds and bulbs for spring. Order today."],
                 "ad_id": ["never-seen-ad", "ad-0001"],
+                "user_prior_impressions": [0, 5000],
+                "user_prior_clicks": [0, 5000],
             }
         ),
     ],

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tasks.config import RankingConfig
 from tasks.model import Calibration, embed_texts, predict_logits, quantize_int8
-from tasks.pairs import RankingInputs
+from tasks.pairs import USER_PRIOR_COLUMNS, RankingInputs, user_history
 from tasks.two_tower import TwoTower
 
 # pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
@@ -76,8 +76,9 @@ class ScoringStats:
 class StageOneAds:
     """What stage 1 needs of the ads, computed once a run."""
 
-    projections: np.ndarray  # (ads, dim): the two-tower's Q(ad)
-    terms: np.ndarray  # (ads,): anchor (or learned ad bias) + ad prior, exact per ad
+    projections: np.ndarray  # (ads, dim): the two-tower's Q(ad), times the ad's slope in the output layer
+    terms: np.ndarray  # (ads,): slope * anchor (or learned ad bias) + intercept + ad prior, exact per ad
+    user_weights: np.ndarray  # (ads,): the weight of the user prior for each ad (seen, unseen in training)
     reference: np.ndarray  # (dim,): mean P(reference users), subtracted from every user's P
 
 
@@ -109,18 +110,20 @@ def score_candidates(
 
 
 def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
-    """Ad projections and exact per-ad terms: the cross-encoder's mean log-odds against the reference
-    users (see tasks/two_tower.py) plus the calibration's ad prior."""
+    """Ad projections and exact per-ad terms: the cross-encoder's mean logit against the reference
+    users (see tasks/two_tower.py) and the output layer's per-ad terms."""
     tower, calibration = model.two_tower, model.calibration
+    slope, offset, user_weights = calibration.terms(ads["ad_id"].to_list(), ads.height)
+    tower_logits = slope / (tower.logit_scale or calibration.slope)  # older towers learned slope * logit
     started = time.perf_counter()
     embeddings = torch.from_numpy(_embed(model, ads["ad_text"]))
     references = tower.reference_user_texts
     with torch.inference_mode():
-        projections = tower.ad(embeddings).numpy()
+        projections = tower.ad(embeddings).numpy() * tower_logits[:, None]
         if references:
             reference = tower.user(torch.from_numpy(_embed(model, references))).numpy().mean(0)
         else:  # no anchor: the two-tower's own ad bias, users uncentred
-            terms = tower.ad_bias(embeddings).squeeze(-1).numpy()
+            terms = tower.ad_bias(embeddings).squeeze(-1).numpy() * tower_logits
             reference = np.zeros(projections.shape[1], dtype=np.float32)
     stats.seconds["encode"] += time.perf_counter() - started
 
@@ -129,11 +132,11 @@ def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> 
         user_texts = np.repeat(np.asarray(references, dtype=object), ads.height)
         ad_texts = np.tile(ads["ad_text"].to_numpy(), len(references))
         logits = _logits(model, user_texts, ad_texts).reshape(len(references), ads.height)
-        terms = calibration.slope * logits.mean(axis=0)
+        terms = slope * logits.mean(axis=0)
         stats.anchor_pairs += logits.size
-    terms = terms + calibration.ad_weight * calibration.ad_prior(ads["ad_id"].to_list(), ads.height)
     stats.seconds["anchor"] += time.perf_counter() - started
-    return StageOneAds(projections, terms.astype(np.float32), reference)
+    terms = (terms + offset).astype(np.float32)
+    return StageOneAds(projections.astype(np.float32), terms, user_weights=user_weights, reference=reference)
 
 
 def _stage1(
@@ -153,6 +156,8 @@ def _stage1(
     started = time.perf_counter()
     # (chunk, ads); terms that depend on the user only are left out: they do not change a user's order
     scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
+    user_prior = model.calibration.user_prior(user_history(chunk), chunk.height)
+    scores += np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
     if allowed is not None:
         scores[~allowed] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower ad index first, deterministically
@@ -190,7 +195,7 @@ def _stage2(model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: Scoring
     texts = pairs.select("user_text", "ad_text").unique(maintain_order=True)
     logits = _logits(model, texts["user_text"].to_numpy(), texts["ad_text"].to_numpy())
     scored = pairs.join(texts.with_columns(pl.Series("logit", logits)), on=["user_text", "ad_text"], how="left")
-    pctr = model.calibration.apply(scored["logit"].to_numpy(), scored["ad_id"].to_list())
+    pctr = model.calibration.apply(scored["logit"].to_numpy(), scored["ad_id"].to_list(), user_history(scored))
     stats.stage2_pairs += pairs.height
     stats.stage2_unique_texts += texts.height
     stats.seconds["stage2"] += time.perf_counter() - started
@@ -221,7 +226,6 @@ def _all_pairs(n_users: int, n_ads: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pairs(chunk: pl.DataFrame, ads: pl.DataFrame, rows: np.ndarray, cols: np.ndarray) -> pl.DataFrame:
-    """(user_id, user_text, ad_id, ad_text) for the given chunk-row and ad-row indices."""
-    return pl.concat(
-        [chunk[rows].select("user_id", "user_text"), ads[cols].select("ad_id", "ad_text")], how="horizontal"
-    )
+    """(user_id, user_text[, user prior counts], ad_id, ad_text) for the given chunk-row and ad-row indices."""
+    user_columns = ["user_id", "user_text", *[c for c in USER_PRIOR_COLUMNS if c in chunk.columns]]
+    return pl.concat([chunk[rows].select(user_columns), ads[cols].select("ad_id", "ad_text")], how="horizontal")

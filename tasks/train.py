@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
 from tasks.model import (
+    PROBABILITY_BOUNDS,
     Calibration,
     ad_click_log_odds,
     collate,
@@ -30,6 +31,7 @@ from tasks.model import (
     seed_everything,
     tokenize_pairs,
 )
+from tasks.pairs import USER_PRIOR_COLUMNS, user_history
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -71,8 +73,10 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     freeze_lower_layers(model, cfg.trainable_layers)
 
     # 2. data: tokenise once; batches are padded per batch
-    train = pl.read_parquet(train_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
-    valid = pl.read_parquet(valid_path, columns=["ad_id", "user_text", "ad_text", "is_clicked"])
+    present = pl.read_parquet_schema(train_path)
+    columns = [c for c in ("ad_id", "user_text", "ad_text", "is_clicked", *USER_PRIOR_COLUMNS) if c in present]
+    train = pl.read_parquet(train_path, columns=columns)
+    valid = pl.read_parquet(valid_path)  # with the user prior counts, for the output layer
     tuned = (
         train
         if cfg.sample_pairs is None or cfg.sample_pairs >= train.height
@@ -81,6 +85,8 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
     labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
     valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    offsets = torch.tensor(user_prior_offsets(settings, train, tuned), dtype=torch.float32)
+    valid_offsets = user_prior_offsets(settings, train, valid)
 
     # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay
     steps_per_epoch = math.ceil(len(encodings) / cfg.batch_size)
@@ -97,7 +103,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
 
     def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray]:
         logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
-        pctr = Calibration().apply(logits)  # uncalibrated: the calibration is fitted after training
+        pctr = Calibration().apply(logits + valid_offsets)  # uncalibrated: the calibration is fitted after training
         row = {
             "step": step,
             "epoch": epoch,
@@ -149,7 +155,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             batch = collate(tokenizer, [encodings[i] for i in index], device)
             with autocast:
                 logits = model(**batch).logits.squeeze(-1)  # (batch,)
-            loss = loss_fn(logits.float(), labels[index].to(device))
+            loss = loss_fn(logits.float() + offsets[index].to(device), labels[index].to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -186,6 +192,18 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     save_calibration(calibrate(settings, train, valid, best_valid_logits), out_dir)
     shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     return result
+
+
+def user_prior_offsets(settings: Settings, train: pl.DataFrame, pairs: pl.DataFrame) -> np.ndarray:
+    """Each pair's user-prior log-odds (training.user_prior_offset; shrunk towards train's click rate), or zeros."""
+    if not settings.training.user_prior_offset:
+        return np.zeros(pairs.height)
+    history = _required_user_history(pairs, "training.user_prior_offset = true")
+    rate = float(np.clip(train["is_clicked"].mean(), *PROBABILITY_BOUNDS))
+    prior = Calibration(
+        global_log_odds=math.log(rate / (1 - rate)), user_prior_strength=settings.model.user_prior_strength
+    )
+    return prior.user_prior(history, pairs.height)
 
 
 def resume_dir(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame) -> Path:
@@ -240,13 +258,27 @@ def load_resume_state(folder: Path, model: torch.nn.Module, optimizer: torch.opt
 
 
 def calibrate(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray) -> Calibration:
-    """Platt scaling on validation; with the ad prior, each ad's click log-odds come from the training split."""
+    """Platt scaling on validation, plus the priors settings.model.calibration names: each ad's click
+    log-odds from the training split; each validation user's clicks and impressions before the pair."""
     method, labels = settings.model.calibration, valid["is_clicked"].cast(pl.Int8).to_numpy()
     if method == "none":
         return Calibration()
-    prior = None
-    if method == "platt+ad_prior":
-        clicks = train["is_clicked"].cast(pl.Float64).to_numpy()
-        log_odds, default = ad_click_log_odds(train["ad_id"].to_list(), clicks, settings.model.ad_prior_strength)
-        prior = Calibration(ad_log_odds=log_odds, default_ad_log_odds=default)
-    return fit_calibration(valid_logits, labels, valid["ad_id"].to_list(), prior)
+    if method == "platt":
+        return fit_calibration(valid_logits, labels)
+    clicks = train["is_clicked"].cast(pl.Float64).to_numpy()
+    log_odds, global_log_odds = ad_click_log_odds(train["ad_id"].to_list(), clicks, settings.model.ad_prior_strength)
+    prior = Calibration(
+        ad_log_odds=log_odds,
+        default_ad_log_odds=global_log_odds,
+        global_log_odds=global_log_odds,
+        user_prior_strength=settings.model.user_prior_strength,
+    )
+    history = _required_user_history(valid, f"model.calibration = {method}") if method.endswith("+user_prior") else None
+    return fit_calibration(valid_logits, labels, valid["ad_id"].to_list(), prior, history)
+
+
+def _required_user_history(pairs: pl.DataFrame, option: str) -> tuple[np.ndarray, np.ndarray]:
+    history = user_history(pairs)
+    if history is None:
+        raise ValueError(f"{option} needs the columns {USER_PRIOR_COLUMNS} in the pairs")
+    return history

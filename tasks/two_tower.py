@@ -3,13 +3,14 @@
 Each user text and each ad text is encoded once by the cross-encoder's own encoder (mean-pooled, see
 model.embed_texts). Two linear projections P (users) and Q (ads) are regressed so that
 
-    P(user) . Q(ad) + biases  ~  slope * cross_encoder_logit(user, ad)
+    P(user) . Q(ad) + biases  ~  cross_encoder_logit(user, ad)
 
 on random (user, ad) pairs of the training split. At rerank (tasks/score.py) each ad's score is
 anchored exactly: the cross-encoder scores every ad against a few fixed reference users (saved here),
 and the two-tower only predicts how a user differs from them:
 
-    stage1(user, ad) = anchor(ad) + (P(user) - mean P(reference users)) . Q(ad) + ad prior
+    stage1(user, ad) = slope(ad) * [anchor(ad) + (P(user) - mean P(reference users)) . Q(ad)]
+                       + the output layer's other terms (tasks/model.py: Calibration.terms)
 
 so the ad effects that dominate a CTR model come from the cross-encoder itself, at a cost of
 reference_users x ads passes a night.
@@ -30,7 +31,6 @@ from scipy.stats import spearmanr
 from tasks.config import Settings
 from tasks.model import (
     embed_texts,
-    load_calibration,
     load_cross_encoder,
     pick_device,
     predict_logits,
@@ -39,12 +39,21 @@ from tasks.model import (
 
 WEIGHTS_FILE, CONFIG_FILE = "two_tower.safetensors", "two_tower.json"
 HOLDOUT_SHARE = 0.2  # of distillation users, kept out of training to measure fidelity
+LOGIT_SCALE = 1.0  # the towers regress the cross-encoder's raw logit
 
 
 class TwoTower(torch.nn.Module):
-    def __init__(self, hidden_size: int, dim: int, reference_user_texts: list[str] | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        dim: int,
+        reference_user_texts: list[str] | None = None,
+        logit_scale: float | None = LOGIT_SCALE,
+    ):
         super().__init__()
         self.reference_user_texts = list(reference_user_texts or [])
+        # what the towers' scores are in logit units (None: versions distilled on the calibrated slope * logit)
+        self.logit_scale = logit_scale
         self.user = torch.nn.Linear(hidden_size, dim)
         self.ad = torch.nn.Linear(hidden_size, dim)
         # a user's bias does not change their ranking, but fitting it keeps the rest for what does
@@ -69,7 +78,7 @@ def load_two_tower(checkpoint: str | Path) -> TwoTower | None:
     config_path = Path(checkpoint) / CONFIG_FILE
     if not config_path.exists():
         return None
-    tower = TwoTower(**json.loads(config_path.read_text()))
+    tower = TwoTower(**{"logit_scale": None} | json.loads(config_path.read_text()))
     tower.load_state_dict(load_file(Path(checkpoint) / WEIGHTS_FILE))
     return tower.eval()
 
@@ -83,7 +92,7 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    # 1. a sample of users x random ads, scored by the teacher (the text part of its calibrated log-odds)
+    # 1. a sample of users x random ads, scored by the teacher
     train = pl.read_parquet(train_path, columns=["user_text", "ad_text"])
     users = train["user_text"].unique().sort().to_numpy()
     users = rng.choice(users, size=min(cfg.distill_users, len(users)), replace=False)
@@ -92,7 +101,7 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
     ad_index = rng.integers(0, len(ads), size=len(user_index))
     model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
     logits = predict_logits(model, tokenizer, users[user_index], ads[ad_index], max_length, batch_size)
-    targets = torch.tensor(load_calibration(checkpoint).slope * logits, dtype=torch.float32)
+    targets = torch.tensor(logits, dtype=torch.float32)
 
     # 2. each text encoded once
     user_embeddings = torch.tensor(embed_texts(model, tokenizer, users, max_length, batch_size))
@@ -117,6 +126,7 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
         "hidden_size": model.config.hidden_size,
         "dim": cfg.dim,
         "reference_user_texts": tower.reference_user_texts,
+        "logit_scale": tower.logit_scale,
     }
     (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps(config))
     with torch.inference_mode():

@@ -35,3 +35,11 @@ def test_logistic_regression_and_lightgbm_rank_by_ids_and_profile():
     assert features[0]["occupation"].tolist()[:1] in (["student"], ["nurse"])  # inputs left unchanged
     unseen = baselines.side_features(pl.DataFrame({"user_id": ["u0"], "ad_id": ["a3"]}), users, ads)
     assert 0 < baselines.logistic_regression(features[0], y_train, unseen, seed=0)[0] < 1
+
+
+def test_user_history_features_are_the_pairs_counts_and_a_missing_rate_without_impressions():
+    pairs = pl.DataFrame({"user_prior_impressions": [0, 4, 10], "user_prior_clicks": [0, 1, 10]})
+    features = baselines.with_user_history(pl.DataFrame({"user_id": ["u1", "u2", "u3"]}).to_pandas(), pairs)
+    assert features["user_id"].tolist() == ["u1", "u2", "u3"]
+    assert features["user_prior_impressions"].tolist() == [0, 4, 10]
+    assert np.isnan(features["user_prior_ctr"][0]) and features["user_prior_ctr"].tolist()[1:] == [0.25, 1.0]

@@ -89,6 +89,17 @@ def test_no_click_at_or_after_an_impression_is_in_its_history(pairs):
         assert not (history & (later - earlier)), row
 
 
+def test_user_prior_counts_are_point_in_time(pairs):
+    _, rows = pairs
+    counts = {i: (r["user_prior_impressions"], r["user_prior_clicks"]) for i, r in rows.items()}
+    # hand-computed: impression 3 shares its instant with 2, so neither counts the other
+    assert counts["1"] == (0, 0) and counts["2"] == (1, 1) and counts["3"] == (1, 1) and counts["4"] == (3, 2)
+    assert counts["9"] == (6, 4) and counts["6"] == (0, 0) and counts["10"] == (2, 0)
+    for row in rows.values():  # and by brute force, for every impression
+        before = [r for r in rows.values() if r["user_id"] == row["user_id"] and r["shown_at"] < row["shown_at"]]
+        assert counts[row["impression_id"]] == (len(before), sum(r["is_clicked"] for r in before))
+
+
 def test_split_is_by_time(pairs):
     built, rows = pairs
     by_split = {s: [r["shown_at"] for r in rows.values() if r["split"] == s] for s in ("train", "valid", "test")}
@@ -141,6 +152,7 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
     assert inputs.run_date == date(2026, 3, 7)  # the day after the latest impression
     assert inputs.users["user_id"].to_list() == ["u1", "u2"]
     assert inputs.users["user_text"][0].endswith("Recently clicked: Alpha | Gamma | Beta")
+    assert inputs.users.select("user_prior_impressions", "user_prior_clicks").rows() == [(7, 4), (3, 1)]
     assert inputs.ads["ad_id"].to_list() == ["a1", "a2", "a3"]  # a4 inactive, a5 not created yet
 
     earlier = make_settings(
@@ -151,6 +163,9 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
     assert inputs.users["user_text"][0].endswith(
         "Recently clicked: Gamma | Beta | Alpha"
     )  # a1 click at 2026-03-03 excluded
+    assert inputs.users.select("user_prior_impressions", "user_prior_clicks").rows() == [
+        (4, 3)
+    ]  # imp. 5 is on the run date
 
 
 def test_render_profile_skips_empty_values():

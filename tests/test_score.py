@@ -29,7 +29,16 @@ def ranking_model(tiny_model_dir) -> RankingModel:
     torch.manual_seed(3)
     references = ["age: 40. Recently clicked: tax forms", "age: 22. Recently clicked: board games"]
     tower = TwoTower(model.config.hidden_size, dim=8, reference_user_texts=references).eval()
-    calibration = Calibration(slope=2.0, ad_weight=0.5, ad_log_odds={"ad-03": 3.0, "ad-07": -3.0})
+    # the full output layer: ad prior, user prior, and other weights for ads unseen in training
+    calibration = Calibration(
+        slope=2.0,
+        ad_weight=0.5,
+        ad_log_odds={"ad-03": 8.0, "ad-07": -3.0, "ad-11": 0.5, "ad-12": 0.0},
+        user_weight=0.3,
+        unseen_slope=2.5,
+        unseen_intercept=-0.5,
+        unseen_user_weight=1.5,
+    )
     return RankingModel(model, tokenizer, calibration, tower, max_length=64, batch_size=7)
 
 
@@ -40,7 +49,14 @@ def inputs() -> RankingInputs:
     ads = [f"{TOPICS[j % len(TOPICS)]} deal number {j}" for j in range(N_ADS)]
     return RankingInputs(
         date(2026, 1, 1),
-        pl.DataFrame({"user_id": [f"u{i:02d}" for i in range(N_USERS)], "user_text": users}),
+        pl.DataFrame(
+            {
+                "user_id": [f"u{i:02d}" for i in range(N_USERS)],
+                "user_text": users,
+                "user_prior_impressions": [7 * i for i in range(N_USERS)],
+                "user_prior_clicks": [3 * i + i % 3 for i in range(N_USERS)],
+            }
+        ),
         pl.DataFrame({"ad_id": [f"ad-{j:02d}" for j in range(N_ADS)], "ad_text": ads}),
     )
 

@@ -37,12 +37,15 @@ def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
         for a, c in zip(rng.integers(18, 80, n), rng.choice(["Leeds", "York", "Bath"], n), strict=True)
     ]
     labels = is_click_ad ^ (rng.random(n) < 0.05)
+    impressions = rng.integers(0, 50, n)
     pl.DataFrame(
         {
             "ad_id": np.where(is_click_ad, "click-ad", "skip-ad"),
             "user_text": users,
             "ad_text": np.where(is_click_ad, CLICK_AD, SKIP_AD),
             "is_clicked": labels,
+            "user_prior_impressions": impressions,
+            "user_prior_clicks": rng.binomial(impressions, 0.3),
         }
     ).write_parquet(path)
     return path
@@ -84,6 +87,34 @@ def test_zero_epochs_saves_the_fresh_head(tmp_path, make_settings, toy_pairs):
     result = fine_tune(make_settings(training={"epochs": 0}), *toy_pairs, tmp_path / "ckpt")
     assert result.steps == 0 and len(result.history) == 1
     assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_user_prior_offset_is_added_to_the_logit_it_trains(tmp_path, make_settings):
+    # labels follow each user's earlier click rate, which the offset carries and the texts do not
+    rng = np.random.default_rng(5)
+    frames = {}
+    for name, n in (("train", 256), ("valid", 128)):
+        rate = rng.choice([0.1, 0.9], n)
+        frames[name] = pl.DataFrame(
+            {
+                "ad_id": ["a"] * n,
+                "user_text": ["a user"] * n,
+                "ad_text": ["an ad"] * n,
+                "is_clicked": rng.random(n) < rate,
+                "user_prior_impressions": [200] * n,
+                "user_prior_clicks": (200 * rate).astype(int),
+            }
+        )
+        frames[name].write_parquet(tmp_path / f"{name}.parquet")
+    paths = tmp_path / "train.parquet", tmp_path / "valid.parquet"
+    fresh = {"epochs": 0}  # the fresh head only: the offset is the one difference
+    without = fine_tune(make_settings(training=fresh), *paths, tmp_path / "a").history[0]["valid_logloss"]
+    offset = {**fresh, "user_prior_offset": True}
+    with_offset = fine_tune(make_settings(training=offset), *paths, tmp_path / "b").history[0]["valid_logloss"]
+    assert with_offset < without - 0.2
+    frames["train"].drop("user_prior_clicks", "user_prior_impressions").write_parquet(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match="user_prior_offset = true needs the columns"):
+        fine_tune(make_settings(training=offset), *paths, tmp_path / "c")
 
 
 @pytest.mark.slow
@@ -137,6 +168,45 @@ def test_ad_prior_weight_is_fitted_and_unseen_ads_get_the_global_rate():
     assert calibration.slope == pytest.approx(1.0, abs=0.06)
     hit, new, no_ids = calibration.apply(np.zeros(1), ["hit"]), calibration.apply(np.zeros(1), ["new"]), None
     assert hit[0] > new[0] == pytest.approx(calibration.apply(np.zeros(1), no_ids)[0])
+
+
+def test_user_prior_weight_is_fitted_and_unseen_ads_get_weights_fitted_without_the_ad_prior():
+    rng = np.random.default_rng(2)
+    n = 40000
+    ads = rng.choice(["hit", "flop"], n)
+    ad_term = np.where(ads == "hit", 1.0, -1.0)
+    logits = ad_term + rng.normal(0, 1, n)  # the text reads the ad's quality, with noise
+    user_rate = rng.uniform(0.2, 0.8, n)
+    user_log_odds = np.log(user_rate / (1 - user_rate))
+    impressions = np.full(n, 10**7)  # long histories: shrinkage is negligible
+    history = (np.round(user_rate * impressions), impressions)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(0.5 * logits + 0.8 * ad_term + 0.7 * user_log_odds)))).astype(int)
+    prior = Calibration(ad_log_odds={"hit": 1.0, "flop": -1.0}, user_prior_strength=20.0)
+    calibration = fit_calibration(logits, labels, ads.tolist(), prior, history)
+    assert calibration.slope == pytest.approx(0.5, abs=0.06)
+    assert calibration.ad_weight == pytest.approx(0.8, abs=0.08)
+    assert calibration.user_weight == pytest.approx(0.7, abs=0.06)
+    # without the ad prior, the text's logit carries the ad's quality: a steeper slope for unseen ads
+    assert calibration.unseen_slope > calibration.slope + 0.2
+    assert calibration.unseen_user_weight == pytest.approx(0.7, abs=0.1)
+    # a user with 3 clicks in 4 impressions: (3 + 20 * 0.5) / (4 + 20), the global rate being 0.5 here
+    user_rate = (3 + 20 * 0.5) / (4 + 20)
+    z = calibration.unseen_slope * 0.3 + calibration.unseen_intercept
+    z += calibration.unseen_user_weight * np.log(user_rate / (1 - user_rate))
+    assert calibration.apply(np.array([0.3]), ["new"], ([3], [4]))[0] == pytest.approx(1 / (1 + np.exp(-z)))
+    # no history: a user with no impressions gets the global rate (log-odds 0 here)
+    no_history = calibration.apply(np.array([0.3]), ["new"])[0]
+    z0 = calibration.unseen_slope * 0.3 + calibration.unseen_intercept
+    assert no_history == pytest.approx(1 / (1 + np.exp(-z0)))
+
+
+def test_a_calibration_saved_before_the_user_prior_scores_as_it_did(tmp_path):
+    old = {"slope": 2.0, "intercept": -1.0, "ad_weight": 0.5, "default_ad_log_odds": 0.2, "ad_log_odds": {"a": 1.0}}
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    calibration = load_calibration(tmp_path)
+    got = calibration.apply(np.array([0.1, 0.1]), ["a", "new"], (np.array([9, 9]), np.array([10, 10])))
+    z = 2.0 * 0.1 - 1.0 + 0.5 * np.array([1.0, 0.2])
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-z)))
 
 
 def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, make_settings, toy_pairs):
