@@ -67,7 +67,9 @@ class Calibration:
             return np.full(n, self.global_log_odds)
         clicks, impressions = (np.asarray(h, dtype=np.float64) for h in history)
         rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
-        return _log_odds((clicks + self.user_prior_strength * rate) / (impressions + self.user_prior_strength))
+        return probability_log_odds(
+            (clicks + self.user_prior_strength * rate) / (impressions + self.user_prior_strength)
+        )
 
     def terms(self, ad_ids: Sequence[str] | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per pair: the logit's slope, the offset (intercept + ad prior term) and the user prior's weight."""
@@ -99,7 +101,8 @@ class Calibration:
         return 1.0 / (1.0 + np.exp(-self.log_odds(logits, ad_ids, history)))
 
 
-def _log_odds(p: np.ndarray) -> np.ndarray:
+def probability_log_odds(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)), with p kept inside PROBABILITY_BOUNDS so that all-or-no clicks stay finite."""
     p = np.clip(p, *PROBABILITY_BOUNDS)
     return np.log(p / (1 - p))
 
@@ -109,7 +112,9 @@ def ad_click_log_odds(ad_ids: Sequence[str], clicks: np.ndarray, strength: float
     ads, index = np.unique(np.array([str(a) for a in ad_ids]), return_inverse=True)
     rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
     shrunk = (np.bincount(index, weights=clicks) + strength * rate) / (np.bincount(index) + strength)
-    return dict(zip(ads.tolist(), _log_odds(shrunk).tolist(), strict=True)), float(_log_odds(np.array(rate)))
+    return dict(zip(ads.tolist(), probability_log_odds(shrunk).tolist(), strict=True)), float(
+        probability_log_odds(rate)
+    )
 
 
 def fit_calibration(

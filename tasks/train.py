@@ -19,7 +19,6 @@ from transformers import get_linear_schedule_with_warmup
 from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
 from tasks.model import (
-    PROBABILITY_BOUNDS,
     Calibration,
     ad_click_log_odds,
     collate,
@@ -27,6 +26,7 @@ from tasks.model import (
     load_cross_encoder,
     pick_device,
     predict_logits,
+    probability_log_odds,
     save_calibration,
     seed_everything,
     tokenize_pairs,
@@ -199,10 +199,8 @@ def user_prior_offsets(settings: Settings, train: pl.DataFrame, pairs: pl.DataFr
     if not settings.training.user_prior_offset:
         return np.zeros(pairs.height)
     history = _required_user_history(pairs, "training.user_prior_offset = true")
-    rate = float(np.clip(train["is_clicked"].mean(), *PROBABILITY_BOUNDS))
-    prior = Calibration(
-        global_log_odds=math.log(rate / (1 - rate)), user_prior_strength=settings.model.user_prior_strength
-    )
+    global_log_odds = float(probability_log_odds(train["is_clicked"].mean()))
+    prior = Calibration(global_log_odds=global_log_odds, user_prior_strength=settings.model.user_prior_strength)
     return prior.user_prior(history, pairs.height)
 
 
