@@ -1,6 +1,6 @@
-"""ID-based CTR baselines on the same pairs: logistic regression on one-hot ids and side features,
-gradient-boosted trees (LightGBM) on the same features, also with the user's click history counts,
-and FuxiCTR's DeepFM on the same features."""
+"""CTR peers on the same pairs: logistic regression on one-hot ids and side features, gradient-boosted
+trees (LightGBM) and FuxiCTR's DeepFM, given the same information as adrank (content_features): ids,
+profile, every genre, year, the user's point-in-time click counts and the genres of their history."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def with_user_history(features: pd.DataFrame, pairs: pl.DataFrame) -> pd.DataFra
     return pd.concat([features.reset_index(drop=True), counts.to_pandas()], axis=1)
 
 
+def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -> pd.DataFrame:
+    """side_features + the ad's genres (multi-hot; the ads' `genres` list, else its category) and year, the
+    user's click counts before the pair (as adrank's user prior) and the genre counts of the ads in the
+    user's history (history_ad_ids, as adrank's user text names them): the information adrank's texts
+    and priors carry, as of the same moment."""
+    genres = ads["genres"] if "genres" in ads.columns else ads["category"].map_elements(lambda c: [c] if c else [])
+    vocabulary = sorted({g for row in genres.to_list() for g in row or []})
+    multi_hot = {
+        ad: np.isin(vocabulary, row or []).astype(np.int16)
+        for ad, row in zip(ads["ad_id"].to_list(), genres.to_list(), strict=True)
+    }
+    ad_genres = np.stack([multi_hot[a] for a in pairs["ad_id"].to_list()])
+    history = np.stack(
+        [sum((multi_hot[a] for a in row), np.zeros(len(vocabulary), np.int16)) for row in pairs["history_ad_ids"]]
+    )
+    columns = {f"genre_{g}": ad_genres[:, i] for i, g in enumerate(vocabulary)}
+    columns |= {f"history_genre_{g}": history[:, i] for i, g in enumerate(vocabulary)}
+    if "year" in ads.columns:
+        year = pairs.select("ad_id").join(ads.select("ad_id", "year"), on="ad_id", how="left", maintain_order="left")
+        columns["year"] = year["year"].cast(pl.Float64)
+    extra = pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+    return with_user_history(pd.concat([side_features(pairs, users, ads), extra], axis=1), pairs)
+
+
 def logistic_regression(train: pd.DataFrame, labels: np.ndarray, test: pd.DataFrame, seed: int) -> np.ndarray:
     """One-hot every column (numbers too: age becomes one indicator per value); unseen values are all-zero."""
     model = make_pipeline(
@@ -99,6 +123,17 @@ def _as_text(frame: pd.DataFrame) -> pl.DataFrame:
     """Every column as text, missing values null; numbers via float so that 24 and 24.0 (an int column that
     pandas turned into floats because one row is missing) are the same category."""
     return pl.from_pandas(frame).with_columns(cs.numeric().cast(pl.Float64)).cast(pl.String)
+
+
+def _bucketed(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """DeepFM embeds every column as a categorical: counts become half-steps of log2(1 + n), rates (*_ctr)
+    steps of 0.05; missing stays missing."""
+    out = frame.copy()
+    for column in columns:
+        values = out[column].astype(float)
+        rate = column.endswith("_ctr")
+        out[column] = (values * 20).round() / 20 if rate else (np.log2(1 + values.clip(lower=0)) * 2).round() / 2
+    return out
 
 
 def deepfm(
@@ -146,6 +181,8 @@ def deepfm(
             return {"y_pred": self.output_activation(y_pred)}
 
     seed_everything(seed)
+    counts = [c for c in train.columns if c.startswith("user_prior_")]  # with_user_history's counts and rate
+    train, valid, test = (_bucketed(frame, counts) for frame in (train, valid, test))
     columns = list(train.columns)
     with tempfile.TemporaryDirectory() as root:  # FeatureProcessor saves its vocabularies, BaseModel its best epoch
         processor = FeatureProcessor(

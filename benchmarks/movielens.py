@@ -67,6 +67,9 @@ def convert_movielens(source: Path, out_dir: Path) -> dict[str, int]:
         ("Genres: " + genre_names.list.join(", ") + ".").alias("description"),
         genre_names.list.first().alias("category"),
         pl.col("release_date").str.strptime(pl.Datetime, "%d-%b-%Y", strict=False).alias("created_at"),
+        # beyond the contract (staging ignores them): what the content-aware peers read
+        genre_names.alias("genres"),
+        pl.col("title").str.extract(r"\((\d{4})\)\s*$").cast(pl.Int32).alias("year"),
     )
     profiles = users.select("user_id", "age", pl.col("gender").replace({"M": "male", "F": "female"}), "occupation")
 

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         version, flags = flags[0], flags[1:]
     # the temporary Prefect server would try (and, offline, fail noisily) to send usage statistics
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # it starts in ~25 s on an idle 2-core machine, past Prefect's 20 s default, and slower on a busy one
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         overrides = cli_overrides(flags)
         settings = load_settings(overrides)

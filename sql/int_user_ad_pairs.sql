@@ -1,25 +1,8 @@
 -- int_user_ad_pairs: one row per impression, with the user's point-in-time history and counts, the time
--- split (train < valid < test by shown_at) and whether the ad is new since the training window.
+-- split (train < valid < test by shown_at, cut at sql/int_split_cutoffs.sql) and whether the ad is new
+-- since the training window.
 with impressions as (
     select * from stg_impressions
-),
-
--- the latest ceil(n * fraction) impressions start each later split; equal timestamps never straddle it
-ordered as (
-    select
-        shown_at,
-        row_number() over (order by shown_at, impression_id) as row_num,
-        count(*) over () as n_impressions
-    from impressions
-),
-
-cutoffs as (
-    select
-        min(shown_at) filter (where row_num > n_impressions - ceil(n_impressions * $test_fraction)) as test_from,
-        min(shown_at) filter (
-            where row_num > n_impressions - ceil(n_impressions * ($test_fraction + $valid_fraction))
-        ) as valid_from
-    from ordered
 ),
 
 ad_first_shown as (
@@ -36,7 +19,7 @@ final as (
         i.ad_id,
         i.is_clicked,
         i.position,
-        h.history_titles,
+        h.history_ad_ids,
         h.user_prior_impressions,
         h.user_prior_clicks,
         case
@@ -46,7 +29,7 @@ final as (
         end as split,
         f.first_shown_at >= c.valid_from as is_cold_start
     from impressions as i
-    cross join cutoffs as c
+    cross join int_split_cutoffs as c
     inner join int_user_histories as h on i.impression_id = h.request_id
     inner join ad_first_shown as f on i.ad_id = f.ad_id
 )

@@ -1,16 +1,15 @@
 -- int_user_histories: one row per request in history_requests (request_id, user_id, as_of), from
 -- sql/int_impression_history_requests.sql or sql/int_ranking_history_requests.sql:
--- the titles of the user's latest $history_length clicked ads shown strictly before as_of,
+-- the ids of the user's latest $history_length clicked ads shown strictly before as_of,
 -- most recent first, and how many ads the user was shown and clicked strictly before as_of (the
 -- user prior of the output layer). Point-in-time: nothing shown at or after as_of ever counts.
 with clicks as (
     select
         i.user_id,
         i.shown_at,
-        a.title,
+        i.ad_id,
         row_number() over (partition by i.user_id order by i.shown_at, i.impression_id) as click_seq
     from stg_impressions as i
-    inner join stg_ads as a on i.ad_id = a.ad_id
     where i.is_clicked
 ),
 
@@ -43,9 +42,9 @@ final as (
         p.user_prior_impressions,
         p.user_prior_clicks,
         coalesce(
-            list(c.title order by c.click_seq desc) filter (where c.title is not null),
+            list(c.ad_id order by c.click_seq desc) filter (where c.ad_id is not null),
             []
-        ) as history_titles
+        ) as history_ad_ids
     from prior_counts as p
     left join clicks as c
         on c.user_id = p.user_id

@@ -37,7 +37,16 @@ class DataConfig(BaseModel):
         description="Log source: a folder with impressions/, ads/, users/ Parquet sub-folders, or a "
         "DuckDB file (.duckdb/.db) with those tables. Default: <home>/sample_logs.",
     )
-    history_length: int = Field(3, ge=0, le=50, description="Most recent clicked-ad titles in the user text.")
+    features_as_of: Literal["day_start", "impression"] = Field(
+        "day_start",
+        description="When each pair's user history and counts are taken: 'day_start' (UTC) of the impression's "
+        "day, exactly what the nightly rerank knows for that day (train as you serve); 'impression': the "
+        "moment it was shown, for setups that score online.",
+    )
+    history_length: int = Field(3, ge=0, le=50, description="Most recent clicked ads in the user text.")
+    history_item_template: str = Field(
+        "{title}", description="How each clicked ad reads in the user's history. Fields: any ads column."
+    )
     valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of impressions (by time) before test.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of impressions (latest) in the test split.")
     user_template: str = Field(
@@ -61,7 +70,7 @@ class DataConfig(BaseModel):
         None, ge=1, description="Keep only the latest N training pairs (None: all). For CPU-bound runs."
     )
 
-    @field_validator("user_template", "ad_template")
+    @field_validator("user_template", "ad_template", "history_item_template")
     @classmethod
     def _fields_are_identifiers(cls, template: str) -> str:
         for name in template_fields(template):
@@ -74,6 +83,12 @@ class ModelConfig(BaseModel):
     base_model: str = Field(
         default_factory=packaged_model_path,
         description="Pretrained encoder: a local Hugging Face folder or a hub name (default: packaged MiniLM-L6).",
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="How the cross-encoder reads its tokens: the [CLS] pooler of a sequence classifier, or the "
+        "'mean' of the token vectors (how sentence-embedding models such as the default were trained; on "
+        "ML-100K within noise of 'cls', docs/benchmarks.md).",
     )
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
@@ -119,6 +134,24 @@ class TrainingConfig(BaseModel):
         False,
         description="Fine-tune on logit + the user prior's log-odds (a fixed offset), so the text model learns "
         "what the user's click rate does not already say.",
+    )
+    ad_prior_offset: bool = Field(
+        False,
+        description="Fine-tune on logit + the ad's training click log-odds (leave-one-out, a fixed offset), so "
+        "the text model learns what the ad's click rate does not already say.",
+    )
+    ad_prior_offset_dropout: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="With ad_prior_offset: share of training pairs without the offset (as cold-start ads are), "
+        "so the text still learns ad quality.",
+    )
+    ranking_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a pairwise loss between a user-day's clicked and unclicked pairs, added to the "
+        "binary cross-entropy; batches then hold whole user-days (0: off).",
     )
     eval_batch_size: int = Field(64, ge=1, description="Pairs per inference batch.")
     seed: int = Field(42, description="Seed for the head, dropout and the data order.")

@@ -39,8 +39,8 @@ def evaluate_models(
 
 def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:
     """pCTR of a saved model folder on pairs (ad_id, user_text, ad_text[, user prior counts]), with its
-    calibration if it has one."""
-    model, tokenizer = load_cross_encoder(str(path), pick_device())
+    calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling says."""
+    model, tokenizer = load_cross_encoder(str(path), pick_device(), pooling=settings.model.pooling)
     return predict_ctr(
         model,
         tokenizer,

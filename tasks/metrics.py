@@ -9,6 +9,9 @@ from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 ECE_BINS = 10
 RANKING_CUTOFF = 10
+# pairs above and below the threshold between equal-mass bins; real CTRs are 1-3%, where equal-width
+# bins put nearly every pair in the first one
+EQUAL_MASS_BINS = 15
 
 
 def roc_auc(labels: np.ndarray, pctr: np.ndarray) -> float:
@@ -40,14 +43,76 @@ def expected_calibration_error(labels: np.ndarray, pctr: np.ndarray, bins: int =
     return float(error)
 
 
+def expected_calibration_error_equal_mass(
+    labels: np.ndarray, pctr: np.ndarray, bins: int = EQUAL_MASS_BINS, weights: np.ndarray | None = None
+) -> float:
+    """Sum over bins of equal (weighted) size, by sorted pCTR, of (share of pairs) * |mean pCTR - observed CTR|."""
+    labels, pctr = np.asarray(labels, dtype=float), np.asarray(pctr, dtype=float)
+    if len(labels) == 0:
+        return math.nan
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=float)
+    order = np.argsort(pctr, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    which = np.minimum((bins * (cumulative - weights[order]) / cumulative[-1]).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = order[which == b]
+        w = weights[members].sum()
+        if w > 0:
+            gap = np.average(pctr[members], weights=weights[members]) - np.average(
+                labels[members], weights=weights[members]
+            )
+            error += w / cumulative[-1] * abs(gap)
+    return float(error)
+
+
+def calibration_ratio(labels: np.ndarray, pctr: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Sum of pCTR over sum of clicks: 1.0 when the model predicts as many clicks as happened."""
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=float)
+    clicks = float(np.sum(weights * np.asarray(labels, dtype=float)))
+    return float(np.sum(weights * np.asarray(pctr, dtype=float)) / clicks) if clicks > 0 else math.nan
+
+
+def per_group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> dict:
+    """AUC within each group (user) that has both classes: {group: (auc, impressions)}."""
+    out = {}
+    for group, members in _group_members(groups).items():
+        if labels[members].min() != labels[members].max():
+            out[group] = (float(roc_auc_score(labels[members], pctr[members])), len(members))
+    return out
+
+
+def group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> float:
+    """gAUC: per-user AUC averaged over users with both classes, weighted by their impressions."""
+    per_group = per_group_auc(np.asarray(groups), np.asarray(labels), np.asarray(pctr))
+    if not per_group:
+        return math.nan
+    aucs, sizes = np.array(list(per_group.values())).T
+    return float(np.average(aucs, weights=sizes))
+
+
+def _group_members(groups: np.ndarray) -> dict:
+    """{group: indices of its members}; empty for no rows (e.g. an empty cold-start slice)."""
+    if len(groups) == 0:
+        return {}
+    order = np.argsort(groups, kind="stable")
+    keys, starts = np.unique(groups[order], return_index=True)
+    return dict(zip(keys.tolist(), np.split(order, starts[1:]), strict=True))
+
+
 def mean_ndcg_at_k(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray, k: int = RANKING_CUTOFF) -> float:
     """NDCG@k averaged over groups (users) with at least one click and two impressions."""
-    scores = []
-    for group in np.unique(groups):
-        members = groups == group
-        if members.sum() >= 2 and labels[members].any():
-            scores.append(ndcg_score([labels[members]], [pctr[members]], k=k))
+    scores = list(per_group_ndcg_at_k(np.asarray(groups), labels, pctr, k).values())
     return float(np.mean(scores)) if scores else math.nan
+
+
+def per_group_ndcg_at_k(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray, k: int = RANKING_CUTOFF) -> dict:
+    """{group: NDCG@k} for groups (users) with at least one click and two impressions."""
+    return {
+        group: float(ndcg_score([labels[members]], [pctr[members]], k=k))
+        for group, members in _group_members(groups).items()
+        if len(members) >= 2 and labels[members].any()
+    }
 
 
 def mean_hit_rate_at_k(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray, k: int = RANKING_CUTOFF) -> float:
@@ -66,6 +131,9 @@ def metrics(labels: np.ndarray, pctr: np.ndarray, users: np.ndarray) -> dict[str
         "auc": roc_auc(labels, pctr),
         "logloss": logloss(labels, pctr),
         "ece": expected_calibration_error(labels, pctr),
+        "ece_equal_mass": expected_calibration_error_equal_mass(labels, pctr),
+        "calibration_ratio": calibration_ratio(labels, pctr),
+        "gauc": group_auc(users, labels, pctr),
         "mean_pctr": float(np.mean(pctr)) if len(pctr) else math.nan,
         "std_pctr": float(np.std(pctr)) if len(pctr) else math.nan,
         "ndcg@10": mean_ndcg_at_k(users, labels, pctr),

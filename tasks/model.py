@@ -16,11 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 # config attribute names that hold dropout probabilities, across encoder families
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 CALIBRATION_FILE = "calibration.json"
+# how a saved cross-encoder pools its tokens ({"pooling": "cls" | "mean"}); a folder without it is a plain
+# Hugging Face model: a sequence classifier, or a bare encoder that gets a fresh head
+POOLING_FILE = "pooling.json"
+MEAN_HEAD_FILE = "mean_pooled_head.safetensors"
 # a (nearly) unregularised logistic fit: Platt scaling has two parameters and plenty of data
 PLATT_INVERSE_REGULARISATION = 1e6
 # keeps log-odds finite for ads (or a training split) with all or no clicks
@@ -151,8 +163,15 @@ def _logistic_fit(
 
     features = {"slope": logits, "ad_weight": ad, "user_weight": user}
     features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
-    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit(np.column_stack(list(features.values())), labels)
-    return dict(zip(features, fit.coef_[0].tolist(), strict=True)) | {"intercept": float(fit.intercept_[0])}
+    x = np.column_stack(list(features.values()))
+    # standardised, so that the solver's tolerance means the same at any logit scale (a fresh head's logits
+    # can spread by 1e-4), then mapped back to the features' own units
+    center, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit((x - center) / scale, labels)
+    coef = fit.coef_[0] / scale
+    intercept = float(fit.intercept_[0] - coef @ center)
+    return dict(zip(features, coef.tolist(), strict=True)) | {"intercept": intercept}
 
 
 def save_calibration(calibration: Calibration, model_dir: Path) -> None:
@@ -180,21 +199,72 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_cross_encoder(
-    path: str, device: torch.device, dropout: float | None = None
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A sequence-classification model with one output (a fresh head on a bare encoder) and its tokenizer.
+class MeanPooledClassifier(torch.nn.Module):
+    """encoder -> mean of the token vectors (padding masked out) -> dropout -> linear -> one click logit.
 
-    Weights load from safetensors only: never from pickled checkpoints.
+    Sentence-embedding models such as all-MiniLM-L6-v2 were trained to be read by mean pooling; the
+    [CLS] pooler of a sequence classifier is a layer they never trained.
     """
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+        self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, 1)
+        torch.nn.init.normal_(self.classifier.weight, std=getattr(encoder.config, "initializer_range", 0.02))
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self.encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> SequenceClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, hidden)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))  # (batch, 1)
+
+    def save_pretrained(self, folder: str | Path, **kwargs) -> None:
+        self.encoder.save_pretrained(folder, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, Path(folder) / MEAN_HEAD_FILE)
+
+
+def saved_pooling(path: str | Path, default: str = "cls") -> str:
+    """How the model saved at path pools its tokens; `default` for a folder adrank did not save."""
+    file = Path(path) / POOLING_FILE
+    return json.loads(file.read_text())["pooling"] if file.exists() else default
+
+
+def load_cross_encoder(
+    path: str, device: torch.device, dropout: float | None = None, pooling: str = "cls"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A one-logit cross-encoder (a fresh head on a bare encoder) and its tokenizer.
+
+    `pooling` applies to a folder that does not say how it pools (a base model); a model adrank saved
+    is loaded the way it was trained. Weights load from safetensors only: never from pickled checkpoints.
+    """
+    pooling = saved_pooling(path, pooling)
     config = AutoConfig.from_pretrained(path, num_labels=1)
     if dropout is not None:
         for name in DROPOUT_ATTRIBUTES:
             if hasattr(config, name):
                 setattr(config, name, dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
+    if pooling == "mean":
+        model = MeanPooledClassifier(AutoModel.from_pretrained(path, config=config, use_safetensors=True))
+        if (Path(path) / MEAN_HEAD_FILE).exists():
+            model.classifier.load_state_dict(load_file(Path(path) / MEAN_HEAD_FILE))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device), tokenizer
+
+
+def save_cross_encoder(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Weights (safetensors), tokenizer and how the model pools, so that load_cross_encoder reads it back as is."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    pooling = "mean" if isinstance(model, MeanPooledClassifier) else "cls"
+    (Path(folder) / POOLING_FILE).write_text(json.dumps({"pooling": pooling}))
 
 
 def tokenize_pairs(

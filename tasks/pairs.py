@@ -38,7 +38,7 @@ class RankingInputs:
     """The texts to score for one run_date: active users and active ads."""
 
     run_date: date
-    users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks
+    users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks, history_ad_ids
     ads: pl.DataFrame  # ad_id, ad_text
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
@@ -46,10 +46,11 @@ class RankingInputs:
 def build_pairs(settings: Settings) -> Pairs:
     """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
     con = open_logs(settings.data.logs, settings.data)
-    materialize(con, "int_impression_history_requests", table="history_requests")
+    as_of = {"features_as_of": settings.data.features_as_of}
+    materialize(con, "int_impression_history_requests", as_of, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
-    params = {"test_fraction": settings.data.test_fraction, "valid_fraction": settings.data.valid_fraction}
-    pairs = con.execute(load_sql("int_user_ad_pairs"), params).pl()
+    materialize(con, "int_split_cutoffs", split_fractions(settings.data))
+    pairs = con.execute(load_sql("int_user_ad_pairs")).pl()
     if pairs.is_empty():
         raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
     pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
@@ -58,7 +59,7 @@ def build_pairs(settings: Settings) -> Pairs:
     settings.pairs_dir.mkdir(parents=True, exist_ok=True)
     paths, rows, clicks = {}, {}, {}
     for split in SPLITS:
-        part = pairs.filter(pl.col("split") == split).drop("history_titles")
+        part = pairs.filter(pl.col("split") == split)
         if split == "train" and settings.data.max_train_pairs is not None:
             part = part.tail(settings.data.max_train_pairs)  # the latest: rows are in time order
         if part.is_empty():
@@ -71,6 +72,11 @@ def build_pairs(settings: Settings) -> Pairs:
     return Pairs(paths, rows, clicks, first_of["valid"], first_of["test"], quality)
 
 
+def split_fractions(data: DataConfig) -> dict[str, float]:
+    """The parameters of sql/int_split_cutoffs.sql."""
+    return {"test_fraction": data.test_fraction, "valid_fraction": data.valid_fraction}
+
+
 def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
     con = open_logs(settings.data.logs, settings.data)
@@ -79,7 +85,8 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
     requests = con.table("int_user_histories").select("request_id as user_id, *").pl()
-    users = _render_user_texts(con, settings.data, requests).select("user_id", "user_text", *USER_PRIOR_COLUMNS)
+    users = _render_user_texts(con, settings.data, requests)
+    users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids")
     active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
     ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
     candidates = None
@@ -101,13 +108,15 @@ def user_history(frame) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:
-    requests = pairs.select(pl.col("impression_id").alias("request_id"), "user_id", "history_titles")
+    requests = pairs.select(pl.col("impression_id").alias("request_id"), "user_id", "history_ad_ids")
     texts = _render_user_texts(con, data, requests)
     return texts.select(pl.col("request_id").alias("impression_id"), "user_text")
 
 
 def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, requests: pl.DataFrame) -> pl.DataFrame:
-    """requests (user_id, history_titles, ...) -> the same rows with user_text."""
+    """requests (user_id, history_ad_ids, ...) -> the same rows with user_text; each history ad is rendered
+    with data.history_item_template, most recent first."""
+    history_items = dict(render_ad_texts(con, data.history_item_template, "history_item_template").iter_rows())
     users = con.table("stg_users").pl()
     profile_columns = [c for c in users.columns if c != "user_id"]
     _check_template("user_template", data.user_template, {"profile", "history", *profile_columns})
@@ -120,7 +129,7 @@ def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, request
     )
     rows = requests.join(profiles, on="user_id", how="left")
     texts = [
-        _fill(data.user_template, {**row, "history": HISTORY_SEPARATOR.join(row["history_titles"]) or EMPTY_HISTORY})
+        _fill(data.user_template, {**row, "history": _history(row["history_ad_ids"], history_items)})
         for row in rows.iter_rows(named=True)
     ]
     return rows.with_columns(pl.Series("user_text", texts, dtype=pl.String))
@@ -133,10 +142,14 @@ def render_profile(attributes: dict, max_chars: int) -> str:
     )
 
 
-def render_ad_texts(con: duckdb.DuckDBPyConnection, template: str) -> pl.DataFrame:
-    """ad_id, ad_text for every ad in stg_ads."""
+def _history(ad_ids: list[str], items: dict[str, str]) -> str:
+    return HISTORY_SEPARATOR.join(items[a] for a in ad_ids) or EMPTY_HISTORY
+
+
+def render_ad_texts(con: duckdb.DuckDBPyConnection, template: str, name: str = "ad_template") -> pl.DataFrame:
+    """ad_id, ad_text for every ad in stg_ads (name: the config field the template comes from, for errors)."""
     ads = con.table("stg_ads").pl()
-    _check_template("ad_template", template, set(ads.columns))
+    _check_template(name, template, set(ads.columns))
     texts = [_fill(template, row) for row in ads.iter_rows(named=True)]
     return ads.select("ad_id").with_columns(pl.Series("ad_text", texts, dtype=pl.String))
 

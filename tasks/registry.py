@@ -104,7 +104,17 @@ def log_training(
         for row in result.history:
             step = int(row["step"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)
-        mlflow.log_metrics({"best_valid_logloss": result.best_valid_logloss, "train_steps": result.steps})
+        mlflow.log_metrics(
+            {
+                "best_valid_logloss": result.best_valid_logloss,
+                "train_steps": result.steps,
+                "kept_step": result.best_step,
+            }
+        )
+        if result.best_step == 0:
+            print(
+                "warning: early stopping kept step 0, the untrained model: fine-tuning did not improve the served score"
+            )
         mlflow.set_tag("stopped_early", str(result.stopped_early))
 
 

@@ -90,7 +90,7 @@ def score_candidates(
     k = ranking.candidates_k
     stats = ScoringStats(users=users.height, ads=ads.height)
     stats.two_stage = model.two_tower is not None and k is not None and k < ads.height
-    stage1_ads = _stage1_ads(model, ads, stats) if stats.two_stage else None
+    stage1_ads = prepare_stage1(model, ads, stats) if stats.two_stage else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
@@ -109,7 +109,7 @@ def score_candidates(
     return stats
 
 
-def _stage1_ads(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
+def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
     """Ad projections and exact per-ad terms: the cross-encoder's mean logit against the reference
     users (see tasks/two_tower.py) and the output layer's per-ad terms."""
     tower, calibration = model.two_tower, model.calibration
@@ -149,15 +149,11 @@ def _stage1(
     stats: ScoringStats,
 ) -> pl.DataFrame:
     started = time.perf_counter()
-    with torch.inference_mode():
-        projections = model.two_tower.user(torch.from_numpy(_embed(model, chunk["user_text"]))).numpy()
+    projections = project_users(model, chunk)
     stats.seconds["encode"] += time.perf_counter() - started
 
     started = time.perf_counter()
-    # (chunk, ads); terms that depend on the user only are left out: they do not change a user's order
-    scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
-    user_prior = model.calibration.user_prior(user_history(chunk), chunk.height)
-    scores += np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
+    scores = stage1_scores(model, chunk, projections, stage1_ads)
     if allowed is not None:
         scores[~allowed] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower ad index first, deterministically
@@ -167,6 +163,23 @@ def _stage1(
     stats.stage1_pairs += scores.size
     stats.seconds["stage1"] += time.perf_counter() - started
     return _pairs(chunk, ads, rows[keep], cols[keep])
+
+
+def project_users(model: RankingModel, users: pl.DataFrame) -> np.ndarray:
+    """The two-tower's P(user) of each user text, shape (users, dim)."""
+    with torch.inference_mode():
+        return model.two_tower.user(torch.from_numpy(_embed(model, users["user_text"]))).numpy()
+
+
+def stage1_scores(
+    model: RankingModel, users: pl.DataFrame, projections: np.ndarray, stage1_ads: StageOneAds
+) -> np.ndarray:
+    """Stage-1 log-odds of every user x ad, shape (users, ads): the output layer's terms, exact per ad and
+    for the user prior, around the two-tower's estimate of the cross-encoder's logit (users: their
+    P(user) and prior counts)."""
+    scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
+    user_prior = model.calibration.user_prior(user_history(users), users.height)
+    return scores + np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
 
 
 def _embed(model: RankingModel, texts) -> np.ndarray:

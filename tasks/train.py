@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 from tasks.config import Settings
 from tasks.metrics import logloss, roc_auc
 from tasks.model import (
+    PROBABILITY_BOUNDS,
     Calibration,
     ad_click_log_odds,
     collate,
@@ -28,6 +29,7 @@ from tasks.model import (
     predict_logits,
     probability_log_odds,
     save_calibration,
+    save_cross_encoder,
     seed_everything,
     tokenize_pairs,
 )
@@ -39,11 +41,12 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 @dataclass
 class TrainResult:
     checkpoint: Path
-    best_valid_logloss: float
+    best_valid_logloss: float  # of the served score: the output layer fitted on the kept step's logits
     steps: int
     stopped_early: bool
-    # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc
+    # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc (served), valid_raw_logloss
     history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int = 0  # the step whose weights were kept (0: the untrained model)
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
@@ -63,18 +66,22 @@ def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) ->
 
 
 def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: Path) -> TrainResult:
-    """Train on train_path, early-stop on valid_path logloss, save the best model to out_dir."""
+    """Train on train_path, early-stop on the served score's validation logloss (the output layer fitted on
+    each validation's logits), save the best model and its output layer to out_dir."""
     cfg, max_length = settings.training, settings.model.max_seq_length
 
     # 1. seed, device, base model with a fresh one-logit head
     seed_everything(cfg.seed)
     device = pick_device()
-    model, tokenizer = load_cross_encoder(settings.model.base_model, device, dropout=settings.model.dropout)
+    model, tokenizer = load_cross_encoder(
+        settings.model.base_model, device, dropout=settings.model.dropout, pooling=settings.model.pooling
+    )
     freeze_lower_layers(model, cfg.trainable_layers)
 
     # 2. data: tokenise once; batches are padded per batch
     present = pl.read_parquet_schema(train_path)
-    columns = [c for c in ("ad_id", "user_text", "ad_text", "is_clicked", *USER_PRIOR_COLUMNS) if c in present]
+    wanted = ("ad_id", "user_id", "shown_at", "user_text", "ad_text", "is_clicked", *USER_PRIOR_COLUMNS)
+    columns = [c for c in wanted if c in present]
     train = pl.read_parquet(train_path, columns=columns)
     valid = pl.read_parquet(valid_path)  # with the user prior counts, for the output layer
     tuned = (
@@ -85,8 +92,10 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
     labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
     valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
-    offsets = torch.tensor(user_prior_offsets(settings, train, tuned), dtype=torch.float32)
-    valid_offsets = user_prior_offsets(settings, train, valid)
+    offsets = user_prior_offsets(settings, train, tuned) + ad_prior_offsets(settings, train, tuned, in_train=True)
+    offsets = torch.tensor(offsets, dtype=torch.float32)
+    groups = torch.tensor(user_days(tuned)) if cfg.ranking_loss_weight > 0 else None  # (pairs,) user-day ids
+    valid_offsets = user_prior_offsets(settings, train, valid) + ad_prior_offsets(settings, train, valid)
 
     # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay
     steps_per_epoch = math.ceil(len(encodings) / cfg.batch_size)
@@ -102,28 +111,30 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray]:
+        """Score validation as it will be served: the output layer fitted on these logits, then logloss
+        and AUC of its pCTR (a raw logloss also punishes base-rate shifts that the output layer removes)."""
         logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
-        pctr = Calibration().apply(logits + valid_offsets)  # uncalibrated: the calibration is fitted after training
+        served = calibrate(settings, train, valid, logits).apply(logits, valid["ad_id"].to_list(), user_history(valid))
         row = {
             "step": step,
             "epoch": epoch,
             "train_loss": train_loss,
-            "valid_logloss": logloss(valid_labels, pctr),
-            "valid_auc": roc_auc(valid_labels, pctr),
+            "valid_logloss": logloss(valid_labels, served),
+            "valid_auc": roc_auc(valid_labels, served),
+            "valid_raw_logloss": logloss(valid_labels, Calibration().apply(logits + valid_offsets)),
         }
         result.history.append(row)
         print(
-            f"step {step:>6} epoch {epoch:5.2f} train_loss {train_loss:.4f} "
-            f"valid_logloss {row['valid_logloss']:.4f} valid_auc {row['valid_auc']:.4f}"
+            f"step {step:>6} epoch {epoch:5.2f} train_loss {train_loss:.4f} valid_logloss {row['valid_logloss']:.4f} "
+            f"valid_auc {row['valid_auc']:.4f} (served score; raw logloss {row['valid_raw_logloss']:.4f})"
         )
         return row["valid_logloss"], logits
 
     def save_if_best(valid_loss: float, logits: np.ndarray) -> bool:
         if valid_loss < result.best_valid_logloss:
-            result.best_valid_logloss = valid_loss
+            result.best_valid_logloss, result.best_step = valid_loss, result.steps
             best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
-            model.save_pretrained(out_dir, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
+            save_cross_encoder(model, tokenizer, out_dir)
             return True
         return False
 
@@ -136,6 +147,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     if (state := load_resume_state(resume, model, optimizer, schedule)) is not None:
         loop, best_valid_logits[:] = state["loop"], state["best_valid_logits"]
         result.steps, result.best_valid_logloss, result.history = state["steps"], state["best"], state["history"]
+        result.best_step = state.get("best_step", 0)
         generator.set_state(state["epoch_generator"])
         if Path(state["best_dir"]) != out_dir:
             shutil.copytree(state["best_dir"], out_dir, dirs_exist_ok=True)
@@ -147,7 +159,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     model.train()
     for epoch in range(loop["epoch"], cfg.epochs):
         epoch_generator = generator.get_state()
-        order = torch.randperm(len(encodings), generator=generator).tolist()
+        order = epoch_order(len(encodings), groups, generator)
         for batch_index, start in enumerate(range(0, len(order), cfg.batch_size)):
             if epoch == loop["epoch"] and batch_index < loop["batch"]:
                 continue  # done before the kill
@@ -156,6 +168,10 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
             with autocast:
                 logits = model(**batch).logits.squeeze(-1)  # (batch,)
             loss = loss_fn(logits.float() + offsets[index].to(device), labels[index].to(device))
+            if groups is not None:
+                loss = loss + cfg.ranking_loss_weight * pairwise_loss(
+                    logits.float(), labels[index].to(device), groups[index].to(device)
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -179,6 +195,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
                     "loop": loop,
                     "steps": result.steps,
                     "best": result.best_valid_logloss,
+                    "best_step": result.best_step,
                     "history": result.history,
                     "best_dir": str(out_dir),
                     "epoch_generator": epoch_generator,
@@ -194,6 +211,44 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     return result
 
 
+def user_days(pairs: pl.DataFrame) -> np.ndarray:
+    """One id per (user, UTC day) of each pair: the lists a nightly ranking orders."""
+    if not {"user_id", "shown_at"} <= set(pairs.columns):
+        raise ValueError("training.ranking_loss_weight > 0 needs the columns user_id and shown_at in the pairs")
+    keys = pairs.select("user_id", pl.col("shown_at").dt.date())
+    return (
+        keys.with_row_index()
+        .group_by("user_id", "shown_at", maintain_order=True)
+        .agg("index")
+        .with_row_index("group")
+        .explode("index")
+        .sort("index")["group"]
+        .to_numpy()
+        .astype(np.int64)
+    )
+
+
+def epoch_order(n: int, groups: torch.Tensor | None, generator: torch.Generator) -> list[int]:
+    """A random order of the pairs; with groups, whole user-days in random order, so that a batch holds
+    pairs of the same user and day for the ranking loss."""
+    if groups is None:
+        return torch.randperm(n, generator=generator).tolist()
+    shuffled = torch.randperm(int(groups.max()) + 1, generator=generator)  # group -> its place
+    within = torch.randperm(n, generator=generator)
+    keys = shuffled[groups[within]]
+    return within[torch.sort(keys, stable=True).indices].tolist()
+
+
+def pairwise_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean logistic loss of (clicked, not clicked) pairs of the same user-day in the batch: it rewards
+    ordering a user's ads by click, which binary cross-entropy alone does not ask for. 0 without such pairs."""
+    pairs = (groups[:, None] == groups[None, :]) & (labels[:, None] > labels[None, :])  # (batch, batch)
+    if not pairs.any():
+        return logits.new_zeros(())
+    margins = logits[:, None] - logits[None, :]
+    return torch.nn.functional.softplus(-margins[pairs]).mean()
+
+
 def user_prior_offsets(settings: Settings, train: pl.DataFrame, pairs: pl.DataFrame) -> np.ndarray:
     """Each pair's user-prior log-odds (training.user_prior_offset; shrunk towards train's click rate), or zeros."""
     if not settings.training.user_prior_offset:
@@ -202,6 +257,31 @@ def user_prior_offsets(settings: Settings, train: pl.DataFrame, pairs: pl.DataFr
     global_log_odds = float(probability_log_odds(train["is_clicked"].mean()))
     prior = Calibration(global_log_odds=global_log_odds, user_prior_strength=settings.model.user_prior_strength)
     return prior.user_prior(history, pairs.height)
+
+
+def ad_prior_offsets(
+    settings: Settings, train: pl.DataFrame, pairs: pl.DataFrame, in_train: bool = False
+) -> np.ndarray:
+    """Each pair's ad click log-odds relative to the global rate, from the training split (shrunk by
+    model.ad_prior_strength), or zeros (training.ad_prior_offset off). For training pairs (in_train) the
+    pair's own impression is left out of its ad's counts (no label leak), and a seeded share
+    training.ad_prior_offset_dropout of them gets 0, as an ad unseen in training does: the text must
+    carry ad quality for those, as it must for cold-start ads."""
+    cfg = settings.training
+    if not cfg.ad_prior_offset:
+        return np.zeros(pairs.height)
+    clicks = train["is_clicked"].cast(pl.Float64)
+    rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
+    counts = train.group_by("ad_id").agg(pl.len().alias("n"), pl.col("is_clicked").cast(pl.Float64).sum().alias("c"))
+    joined = pairs.select("ad_id", "is_clicked").join(counts, on="ad_id", how="left", maintain_order="left")
+    n, c = joined["n"].fill_null(0).to_numpy().astype(float), joined["c"].fill_null(0).to_numpy()
+    if in_train:
+        n, c = n - 1, c - joined["is_clicked"].cast(pl.Float64).to_numpy()
+    strength = settings.model.ad_prior_strength
+    offsets = probability_log_odds((c + strength * rate) / (n + strength)) - probability_log_odds(rate)
+    if in_train:
+        offsets[np.random.default_rng(cfg.seed).random(pairs.height) < cfg.ad_prior_offset_dropout] = 0.0
+    return offsets
 
 
 def resume_dir(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame) -> Path:

@@ -19,6 +19,8 @@ from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, smoke_test
 from tests.conftest import SIGNAL_ADS, build_settings
 
 SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+# 72 test pairs: an ECE that noisy (popularity's own is 0.05 there) would make promotion a coin toss
+SIGNAL_PROMOTION = {"max_ece": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_retrain(prefect_api, home, tiny_model_dir, signal_logs):
-    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING)
+    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING, promotion=SIGNAL_PROMOTION)
     return settings, retrain(settings.model_dump(mode="json"))
 
 

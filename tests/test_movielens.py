@@ -41,6 +41,7 @@ def test_ads_and_users_carry_the_text(movielens, tmp_path):
     assert ads[0]["title"] == "Toy Story (1995)" and ads[0]["description"] == "Genres: Comedy."
     assert ads[1]["description"] == "Genres: Action, Drama." and ads[1]["category"] == "Action"
     assert ads[1]["title"].startswith("Caf") and ads[1]["created_at"] is None  # missing release date
+    assert ads[1]["genres"] == ["Action", "Drama"] and ads[1]["year"] == 1996  # for the content-aware peers
     users = pl.read_parquet(tmp_path / "logs" / "users").sort("user_id").to_dicts()
     assert users[0] == {"user_id": 1, "age": 24, "gender": "male", "occupation": "technician"}  # no zip code
     open_logs(str(tmp_path / "logs"))  # the result passes adrank's contract checks

@@ -19,6 +19,7 @@ from tasks.registry import TrackingUnavailable
 from tests.conftest import build_settings
 
 TRAINING = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+PROMOTION = {"max_ece": 0.1}  # 72 test pairs: ECE noise is about +-0.05 (tests/test_flows.py)
 
 
 class MlflowServer:
@@ -83,7 +84,9 @@ def test_a_tracking_server_down_for_seconds_does_not_fail_the_retrain(
     prefect_api, tmp_path, tiny_model_dir, signal_logs, server
 ):
     tracking = {"mlflow_uri": server.uri, "retry_delays_seconds": [1, 2, 4]}
-    settings = build_settings(tmp_path / "home", tiny_model_dir, signal_logs, training=TRAINING, tracking=tracking)
+    settings = build_settings(
+        tmp_path / "home", tiny_model_dir, signal_logs, training=TRAINING, tracking=tracking, promotion=PROMOTION
+    )
     events: list[str] = []
     thread = outage_once_training_starts(settings, server, seconds=3, events=events)
     result = retrain(settings.model_dump(mode="json"))
@@ -100,7 +103,9 @@ def test_a_persistent_outage_fails_the_retrain_clearly_and_registers_nothing(
 ):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the flow's own retries still run
     tracking = {"mlflow_uri": server.uri, "retry_delays_seconds": [0.5, 0.5]}
-    settings = build_settings(tmp_path / "home", tiny_model_dir, signal_logs, training=TRAINING, tracking=tracking)
+    settings = build_settings(
+        tmp_path / "home", tiny_model_dir, signal_logs, training=TRAINING, tracking=tracking, promotion=PROMOTION
+    )
     events: list[str] = []
     outage_once_training_starts(settings, server, seconds=None, events=events)
     with pytest.raises(TrackingUnavailable, match=rf"MLflow tracking server {server.uri} is unreachable"):

@@ -51,15 +51,75 @@ IMPRESSIONS = [
 ]
 
 
-@pytest.fixture
-def pairs(tmp_path, make_settings):
-    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
-    settings = make_settings(
-        data={"logs": str(tmp_path / "logs"), "history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2}
-    )
+def build_rows(settings) -> tuple:
     built = build_pairs(settings)
     frame = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
     return built, {row["impression_id"]: row for row in frame.iter_rows(named=True)}
+
+
+@pytest.fixture
+def pairs(tmp_path, make_settings):
+    """Pairs with features as of each impression (data.features_as_of = impression: online scoring)."""
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    data = {"history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2, "features_as_of": "impression"}
+    return build_rows(make_settings(data={"logs": str(tmp_path / "logs"), **data}))
+
+
+@pytest.fixture
+def day_start_pairs(tmp_path, make_settings):
+    """Pairs with features as of the start of each impression's day: the default, what rerank knows."""
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    data = {"history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2}
+    return build_rows(make_settings(data={"logs": str(tmp_path / "logs"), **data}))
+
+
+def test_by_default_features_are_taken_at_the_start_of_the_impressions_day(day_start_pairs):
+    _, rows = day_start_pairs
+    history = {i: r["user_text"].split("Recently clicked: ")[1] for i, r in rows.items()}
+    counts = {i: (r["user_prior_impressions"], r["user_prior_clicks"]) for i, r in rows.items()}
+    # hand-computed: day 1 (impressions 1-3) knows nothing; impression 7 knows u1's day 2 but not day 3's 5
+    assert [history[i] for i in ("1", "2", "3")] == [EMPTY_HISTORY] * 3
+    assert [counts[i] for i in ("1", "2", "3")] == [(0, 0)] * 3
+    assert history["4"] == "Beta | Alpha" and counts["4"] == (3, 2)
+    assert history["5"] == history["7"] == "Gamma | Beta" and counts["5"] == counts["7"] == (4, 3)
+    assert history["9"] == "Alpha | Gamma" and counts["9"] == (6, 4)
+    assert counts["6"] == (0, 0) and counts["8"] == (1, 0) and counts["10"] == (2, 0)
+    for row in rows.values():  # and by brute force: everything before the impression's day, nothing of it
+        day_start = datetime.combine(row["shown_at"].date(), datetime.min.time())
+        before = [r for r in rows.values() if r["user_id"] == row["user_id"] and r["shown_at"] < day_start]
+        assert counts[row["impression_id"]] == (len(before), sum(r["is_clicked"] for r in before))
+
+
+def test_a_days_pairs_have_exactly_the_features_rerank_computes_for_that_day(tmp_path, make_settings):
+    """Train as you serve: for every user and ad of a day, its pairs and the rerank inputs of that run_date
+    carry the same texts and counts, feature for feature."""
+    settings = make_settings(data={"history_length": 3})
+    built = build_pairs(settings)
+    pairs = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
+    days = pairs["shown_at"].dt.date().unique().sort().to_list()
+    checked_users = 0
+    for day in days[len(days) // 2 :]:  # days with history behind them
+        ranked = make_settings(data={"history_length": 3}, ranking={"run_date": day.isoformat()})
+        inputs = build_ranking_inputs(ranked)
+        of_day = pairs.filter(pl.col("shown_at").dt.date() == day)
+        user_features = ["user_id", "user_text", "user_prior_impressions", "user_prior_clicks", "history_ad_ids"]
+        from_pairs = of_day.select(user_features).unique().sort("user_id")
+        assert from_pairs["user_id"].is_unique().all()  # one set of features per user and day
+        both = from_pairs.join(inputs.users.select(user_features), on="user_id", suffix="_rerank")
+        for feature in user_features[1:]:
+            assert both[feature].to_list() == both[f"{feature}_rerank"].to_list(), (day, feature)
+        ads = of_day.select("ad_id", "ad_text").unique().join(inputs.ads, on="ad_id", suffix="_rerank")
+        assert ads.height > 0 and ads["ad_text"].to_list() == ads["ad_text_rerank"].to_list()
+        checked_users += both.height
+    assert checked_users >= 20  # the check covered real overlap, not an empty join
+
+
+def test_history_items_render_with_their_own_template(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    data = {"history_length": 2, "history_item_template": "{title} ({category})", "valid_fraction": 0.2}
+    _, rows = build_rows(make_settings(data={"logs": str(tmp_path / "logs"), "test_fraction": 0.2, **data}))
+    assert rows["9"]["user_text"].endswith("Recently clicked: Alpha (x) | Gamma (x)")
+    assert rows["9"]["history_ad_ids"] == ["a1", "a3"]
 
 
 def test_history_is_point_in_time_and_most_recent_first(pairs):
@@ -138,7 +198,8 @@ def test_duckdb_source_gives_the_same_pairs(tmp_path, make_settings, pairs):
             con.register("rows", pl.DataFrame(rows).to_arrow())
             con.execute(f"create table {name} as select * from rows")
             con.unregister("rows")
-    settings = make_settings(data={"logs": str(path), "history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2})
+    data = {"history_length": 2, "valid_fraction": 0.2, "test_fraction": 0.2, "features_as_of": "impression"}
+    settings = make_settings(data={"logs": str(path), **data})
     built = build_pairs(settings)
     frame = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
     _, expected = pairs

@@ -10,11 +10,19 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from tasks.config import RankingConfig
-from tasks.model import Calibration, load_cross_encoder
+from tasks.model import Calibration, load_cross_encoder, predict_logits
 from tasks.pairs import RankingInputs
-from tasks.score import RankingModel, score_candidates
+from tasks.score import (
+    RankingModel,
+    ScoringStats,
+    prepare_stage1,
+    project_users,
+    score_candidates,
+    stage1_scores,
+)
 from tasks.train import fine_tune
 from tasks.two_tower import TwoTower, distill_two_tower, load_two_tower
 from tests.test_train import write_toy_pairs
@@ -129,7 +137,8 @@ def test_distilled_two_tower_is_saved_and_follows_the_cross_encoder(tmp_path, ma
     settings = make_settings(
         training={"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0},
         stage1={"distill_users": 60, "distill_ads_per_user": 10, "dim": 8},
-        model={"calibration": "platt"},  # the toy ad ids alone would explain the clicks
+        # the toy ad ids alone would explain the clicks; served = raw logit, so the teacher kept is the last one
+        model={"calibration": "none"},
     )
     checkpoint = fine_tune(settings, train, valid, tmp_path / "ckpt").checkpoint
     result = distill_two_tower(settings, checkpoint, train)
@@ -157,3 +166,71 @@ def test_a_two_tower_without_reference_users_ranks_with_its_learned_ad_bias(rank
     ranked, stats = run(replace(ranking_model, two_tower=plain), inputs, tmp_path, "plain", candidates_k=8)
     assert stats.two_stage and stats.anchor_pairs == 0 and stats.stage2_pairs == N_USERS * 8
     assert ranked.height == N_USERS * 5
+
+
+class MeanTokenEmbedding(torch.nn.Module):
+    """A text's token vectors (an embedding table): what embed_texts mean-pools into a text vector."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.embeddings = torch.nn.Embedding(vocab_size, hidden_size)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self.embeddings(input_ids))
+
+
+class BilinearCrossEncoder(torch.nn.Module):
+    """A cross-encoder that a two-tower can reproduce exactly: logit = (U e_user) . (A e_ad), where e_user and
+    e_ad are the mean token vectors of each text as it is encoded alone ([CLS] text [SEP])."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dim: int, cls_token_id: int):
+        super().__init__()
+        self.config = type("Config", (), {"hidden_size": hidden_size})()
+        self.base_model = MeanTokenEmbedding(vocab_size, hidden_size)
+        self.user, self.ad = (
+            torch.nn.Linear(hidden_size, dim, bias=False),
+            torch.nn.Linear(hidden_size, dim, bias=False),
+        )
+        self.cls_token_id = cls_token_id
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> SequenceClassifierOutput:
+        tokens = self.base_model(input_ids).last_hidden_state  # (batch, seq, hidden)
+        user_mask = (attention_mask * (token_type_ids == 0)).unsqueeze(-1).float()  # [CLS] user [SEP]
+        ad_mask = (attention_mask * (token_type_ids == 1)).unsqueeze(-1).float()  # ad [SEP]: [CLS] added back
+        cls = self.base_model(torch.full_like(input_ids[:, :1], self.cls_token_id)).last_hidden_state[:, 0]
+        e_user = (tokens * user_mask).sum(1) / user_mask.sum(1)
+        e_ad = ((tokens * ad_mask).sum(1) + cls) / (ad_mask.sum(1) + 1)
+        return SequenceClassifierOutput(logits=(self.user(e_user) * self.ad(e_ad)).sum(-1, keepdim=True))
+
+
+def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_stage2(ranking_model, inputs):
+    tokenizer = ranking_model.tokenizer
+    torch.manual_seed(11)
+    cross_encoder = BilinearCrossEncoder(tokenizer.vocab_size, 16, 6, tokenizer.cls_token_id).eval()
+    tower = TwoTower(16, 6, reference_user_texts=["age: 40. Recently clicked: tax forms", "age: 61"]).eval()
+    with torch.no_grad():  # the towers are the cross-encoder's own projections; no biases
+        torch.nn.init.normal_(cross_encoder.user.weight)
+        torch.nn.init.normal_(cross_encoder.ad.weight)
+        tower.user.weight.copy_(cross_encoder.user.weight)
+        tower.ad.weight.copy_(cross_encoder.ad.weight)
+        for layer in (tower.user, tower.ad, tower.user_bias, tower.ad_bias):
+            layer.bias.zero_()
+        tower.user_bias.weight.zero_()
+        tower.ad_bias.weight.zero_()
+    model = replace(ranking_model, cross_encoder=cross_encoder, two_tower=tower)
+    users, ads, calibration = inputs.users, inputs.ads, ranking_model.calibration
+
+    stage1_ads = prepare_stage1(model, ads, ScoringStats())
+    stage1 = stage1_scores(model, users, project_users(model, users), stage1_ads)  # (users, ads)
+    repeated = users.select(pl.all().repeat_by(ads.height).explode())
+    logits = predict_logits(
+        cross_encoder, tokenizer, repeated["user_text"], np.tile(ads["ad_text"].to_numpy(), users.height), 64, 7
+    )
+    ad_ids = np.tile(ads["ad_id"].to_numpy(), users.height).tolist()
+    history = (repeated["user_prior_clicks"].to_numpy(), repeated["user_prior_impressions"].to_numpy())
+    stage2 = calibration.log_odds(logits, ad_ids, history).reshape(users.height, ads.height)
+
+    seen = np.array([a in calibration.ad_log_odds for a in ads["ad_id"]])
+    assert seen.any() and (~seen).any() and logits.std() > 0.1
+    np.testing.assert_allclose(stage1[:, seen], stage2[:, seen], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stage1[:, ~seen], stage2[:, ~seen], rtol=1e-4, atol=1e-4)

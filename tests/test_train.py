@@ -1,11 +1,13 @@
 """Model behaviour: loss falls, scores follow the text, early stopping, the real pretrained model trains."""
 
 import json
+import math
 import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,14 @@ import torch
 from tasks.config import packaged_model_path
 from tasks.model import (
     Calibration,
+    MeanPooledClassifier,
     ad_click_log_odds,
     fit_calibration,
     load_calibration,
     load_cross_encoder,
     predict_ctr,
 )
-from tasks.train import fine_tune
+from tasks.train import ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
 from tests.conftest import build_settings
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
@@ -57,7 +60,10 @@ def toy_pairs(tmp_path):
 
 
 def test_loss_falls_and_scores_follow_the_ad_text(tmp_path, make_settings, toy_pairs):
-    settings = make_settings(training={"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0})
+    settings = make_settings(
+        training={"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0},
+        model={"calibration": "platt"},  # the toy ad ids alone would explain the clicks: the text must learn it
+    )
     result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
 
     losses = [row["valid_logloss"] for row in result.history]
@@ -108,9 +114,9 @@ def test_user_prior_offset_is_added_to_the_logit_it_trains(tmp_path, make_settin
         frames[name].write_parquet(tmp_path / f"{name}.parquet")
     paths = tmp_path / "train.parquet", tmp_path / "valid.parquet"
     fresh = {"epochs": 0}  # the fresh head only: the offset is the one difference
-    without = fine_tune(make_settings(training=fresh), *paths, tmp_path / "a").history[0]["valid_logloss"]
+    without = fine_tune(make_settings(training=fresh), *paths, tmp_path / "a").history[0]["valid_raw_logloss"]
     offset = {**fresh, "user_prior_offset": True}
-    with_offset = fine_tune(make_settings(training=offset), *paths, tmp_path / "b").history[0]["valid_logloss"]
+    with_offset = fine_tune(make_settings(training=offset), *paths, tmp_path / "b").history[0]["valid_raw_logloss"]
     assert with_offset < without - 0.2
     frames["train"].drop("user_prior_clicks", "user_prior_impressions").write_parquet(tmp_path / "train.parquet")
     with pytest.raises(ValueError, match="user_prior_offset = true needs the columns"):
@@ -123,7 +129,7 @@ def test_real_pretrained_minilm_fine_tunes(tmp_path, make_settings):
     train = write_toy_pairs(tmp_path / "train.parquet", 48, 3)
     valid = write_toy_pairs(tmp_path / "valid.parquet", 32, 4)
     settings = make_settings(
-        model={"base_model": packaged_model_path(), "max_seq_length": 64},
+        model={"base_model": packaged_model_path(), "max_seq_length": 64, "calibration": "platt"},
         training={"epochs": 1, "batch_size": 16, "learning_rate": 2e-4, "warmup_ratio": 0.0},
     )
     result = fine_tune(settings, train, valid, tmp_path / "ckpt")
@@ -133,8 +139,8 @@ def test_real_pretrained_minilm_fine_tunes(tmp_path, make_settings):
     base, _ = load_cross_encoder(packaged_model_path(), torch.device("cpu"))
     tuned, tokenizer = load_cross_encoder(str(tmp_path / "ckpt"), torch.device("cpu"))
     assert tuned.config.hidden_size == 384 and tuned.config.num_hidden_layers == 6
-    name = "bert.encoder.layer.5.output.dense.weight"
-    assert not torch.equal(dict(base.named_parameters())[name], dict(tuned.named_parameters())[name])
+    name = "encoder.layer.5.output.dense.weight"
+    assert not torch.equal(parameter(base, name), parameter(tuned, name))
     pctr = predict_ctr(tuned, tokenizer, ["age: 40"], [CLICK_AD], 64, 1)
     assert 0.0 < pctr[0] < 1.0
 
@@ -220,34 +226,46 @@ def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, mak
     assert load_calibration(tmp_path) == Calibration()  # no file: identity
 
 
+def parameter(model: torch.nn.Module, suffix: str) -> torch.Tensor:
+    """The one parameter whose name ends with suffix (names differ by pooling: bert.* or encoder.*)."""
+    (found,) = [p for n, p in model.named_parameters() if n.endswith(suffix)]
+    return found
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 @pytest.mark.parametrize(("trainable_layers", "changed_layers"), [(0, set()), (1, {1}), (None, {0, 1})])
 def test_trainable_layers_freezes_the_rest(
-    tmp_path, make_settings, toy_pairs, tiny_model_dir, trainable_layers, changed_layers
+    tmp_path, make_settings, toy_pairs, tiny_model_dir, trainable_layers, changed_layers, pooling
 ):
-    settings = make_settings(training={"epochs": 1, "trainable_layers": trainable_layers, "learning_rate": 1e-2})
+    settings = make_settings(
+        training={"epochs": 1, "trainable_layers": trainable_layers, "learning_rate": 1e-2},
+        # served = sigmoid(raw logit): the fresh head's base rate is off, so every trained step beats step 0
+        model={"calibration": "none", "pooling": pooling},
+    )
     result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
-    assert result.best_valid_logloss < result.history[0]["valid_logloss"]
-    base = dict(load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))[0].named_parameters())
-    tuned = dict(load_cross_encoder(str(result.checkpoint), torch.device("cpu"))[0].named_parameters())
+    assert result.best_valid_logloss < result.history[0]["valid_logloss"] and result.best_step > 0
+    base = load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))[0]
+    tuned = load_cross_encoder(str(result.checkpoint), torch.device("cpu"))[0]
+    assert isinstance(tuned, MeanPooledClassifier) == (pooling == "mean")  # loaded the way it was trained
     changed = {
         layer
         for layer in (0, 1)
         if not torch.equal(
-            base[f"bert.encoder.layer.{layer}.output.dense.weight"],
-            tuned[f"bert.encoder.layer.{layer}.output.dense.weight"],
+            parameter(base, f"encoder.layer.{layer}.output.dense.weight"),
+            parameter(tuned, f"encoder.layer.{layer}.output.dense.weight"),
         )
     }
     assert changed == changed_layers
-    embeddings = "bert.embeddings.word_embeddings.weight"
-    assert torch.equal(base[embeddings], tuned[embeddings]) == (trainable_layers is not None)
-    assert not torch.equal(base["classifier.weight"], tuned["classifier.weight"])
+    embeddings = "embeddings.word_embeddings.weight"
+    assert torch.equal(parameter(base, embeddings), parameter(tuned, embeddings)) == (trainable_layers is not None)
+    assert not torch.equal(parameter(base, "classifier.weight"), parameter(tuned, "classifier.weight"))
 
 
 TRAIN_WORKER = """
 import json, sys
 from pathlib import Path
 from tasks.config import load_settings
-from tasks.train import fine_tune
+from tasks.train import ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
 fine_tune(load_settings(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
 """
 
@@ -302,3 +320,50 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model_dir):
     assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
     with pytest.raises(OSError, match="safetensors"):
         load_cross_encoder(str(pickled), torch.device("cpu"))
+
+
+def test_pairwise_loss_counts_only_clicked_over_unclicked_pairs_of_the_same_user_day():
+    logits, labels = torch.tensor([2.0, 0.0, 1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    # group 0: (pair 0 over pair 1); group 1: pair 3 clicked over pair 2 -> margin -2
+    loss = pairwise_loss(logits, labels, torch.tensor([0, 0, 1, 1]))
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(2.0))) / 2
+    assert loss.item() == pytest.approx(expected)
+    assert pairwise_loss(logits, labels, torch.tensor([0, 1, 2, 3])).item() == 0.0  # no pair shares a group
+
+
+def test_ranking_batches_keep_each_user_day_together():
+    pairs = pl.DataFrame(
+        {
+            "user_id": ["a", "b", "a", "a", "b", "c"],
+            "shown_at": [datetime(2026, 1, 1, h) for h in (1, 2, 3)] + [datetime(2026, 1, 2, 1)] * 3,
+        }
+    )
+    groups = user_days(pairs)
+    assert groups[0] == groups[2] != groups[3] and len(set(groups.tolist())) == 5  # a on day 1 is one list
+    order = epoch_order(len(pairs), torch.tensor(groups), torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(6))
+    ids = groups[order]
+    assert all(ids[i] == ids[i + 1] or ids[i] not in ids[i + 1 :] for i in range(5))  # contiguous groups
+    settings_error = "ranking_loss_weight > 0 needs the columns user_id and shown_at"
+    with pytest.raises(ValueError, match=settings_error):
+        user_days(pairs.drop("shown_at"))
+
+
+def test_ad_prior_offset_leaves_each_training_pair_out_of_its_own_ads_counts(make_settings):
+    train = pl.DataFrame({"ad_id": ["a", "a", "a", "b"], "is_clicked": [True, True, False, False]})
+    settings = make_settings(
+        model={"ad_prior_strength": 2.0}, training={"ad_prior_offset": True, "ad_prior_offset_dropout": 0.0}
+    )
+    rate = 0.5
+    log_odds = lambda p: math.log(p / (1 - p))  # noqa: E731
+    # pair 0: a's other impressions are 1 click in 2 -> (1 + 2 * 0.5) / (2 + 2); pair 3: b has no other one
+    offsets = ad_prior_offsets(settings, train, train, in_train=True)
+    assert offsets[0] == pytest.approx(log_odds((1 + 1) / (2 + 2)) - log_odds(rate))
+    assert offsets[2] == pytest.approx(log_odds((2 + 1) / (2 + 2)) - log_odds(rate))
+    assert offsets[3] == pytest.approx(0.0)
+    # a validation pair sees all of training; an unseen ad the global rate (offset 0)
+    valid = pl.DataFrame({"ad_id": ["a", "new"], "is_clicked": [True, False]})
+    assert ad_prior_offsets(settings, train, valid).tolist() == pytest.approx([log_odds(3 / 5) - 0.0, 0.0])
+    dropped = make_settings(training={"ad_prior_offset": True, "ad_prior_offset_dropout": 1.0})
+    assert not ad_prior_offsets(dropped, train, train, in_train=True).any()
+    assert not ad_prior_offsets(make_settings(), train, train, in_train=True).any()  # off by default
