@@ -1,6 +1,6 @@
 """Ranking quality on real data, as the nightly job serves it: adrank's cross-encoder against content-aware peers.
 
-    python benchmarks/quality.py --data ../shared/datasets/ml-100k --quick   # ~1 hour on 2 CPU cores
+    python benchmarks/quality.py --data ../shared/datasets/ml-100k --quick   # ~40 min a seed on 2 idle CPU cores
     python benchmarks/quality.py --data ../shared/datasets/ml-100k           # full: meant for a GPU
     python benchmarks/quality.py --logs /path/to/contract/logs --name mydata  # any data in the log contract
 
