@@ -275,7 +275,9 @@ def two_stage_recall(settings: Settings, checkpoint: Path, paths: dict[str, Path
     stage1 = stage1_scores(model, users, project_users(model, users), prepare_stage1(model, ads, ScoringStats()))
     repeated = users.select(pl.all().repeat_by(ads.height).explode())
     ad_texts = np.tile(ads["ad_text"].to_numpy(), users.height)
-    logits = predict_logits(cross_encoder, tokenizer, repeated["user_text"], ad_texts, model.max_length, 64)
+    logits = predict_logits(
+        cross_encoder, tokenizer, repeated["user_text"], ad_texts, model.max_length, model.batch_size
+    )
     ad_ids = np.tile(ads["ad_id"].to_numpy(), users.height).tolist()
     exhaustive = model.calibration.log_odds(logits, ad_ids, user_history(repeated)).reshape(users.height, ads.height)
     best10 = [set(np.argsort(-row, kind="stable")[:10]) for row in exhaustive]
