@@ -31,7 +31,7 @@ from tasks.config import Settings, load_settings  # noqa: E402
 from tasks.model import load_calibration, load_cross_encoder, pick_device  # noqa: E402
 from tasks.pairs import RankingInputs, build_pairs, build_ranking_inputs  # noqa: E402
 from tasks.sample_data import generate_sample_logs  # noqa: E402
-from tasks.score import RankingModel, score_candidates  # noqa: E402
+from tasks.score import IMPRESSIONS_PER_ECPM, RankingModel, score_candidates  # noqa: E402
 from tasks.train import fine_tune  # noqa: E402
 from tasks.two_tower import distill_two_tower, load_two_tower  # noqa: E402
 
@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-pairs", type=int, default=2000, help="training pairs of the brief fine-tune")
     parser.add_argument("--work", type=Path, default=Path("adrank_home/benchmarks/scoring"), help="scratch folder")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs", help="where benchmarks.md lives")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child runs (a quick look)")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)  # internal: one peak-RSS run
     return parser.parse_args()
 
@@ -148,14 +149,15 @@ def naive_pairs_per_second(model: RankingModel, inputs: RankingInputs) -> float:
     return len(users) / (time.perf_counter() - start)
 
 
-def agreement(candidate: pl.DataFrame, exhaustive: pl.DataFrame, k: int = 10) -> tuple[float, float]:
-    """Mean recall@k and NDCG@k of candidate's top k against the exhaustive ranking (gains: exhaustive pCTR)."""
+def agreement(candidate: pl.DataFrame, exhaustive: pl.DataFrame, k: int = 10, key: str = "pctr") -> tuple[float, float]:
+    """Mean recall@k and NDCG@k of candidate's top k against the exhaustive ranking by key (pctr or ecpm;
+    gains: the exhaustive key)."""
     recalls, ndcgs = [], []
     discounts = 1 / np.log2(np.arange(2, k + 2))
     for user, truth in exhaustive.group_by("user_id", maintain_order=True):
-        truth = truth.sort("pctr", "ad_id", descending=[True, False])
-        gains = dict(zip(truth["ad_id"], truth["pctr"], strict=True))
-        mine = candidate.filter(pl.col("user_id") == user[0]).sort("pctr", "ad_id", descending=[True, False])
+        truth = truth.sort(key, "ad_id", descending=[True, False])
+        gains = dict(zip(truth["ad_id"], truth[key], strict=True))
+        mine = candidate.filter(pl.col("user_id") == user[0]).sort(key, "ad_id", descending=[True, False])
         top_true, top_mine = truth["ad_id"].head(k).to_list(), mine["ad_id"].head(k).to_list()
         recalls.append(len(set(top_true) & set(top_mine)) / len(top_true))
         ideal = float(np.sum(np.array([gains[a] for a in top_true]) * discounts[: len(top_true)]))
@@ -210,10 +212,17 @@ def run(args: argparse.Namespace) -> dict:
     exhaustive_rate = stats.stage2_unique_texts / stats.seconds["stage2"]
     rows.append({"method": "exhaustive (adrank batching)", "ce_passes_per_s": exhaustive_rate, "recall@10": 1.0})
 
-    def two_stage(k: int, name: str, quantize: bool = False) -> dict:
+    # eCPM: the exhaustive ranking is the same pCTRs times the sample market's bids (every sample ad has one)
+    bids = dict(inputs.ads.select("ad_id", "bid").iter_rows())
+    exhaustive_ecpm = exhaustive.with_columns(
+        ecpm=pl.col("pctr") * pl.col("ad_id").replace_strict(bids) * IMPRESSIONS_PER_ECPM
+    )
+
+    def two_stage(k: int, name: str, quantize: bool = False, objective: str = "pctr") -> dict:
         ranker = model.quantized() if quantize else model
-        ranked, s = rank(settings, ranker, inputs, name, candidates_k=k, top_n=k)
-        recall, ndcg = agreement(ranked, exhaustive)
+        ranked, s = rank(settings, ranker, inputs, name, candidates_k=k, top_n=k, objective=objective)
+        truth = exhaustive_ecpm if objective == "ecpm" else exhaustive
+        recall, ndcg = agreement(ranked, truth, key=objective)
         return {
             "method": name,
             "k": k,
@@ -228,7 +237,10 @@ def run(args: argparse.Namespace) -> dict:
     for k in sorted({*args.ks, default_k}):
         rows.append(two_stage(k, f"two-stage K={k}"))
     rows.append(two_stage(default_k, f"two-stage K={default_k}, int8", quantize=True))
+    for k in sorted({*args.ks, default_k}):
+        rows.append(two_stage(k, f"two-stage K={k}, ecpm", objective="ecpm"))
     default = next(r for r in rows if r["method"] == f"two-stage K={default_k}")
+    default_ecpm = next(r for r in rows if r["method"] == f"two-stage K={default_k}, ecpm")
 
     naive_hours = NIGHTLY_USERS * NIGHTLY_ADS / naive / 3600
     anchors = settings.stage1.reference_users * NIGHTLY_ADS
@@ -238,7 +250,10 @@ def run(args: argparse.Namespace) -> dict:
         + NIGHTLY_USERS * NIGHTLY_ADS / default["matmul_pairs_per_s"]
         + NIGHTLY_USERS * default_k / default["ce_passes_per_s"]
     ) / 3600
-    rss_1x, rss_10x = peak_rss_mib(args, args.rss_users), peak_rss_mib(args, 10 * args.rss_users)
+    if args.skip_rss:
+        rss_1x = rss_10x = float("nan")
+    else:
+        rss_1x, rss_10x = peak_rss_mib(args, args.rss_users), peak_rss_mib(args, 10 * args.rss_users)
     result = {
         "workload": {"users": inputs.users.height, "ads": inputs.ads.height, "max_seq_length": model.max_length},
         "rows": rows,
@@ -249,6 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         "cross_encoder_gemm_fraction": default["ce_passes_per_s"] * flops / 1e9 / gemm,
         "recall_at_10": default["recall@10"],
         "ndcg_at_10": default["ndcg@10"],
+        "ecpm_recall_at_10": default_ecpm["recall@10"],
         "projected_hours": {"naive": naive_hours, "two_stage_default_k": two_stage_hours},
         "projected_speedup_vs_naive": naive_hours / two_stage_hours,
         "peak_rss_mib": {f"{args.rss_users} users": rss_1x, f"{10 * args.rss_users} users": rss_10x},
@@ -296,6 +312,8 @@ def markdown(result: dict) -> str:
         f"**{result['projected_speedup_vs_naive']:,.0f}×** faster\n"
         f"- peak RSS: {', '.join(f'{k} {v:,.0f} MiB' for k, v in result['peak_rss_mib'].items())} "
         f"(ratio **{result['rss_ratio_10x_users']:.2f}**)\n"
+        f"- ranking by eCPM (pCTR × bid × 1000): stage 1 ranks by log pCTR + log bid; recall@10 against the "
+        f"exhaustive eCPM ranking at K={result['default_k']}: **{result['ecpm_recall_at_10']:.2f}**\n"
     )
 
 

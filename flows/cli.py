@@ -23,6 +23,7 @@ COMMANDS = {
     "sample-data": "(re)generate the synthetic sample logs into data.logs",
     "retrain": "run the retrain flow: build pairs, fine-tune, evaluate, register, promote",
     "rerank": "run the rerank flow: score active users x ads with the champion, write ad_rankings",
+    "monitor": "run the monitor flow: ranked days with impressions -> model_daily_metrics, input_drift, alerts",
     "config": "print the resolved config as JSON",
     "promote": "adrank promote <version>: make a registered version the champion (logged on the version)",
     "rollback": "give the champion alias back to the previous champion",
@@ -82,6 +83,12 @@ def run_command(command: str, settings: Settings, overrides: dict, version: str 
         from flows.rerank import rerank
 
         print(json.dumps(rerank(overrides=overrides), indent=2, default=str))
+    elif command == "monitor":
+        from flows.monitor import monitor
+
+        # --ranking.run_date names the ranked day to (re)monitor
+        state = monitor(run_date=settings.ranking.run_date, overrides=overrides, return_state=True)
+        print(f"monitor run {state.name}: " + json.dumps(state.result(), indent=2, default=str))
     else:
         run_demo(settings, overrides)
 

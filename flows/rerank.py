@@ -57,6 +57,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         settings.ranking.top_n,
         salt.get_secret_value() if salt else None,
         timedelta(minutes=settings.ranking.superseded_retention_minutes),
+        settings.ranking.objective,
     )
 
     summary = {
@@ -64,6 +65,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         "users": inputs.users.height,
         "ads": inputs.ads.height,
         "rows": rows,
+        "objective": settings.ranking.objective,
         "two_stage": stats.two_stage,
         "stage2_pairs": stats.stage2_pairs,
         "seconds": {stage: round(seconds, 2) for stage, seconds in stats.seconds.items()},

@@ -22,7 +22,7 @@ evaluate_models = task(evaluate.evaluate_models, name="evaluate", cache_policy=N
 log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_policy=NO_CACHE)
 register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE)
 promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE)
-score_version = task(registry.score_version, name="score_champion", cache_policy=NO_CACHE)
+assess_champion = task(registry.assess_champion, name="assess_champion", cache_policy=NO_CACHE)
 
 
 @flow(name="retrain", log_prints=True)
@@ -38,25 +38,27 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     # fine-tune
     checkpoint = settings.checkpoints_dir / run_id
     result = fine_tune(settings, built.paths["train"], built.paths["valid"], checkpoint)
-    log_training.with_options(**io)(settings, run_id, built.rows, result, built.log_quality)
+    log_training.with_options(**io)(settings, run_id, built, result)
 
     # distil the stage-1 two-tower of rerank from the fine-tuned cross-encoder
     distilled = distill_two_tower(settings, checkpoint, built.paths["train"])
     log_distillation.with_options(**io)(settings, run_id, distilled)
 
     # evaluate, against the champion on the same test split
-    champion = current_champion.with_options(**io)(settings)
-    others = (
-        {registry.CHAMPION: score_version.with_options(**io)(settings, champion, built.paths["test"])}
-        if champion
-        else {}
+    # (a champion that no longer loads is reported, not fatal: it yields to a challenger passing the gates)
+    champion_version = current_champion.with_options(**io)(settings)
+    champion = (
+        assess_champion.with_options(**io)(settings, champion_version, built.paths["test"])
+        if champion_version
+        else None
     )
+    others = {registry.CHAMPION: champion.pctr} if champion and champion.pctr is not None else {}
     table = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
     log_evaluation.with_options(**io)(settings, run_id, table)
 
     # register and promote
     version = register_model.with_options(**io)(settings, run_id, checkpoint)
-    decision = promote_if_better.with_options(**io)(settings, run_id, version, champion, table)
+    decision = promote_if_better.with_options(**io)(settings, run_id, version, champion, table, built.data_until)
 
     create_markdown_artifact(
         key="retrain-summary",
@@ -68,6 +70,7 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "version": version,
         "promoted": decision.promoted,
         "reason": decision.reason,
+        "champion_problem": champion.problem if champion else None,
         "evaluation": table.to_dicts(),
         "pairs": built.rows,
     }

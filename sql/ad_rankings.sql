@@ -1,4 +1,5 @@
--- ad_rankings rows for one run: one row per user_id x ad_id among the user's top $top_n ads.
+-- ad_rankings rows for one run: one row per user_id x ad_id among the user's top $top_n ads by
+-- $objective: 'pctr', or 'ecpm' (pCTR x bid x 1000; null under pctr).
 -- With $user_id_salt (ranking.user_id_salt) user ids are published as sha256(salt || user_id).
 with scored as (
     select * from scored_ads
@@ -9,7 +10,11 @@ ranked as (
         user_id,
         ad_id,
         pctr,
-        row_number() over (partition by user_id order by pctr desc, ad_id) as rank
+        ecpm,
+        row_number() over (
+            partition by user_id
+            order by case when $objective = 'ecpm' then ecpm else pctr end desc, ad_id
+        ) as rank
     from scored
 ),
 
@@ -23,6 +28,7 @@ final as (
         ad_id,
         cast(rank as integer) as rank,
         pctr,
+        cast(ecpm as double) as ecpm,
         cast($model_name as varchar) as model_name,
         cast($model_version as varchar) as model_version,
         cast($scored_at as timestamp) as scored_at

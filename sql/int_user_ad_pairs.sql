@@ -5,12 +5,6 @@ with impressions as (
     select * from stg_impressions
 ),
 
-ad_first_shown as (
-    select ad_id, min(shown_at) as first_shown_at
-    from impressions
-    group by ad_id
-),
-
 final as (
     select
         i.impression_id,
@@ -31,7 +25,7 @@ final as (
     from impressions as i
     cross join int_split_cutoffs as c
     inner join int_user_histories as h on i.impression_id = h.request_id
-    inner join ad_first_shown as f on i.ad_id = f.ad_id
+    inner join int_ad_first_shown as f on i.ad_id = f.ad_id
 )
 
 select * from final

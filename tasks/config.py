@@ -171,11 +171,27 @@ class PromotionConfig(BaseModel):
     max_mean_pctr_error: float = Field(
         0.3, ge=0, description="Largest relative error of the mean test pCTR against the observed test CTR."
     )
+    max_champion_age_days: float | None = Field(
+        14,
+        gt=0,
+        description="A champion whose training data ended this many days before the challenger's gives way to a "
+        "challenger that passes every other gate, without a higher AUC (None: never).",
+    )
 
 
 class RankingConfig(BaseModel):
     run_date: date | None = Field(
         None, description="Date to rank for, using logs before it. None: the day after the latest impression."
+    )
+    objective: Literal["pctr", "ecpm"] = Field(
+        "pctr",
+        description="What rank orders by: 'pctr', or 'ecpm' = pCTR x bid x 1000 (expected revenue per thousand "
+        "impressions; bid from the ads table, a cost per click).",
+    )
+    default_bid: float | None = Field(
+        None,
+        gt=0,
+        description="Under ecpm: the bid of ads whose bid is null. None: those ads are left out of the rankings.",
     )
     active_window_days: int = Field(7, ge=1, description="Users with an impression in this many days are ranked.")
     top_n: int = Field(50, ge=1, description="Ranked ads kept per user.")
@@ -223,6 +239,42 @@ class RankingConfig(BaseModel):
         if name is not None and not IDENTIFIER.match(name):
             raise ValueError(f"candidates_table {name!r} is not a plain table name")
         return name
+
+
+class MonitorConfig(BaseModel):
+    """Next-day monitoring (flows/monitor.py) and the thresholds that raise adrank.model.degraded."""
+
+    max_days: int = Field(
+        30, ge=1, description="Most ranked days monitored in one run (the latest not yet monitored first)."
+    )
+    reference_pairs: int = Field(
+        2000, ge=10, description="Impressions of the model's training window scored as the drift reference."
+    )
+    max_group_values: int = Field(
+        12, ge=1, description="Profile columns with more groups than this (e.g. a city) get no per-group slices."
+    )
+    min_impressions: int = Field(1000, ge=1, description="Days with fewer impressions are reported, not alerted on.")
+    min_calibration_ratio: float = Field(0.8, gt=0, description="Alert below this sum(pCTR) / clicks.")
+    max_calibration_ratio: float = Field(1.25, gt=0, description="Alert above this sum(pCTR) / clicks.")
+    max_ne_increase: float = Field(
+        0.05, ge=0, description="Alert when normalized entropy exceeds the model's offline (test) NE by this."
+    )
+    max_auc_drop: float = Field(0.05, ge=0, description="Alert when AUC falls this far below the model's test AUC.")
+    max_psi: float = Field(0.25, ge=0, description="Alert when an input's population stability index exceeds this.")
+    psi_inputs: list[Literal["pctr", "user_prior_ctr", "user_prior_impressions", "ad_age_days", "category_mix"]] = (
+        Field(
+            ["pctr", "category_mix"],
+            description="Inputs whose PSI can raise an alert. The user-prior inputs and ad_age_days move with time "
+            "by construction (counts and ages grow, rates settle as histories lengthen; PSI against the training "
+            "window rises every day): reported, not alerted on by default.",
+        )
+    )
+
+    @model_validator(mode="after")
+    def _band(self) -> MonitorConfig:
+        if self.min_calibration_ratio >= self.max_calibration_ratio:
+            raise ValueError("min_calibration_ratio must be below max_calibration_ratio")
+        return self
 
 
 class StageOneConfig(BaseModel):
@@ -287,6 +339,7 @@ class Settings(BaseSettings):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     stage1: StageOneConfig = Field(default_factory=StageOneConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sample: SampleDataConfig = Field(default_factory=SampleDataConfig)
 
@@ -299,6 +352,18 @@ class Settings(BaseSettings):
             self.warehouse = self.home / "warehouse.duckdb"
         if self.tracking.mlflow_uri is None:
             self.tracking.mlflow_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        return self
+
+    @model_validator(mode="after")
+    def _offsets_are_served(self) -> Settings:
+        # a prior trained in as an offset only reaches the served score through the output layer's prior term
+        for offset, prior in (("user_prior_offset", "user_prior"), ("ad_prior_offset", "ad_prior")):
+            if getattr(self.training, offset) and prior not in self.model.calibration.split("+"):
+                raise ValueError(
+                    f"training.{offset} = true needs model.calibration with {prior} (it is "
+                    f"{self.model.calibration!r}): without it the served score drops the offset the text "
+                    "model was trained around"
+                )
         return self
 
     @property

@@ -138,6 +138,13 @@ def _stage(con: duckdb.DuckDBPyConnection, table: str, where: str, params: dict)
 
 
 def _check_keys(con: duckdb.DuckDBPyConnection, path: Path, data: DataConfig) -> None:
+    dimension_violations = con.execute(load_sql("checks/stg_ads_and_users")).fetchall()
+    if dimension_violations:
+        examples = "\n".join(
+            f"  {problem}: {key!r} ({rows} rows)" for table, problem, key, rows in dimension_violations
+        )
+        tables = sorted({table for table, *_ in dimension_violations})
+        raise LogContractError(f"{path} ({', '.join(tables)}): checks failed, e.g.\n{examples}")
     params = {
         "latest_allowed": datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=data.max_clock_skew_hours),
         "earliest_allowed": data.earliest_ts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 ECE_BINS = 10
@@ -74,12 +75,24 @@ def calibration_ratio(labels: np.ndarray, pctr: np.ndarray, weights: np.ndarray 
 
 
 def per_group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> dict:
-    """AUC within each group (user) that has both classes: {group: (auc, impressions)}."""
-    out = {}
-    for group, members in _group_members(groups).items():
-        if labels[members].min() != labels[members].max():
-            out[group] = (float(roc_auc_score(labels[members], pctr[members])), len(members))
-    return out
+    """AUC within each group (user) that has both classes: {group: (auc, impressions)}.
+
+    Vectorised as the Mann-Whitney U of each group's tie-averaged ranks (equal to roc_auc_score, ties
+    counting half): a day of 100k impressions has tens of thousands of users."""
+    if len(groups) == 0:
+        return {}
+    frame = pl.DataFrame({"group": np.asarray(groups), "label": np.asarray(labels, dtype=np.int64), "pctr": pctr})
+    stats = (
+        frame.with_columns(rank=pl.col("pctr").rank("average").over("group"))
+        .group_by("group")
+        .agg(n=pl.len(), positives=pl.col("label").sum(), rank_sum=(pl.col("rank") * pl.col("label")).sum())
+        .filter((pl.col("positives") > 0) & (pl.col("positives") < pl.col("n")))
+        .with_columns(
+            auc=(pl.col("rank_sum") - pl.col("positives") * (pl.col("positives") + 1) / 2)
+            / (pl.col("positives") * (pl.col("n") - pl.col("positives")))
+        )
+    )
+    return {group: (float(auc), int(n)) for group, auc, n in stats.select("group", "auc", "n").iter_rows()}
 
 
 def group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> float:

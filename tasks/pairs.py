@@ -28,8 +28,10 @@ class Pairs:
     paths: dict[str, Path]
     rows: dict[str, int]
     clicks: dict[str, int]
+    train_from: datetime  # the first training impression (after data.max_train_pairs)
     valid_from: datetime
     test_from: datetime
+    data_until: datetime  # the last impression of the logs: what the model knows ends here
     log_quality: dict[str, int]  # how often a documented rule was applied to the logs (tasks/logs.py)
 
 
@@ -39,7 +41,7 @@ class RankingInputs:
 
     run_date: date
     users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks, history_ad_ids
-    ads: pl.DataFrame  # ad_id, ad_text
+    ads: pl.DataFrame  # ad_id, bid (null where none and the objective is pctr), ad_text
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
 
@@ -50,6 +52,7 @@ def build_pairs(settings: Settings) -> Pairs:
     materialize(con, "int_impression_history_requests", as_of, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
     materialize(con, "int_split_cutoffs", split_fractions(settings.data))
+    materialize(con, "int_ad_first_shown")
     pairs = con.execute(load_sql("int_user_ad_pairs")).pl()
     if pairs.is_empty():
         raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
@@ -57,7 +60,7 @@ def build_pairs(settings: Settings) -> Pairs:
     pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id").sort("shown_at", "impression_id")
 
     settings.pairs_dir.mkdir(parents=True, exist_ok=True)
-    paths, rows, clicks = {}, {}, {}
+    paths, rows, clicks, first_of = {}, {}, {}, {}
     for split in SPLITS:
         part = pairs.filter(pl.col("split") == split)
         if split == "train" and settings.data.max_train_pairs is not None:
@@ -66,10 +69,11 @@ def build_pairs(settings: Settings) -> Pairs:
             raise ValueError(f"{settings.data.logs}: the {split} split is empty; more days of logs are needed")
         paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
         rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
-    first_of = {s: pairs.filter(pl.col("split") == s)["shown_at"].min() for s in ("valid", "test")}
+        first_of[split] = part["shown_at"].min()
     quality = log_quality(con, settings.data)
     print(f"{settings.data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
-    return Pairs(paths, rows, clicks, first_of["valid"], first_of["test"], quality)
+    until = pairs["shown_at"].max()
+    return Pairs(paths, rows, clicks, first_of["train"], first_of["valid"], first_of["test"], until, quality)
 
 
 def split_fractions(data: DataConfig) -> dict[str, float]:
@@ -79,21 +83,47 @@ def split_fractions(data: DataConfig) -> dict[str, float]:
 
 def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
-    con = open_logs(settings.data.logs, settings.data)
-    run_date = settings.ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
-    materialize(con, "int_active_users", {"run_date": run_date, "window_days": settings.ranking.active_window_days})
+    con, ranking = open_logs(settings.data.logs, settings.data), settings.ranking
+    run_date = ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
+    materialize(con, "int_active_users", {"run_date": run_date, "window_days": ranking.active_window_days})
     materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
     requests = con.table("int_user_histories").select("request_id as user_id, *").pl()
     users = _render_user_texts(con, settings.data, requests)
     users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids")
-    active_ads = con.execute(load_sql("int_active_ads"), {"run_date": run_date}).pl()
+    active_ads = con.execute(
+        load_sql("int_active_ads"),
+        {"run_date": run_date, "objective": ranking.objective, "default_bid": ranking.default_bid},
+    ).pl()
     ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
     candidates = None
-    if settings.ranking.candidates_table is not None:
-        stage_candidates(con, settings.data.logs, settings.ranking.candidates_table)
+    if ranking.candidates_table is not None:
+        stage_candidates(con, settings.data.logs, ranking.candidates_table)
         candidates = con.table("stg_candidates").pl().sort("user_id", "ad_id")
     return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates)
+
+
+def build_window_pairs(
+    con: duckdb.DuckDBPyConnection,
+    data: DataConfig,
+    window_from: datetime,
+    window_until: datetime,
+    max_rows: int | None = None,
+) -> pl.DataFrame:
+    """The impressions shown in [window_from, window_until) (at most max_rows, a fixed pseudo-random
+    sample) as pairs with the features rerank had for their day: history and counts as of the start of
+    the day, user and ad texts, and the ad's category and age in days. con: open_logs' connection."""
+    window = {"window_from": window_from, "window_until": window_until, "max_rows": max_rows}
+    materialize(con, "int_window_history_requests", window, table="history_requests")
+    materialize(con, "int_user_histories", {"history_length": data.history_length})
+    materialize(con, "int_ad_first_shown")
+    pairs = con.execute(load_sql("int_window_impressions")).pl()
+    for table in ("history_requests", "int_user_histories", "int_ad_first_shown"):  # the next window makes its own
+        con.execute(f"drop table {table}")
+    if pairs.is_empty():
+        return pairs
+    pairs = pairs.join(_user_texts_by_request(con, data, pairs), on="impression_id")
+    return pairs.join(render_ad_texts(con, data.ad_template), on="ad_id").sort("shown_at", "impression_id")
 
 
 def user_history(frame) -> tuple[np.ndarray, np.ndarray] | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import numpy as np
 import pandas as pd
 import polars as pl
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from tasks.config import PromotionConfig, Settings, flat_params, redact
 from tasks.evaluate import FINE_TUNED
-from tasks.pairs import USER_PRIOR_COLUMNS
+from tasks.pairs import USER_PRIOR_COLUMNS, Pairs
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 
@@ -64,6 +66,16 @@ class Promotion:
     champion_auc: float | None
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The serving champion as a retrain finds it."""
+
+    version: str
+    pctr: np.ndarray | None  # on this run's test split; None when it could not be loaded or scored
+    problem: str | None  # why it could not, or None
+    data_until: datetime | None  # the last impression of its training logs (None: registered before it was kept)
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server did not answer (after MLflow's own HTTP retries)."""
 
@@ -94,13 +106,14 @@ def start_run(settings: Settings, run_name: str) -> str:
     return run.info.run_id
 
 
-def log_training(
-    settings: Settings, run_id: str, rows: dict[str, int], result: TrainResult, log_quality: dict[str, int]
-) -> None:
+def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainResult) -> None:
     configure_tracking(settings)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_params({f"pairs.{split}_rows": n for split, n in rows.items()})
-        mlflow.log_metrics({f"logs.{name}": n for name, n in log_quality.items()})
+        mlflow.log_params({f"pairs.{split}_rows": n for split, n in built.rows.items()})
+        mlflow.log_metrics({f"logs.{name}": n for name, n in built.log_quality.items()})
+        # the data window, for the champion's age (promotion) and the monitor's drift reference
+        windows = {"train_from": built.train_from, "valid_from": built.valid_from, "test_from": built.test_from}
+        mlflow.set_tags({f"data.{k}": v.isoformat() for k, v in (windows | {"until": built.data_until}).items()})
         for row in result.history:
             step = int(row["step"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)
@@ -187,6 +200,78 @@ def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"models:/{settings.tracking.registered_model}/{version}")
 
 
+def assess_champion(settings: Settings, version: str, pairs_path: Path) -> Champion:
+    """The champion's pCTR on pairs_path, or why it cannot be had: a champion that no longer loads must
+    not block a retrain. Tracking-server outages still raise (the flow retries them)."""
+    configure_tracking(settings)
+    data_until = version_data_until(settings, version)
+    try:
+        return Champion(version, score_version(settings, version, pairs_path), None, data_until)
+    except TrackingUnavailable:
+        raise
+    except Exception as error:  # a broken or deleted version: recorded, the retrain goes on
+        problem = f"version {version} cannot be loaded or scored: {type(error).__name__}: {error}"
+        print(f"warning: champion {problem}; a challenger that passes the other gates replaces it")
+        return Champion(version, None, problem[:1000], data_until)
+
+
+def version_data_until(settings: Settings, version: str) -> datetime | None:
+    """When the training logs of a registered version ended (tag data.until of its run), or None."""
+    client = MlflowClient()
+    run_id = client.get_model_version(settings.tracking.registered_model, version).run_id
+    until = client.get_run(run_id).data.tags.get("data.until")
+    return datetime.fromisoformat(until) if until else None
+
+
+def champion_gives_way(champion: Champion | None, data_until: datetime, cfg: PromotionConfig) -> str | None:
+    """Why the champion yields to any challenger passing the absolute gates (unloadable or stale), or None."""
+    if champion is None:
+        return None
+    if champion.problem:
+        return f"champion {champion.problem}"
+    max_age = cfg.max_champion_age_days
+    if max_age is not None and champion.data_until is not None:
+        age = (data_until - champion.data_until).total_seconds() / 86400
+        if age > max_age:
+            return (
+                f"champion version {champion.version} is stale: its logs ended {champion.data_until:%Y-%m-%d %H:%M}, "
+                f"{age:.1f} days before this run's (> promotion.max_champion_age_days {max_age:g})"
+            )
+    return None
+
+
+def version_run(settings: Settings, version: str) -> mlflow.entities.Run:
+    """The retrain run that registered a version (its metrics, tags and data window)."""
+    configure_tracking(settings)
+    client = MlflowClient()
+    return client.get_run(client.get_model_version(settings.tracking.registered_model, version).run_id)
+
+
+def log_monitoring(run_id: str, run_date: date, metrics: pl.DataFrame, drift: pl.DataFrame) -> None:
+    """A monitored day's metrics on the version's retrain run: `monitor.<slice>.<metric>` and
+    `monitor.drift.<input>`, at step = days since 1970-01-01 and timestamped at the day."""
+    step = (run_date - date(1970, 1, 1)).days
+    timestamp = int(datetime.combine(run_date, datetime.min.time(), UTC).timestamp() * 1000)
+    values = {}
+    for row in metrics.iter_rows(named=True):
+        for key, value in row.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+                values[_metric_name(f"monitor.{row['slice']}.{key}")] = float(value)
+    for name, psi, value in drift.select("input", "psi", "value").iter_rows():
+        figure = psi if psi is not None else value
+        if figure is not None and not math.isnan(figure):
+            values[_metric_name(f"monitor.drift.{name}")] = float(figure)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(key, value, timestamp, step) for key, value in values.items()], synchronous=True
+    )
+
+
+def _metric_name(name: str) -> str:
+    """MLflow metric names allow letters, digits, '_', '-', '.', ' ', '/': a slice 'gender=female' becomes
+    'gender/female'."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name.replace("=", "/"))
+
+
 def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndarray:
     """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split)."""
     return predict_pctr(load_version(settings, version), pl.read_parquet(pairs_path))
@@ -230,12 +315,16 @@ def promotion_gates(
     champion: dict[str, float] | None,
     smoke_error: str | None,
     cfg: PromotionConfig,
+    champion_yields: str | None = None,
 ) -> list[Gate]:
     """Every check a new version must pass to become champion. Metric dicts: overall test rows of the
-    evaluation table (auc, logloss, ece, mean_pctr, std_pctr, pairs, clicks), all on the same split."""
+    evaluation table (auc, logloss, ece, mean_pctr, std_pctr, pairs, clicks), all on the same split.
+    champion_yields (see champion_gives_way) waives beating the champion's AUC."""
     auc, gates = candidate["auc"], []
     if math.isnan(auc):
         gates.append(Gate("auc", False, "candidate AUC is undefined (test split has one class)"))
+    elif champion_yields is not None:
+        gates.append(Gate("auc", True, f"AUC {auc:.4f}; not compared: {champion_yields}"))
     elif champion is None:
         gates.append(Gate("auc", True, "no champion yet"))
     else:
@@ -286,14 +375,20 @@ def smoke_test(settings: Settings, version: str) -> str | None:
 
 
 def promote_if_better(
-    settings: Settings, run_id: str, version: str, champion_version: str | None, table: pl.DataFrame
+    settings: Settings,
+    run_id: str,
+    version: str,
+    current: Champion | None,
+    table: pl.DataFrame,
+    data_until: datetime,
 ) -> Promotion:
-    """Move `champion` to version only if every gate passes; record the gates on the run and the version."""
+    """Move `champion` to version only if every gate passes; record the gates on the run and the version.
+    data_until: the last impression of this run's logs, against which the champion's age is judged."""
     overall = {row["model"]: row for row in table.filter(pl.col("slice") == "overall").iter_rows(named=True)}
-    champion = overall.get(CHAMPION) if champion_version else None
-    gates = promotion_gates(
-        overall[FINE_TUNED], overall["popularity"], champion, smoke_test(settings, version), settings.promotion
-    )
+    champion = overall.get(CHAMPION) if current is not None and current.pctr is not None else None
+    yields = champion_gives_way(current, data_until, settings.promotion)
+    smoke = smoke_test(settings, version)
+    gates = promotion_gates(overall[FINE_TUNED], overall["popularity"], champion, smoke, settings.promotion, yields)
     promoted = all(gate.passed for gate in gates)
     reason = "; ".join(g.detail for g in gates if not g.passed) or "; ".join(g.detail for g in gates)
     configure_tracking(settings)
@@ -301,6 +396,7 @@ def promote_if_better(
     if promoted:
         move_champion(settings, version, reason=f"retrain run {run_id}: {gates[0].detail}")
     champion_auc = champion["auc"] if champion else None
+    champion_version = current.version if current else None
     decision = Promotion(version, promoted, reason, overall[FINE_TUNED]["auc"], champion_version, champion_auc)
     client.set_model_version_tag(name, version, "promotion", json.dumps(asdict(decision)))
     client.set_tag(run_id, "promotion.promoted", str(promoted))

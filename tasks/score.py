@@ -29,7 +29,10 @@ from tasks.two_tower import TwoTower
 
 # pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
 STAGE2_BLOCK_PAIRS = 8192
-SCORES_SCHEMA = pa.schema([("user_id", pa.string()), ("ad_id", pa.string()), ("pctr", pa.float64())])
+SCORES_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("ad_id", pa.string()), ("pctr", pa.float64()), ("ecpm", pa.float64())]
+)
+IMPRESSIONS_PER_ECPM = 1000  # eCPM: expected revenue per thousand impressions = pCTR x bid x 1000
 
 
 @dataclass
@@ -85,8 +88,11 @@ class StageOneAds:
 def score_candidates(
     model: RankingModel, inputs: RankingInputs, ranking: RankingConfig, out_path: Path
 ) -> ScoringStats:
-    """Write (user_id, ad_id, pctr) for each user's top_n ads to out_path (Parquet, renamed into place whole)."""
+    """Write (user_id, ad_id, pctr, ecpm) for each user's top_n ads by ranking.objective to out_path (Parquet,
+    renamed into place whole); ecpm is null under the pctr objective."""
     ads, users = inputs.ads, inputs.users
+    # stage 1 ranks ecpm by log(pCTR) + log(bid), monotone in pCTR x bid
+    log_bids = np.log(ads["bid"].to_numpy()).astype(np.float32) if ranking.objective == "ecpm" else None
     k = ranking.candidates_k
     stats = ScoringStats(users=users.height, ads=ads.height)
     stats.two_stage = model.two_tower is not None and k is not None and k < ads.height
@@ -98,11 +104,11 @@ def score_candidates(
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
             if stats.two_stage:
-                pairs = _stage1(model, chunk, ads, stage1_ads, allowed, k, stats)
+                pairs = _stage1(model, chunk, ads, stage1_ads, allowed, k, stats, log_bids)
             else:
                 rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
                 pairs = _pairs(chunk, ads, rows, cols)
-            top = _stage2(model, pairs, ranking.top_n, stats)
+            top = _stage2(model, pairs, ranking.top_n, stats, ranking.objective)
             writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
             stats.rows += top.height
     tmp.replace(out_path)
@@ -147,6 +153,7 @@ def _stage1(
     allowed: np.ndarray | None,
     k: int,
     stats: ScoringStats,
+    log_bids: np.ndarray | None = None,
 ) -> pl.DataFrame:
     started = time.perf_counter()
     projections = project_users(model, chunk)
@@ -154,6 +161,8 @@ def _stage1(
 
     started = time.perf_counter()
     scores = stage1_scores(model, chunk, projections, stage1_ads)
+    if log_bids is not None:
+        scores = -np.logaddexp(0.0, -scores) + log_bids  # log(sigmoid(log-odds) x bid)
     if allowed is not None:
         scores[~allowed] = -np.inf
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: the lower ad index first, deterministically
@@ -202,8 +211,10 @@ def _logits(model: RankingModel, user_texts, ad_texts) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.empty(0, dtype=np.float32)
 
 
-def _stage2(model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: ScoringStats) -> pl.DataFrame:
-    """Cross-encoder pCTR of each pair (identical text pairs scored once); each user's top_n."""
+def _stage2(
+    model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: ScoringStats, objective: str = "pctr"
+) -> pl.DataFrame:
+    """Cross-encoder pCTR (and eCPM) of each pair (identical text pairs scored once); each user's top_n."""
     started = time.perf_counter()
     texts = pairs.select("user_text", "ad_text").unique(maintain_order=True)
     logits = _logits(model, texts["user_text"].to_numpy(), texts["ad_text"].to_numpy())
@@ -212,13 +223,15 @@ def _stage2(model: RankingModel, pairs: pl.DataFrame, top_n: int, stats: Scoring
     stats.stage2_pairs += pairs.height
     stats.stage2_unique_texts += texts.height
     stats.seconds["stage2"] += time.perf_counter() - started
+    scored = scored.with_columns(pl.Series("pctr", pctr, dtype=pl.Float64))
+    ecpm = pl.col("pctr") * pl.col("bid") * IMPRESSIONS_PER_ECPM if objective == "ecpm" else pl.lit(None)
     # same order as sql/ad_rankings.sql, so the SQL ranks exactly these rows
     return (
-        scored.with_columns(pl.Series("pctr", pctr, dtype=pl.Float64))
-        .sort(["user_id", "pctr", "ad_id"], descending=[False, True, False])
+        scored.with_columns(ecpm.cast(pl.Float64).alias("ecpm"))
+        .sort(["user_id", objective, "ad_id"], descending=[False, True, False])
         .group_by("user_id", maintain_order=True)
         .head(top_n)
-        .select("user_id", "ad_id", "pctr")
+        .select("user_id", "ad_id", "pctr", "ecpm")
     )
 
 
@@ -239,6 +252,7 @@ def _all_pairs(n_users: int, n_ads: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pairs(chunk: pl.DataFrame, ads: pl.DataFrame, rows: np.ndarray, cols: np.ndarray) -> pl.DataFrame:
-    """(user_id, user_text[, user prior counts], ad_id, ad_text) for the given chunk-row and ad-row indices."""
+    """(user_id, user_text[, user prior counts], ad_id, ad_text, bid) for the given chunk-row and ad-row indices."""
     user_columns = ["user_id", "user_text", *[c for c in USER_PRIOR_COLUMNS if c in chunk.columns]]
-    return pl.concat([chunk[rows].select(user_columns), ads[cols].select("ad_id", "ad_text")], how="horizontal")
+    ad_columns = ["ad_id", "ad_text", *[c for c in ("bid",) if c in ads.columns]]
+    return pl.concat([chunk[rows].select(user_columns), ads[cols].select(ad_columns)], how="horizontal")

@@ -40,6 +40,11 @@ def test_precedence_defaults_env_overrides_cli(monkeypatch):
         ({"data": {"ad_template": "{title; drop table ads}"}}, "not a plain column name"),
         ({"tracking": {"registered_model": "x; drop"}}, "registered_model"),
         ({"no_such_section": {}}, "no_such_section"),
+        (
+            {"training": {"user_prior_offset": True}, "model": {"calibration": "platt+ad_prior"}},
+            r"training.user_prior_offset = true needs model.calibration with user_prior",
+        ),
+        ({"training": {"ad_prior_offset": True}, "model": {"calibration": "platt"}}, "ad_prior_offset"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_name(overrides, message):

@@ -3,6 +3,7 @@ workers for both work pools, and deployment runs started through the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,27 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 SERVER_START_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 600
+
+
+# the server's automations as JSON: the events each expects and the deployments it runs
+AUTOMATIONS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        found = []
+        for automation in await client.read_automations():
+            runs = []
+            for action in automation.actions:
+                deployment = await client.read_deployment(action.deployment_id)
+                flow = await client.read_flow(deployment.flow_id)
+                runs.append(f"{flow.name}/{deployment.name}")
+            found.append({"expect": sorted(automation.trigger.expect), "runs": runs, "enabled": automation.enabled})
+        print(json.dumps(found))
+
+asyncio.run(main())
+"""
 
 
 def free_port() -> int:
@@ -124,3 +146,33 @@ def test_deployments_run_through_the_cli(prefect_stack):
         ).fetchone()
     assert users > 20 and rows == users * 5  # the top_n flow parameter reached the run
     assert versions == ["1"] and bad_ranks == 0
+
+    # the automation that retrains on adrank.model.degraded came with the retrain deployment
+    automations = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", AUTOMATIONS], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert [a["expect"] for a in automations] == [["adrank.model.degraded"]], automations
+    assert automations[0]["runs"] == ["retrain/nightly"] and automations[0]["enabled"]
+    # monitor the day just ranked, once its impressions exist: here, a rerank of the logs' last day
+    last_day = {"ranking": {"run_date": "2026-10-10", "top_n": 5}}
+    for deployment, parameters in (("rerank/nightly", last_day), ("monitor/nightly", {})):
+        out = cli(
+            env,
+            "deployment",
+            "run",
+            deployment,
+            "-p",
+            f"overrides={json.dumps(parameters)}",
+            "--watch",
+            "--watch-timeout",
+            str(RUN_TIMEOUT_S),
+            timeout=RUN_TIMEOUT_S + 60,
+        )
+        assert "Completed" in out or "Degraded" in out, out
+    with duckdb.connect(str(tmp_path / "adrank" / "warehouse.duckdb"), read_only=True) as con:
+        monitored = con.execute(
+            "select run_date::varchar, model_version, impressions from model_daily_metrics where slice = 'overall'"
+        ).fetchall()
+    assert [(day, version) for day, version, _ in monitored] == [("2026-10-10", "1")] and monitored[0][2] > 20

@@ -34,6 +34,17 @@ def first_retrain(prefect_api, home, tiny_model_dir, signal_logs):
     return settings, retrain(settings.model_dump(mode="json"))
 
 
+@pytest.fixture(scope="module")
+def worse_retrain(first_retrain, constant_model_dir, signal_logs):
+    """Version 2: a useless model (constant text score, no priors), registered after version 1."""
+    settings, _ = first_retrain
+    # text only: with the ad prior the constant model would rank like popularity
+    worse = build_settings(
+        settings.home, constant_model_dir, signal_logs, training={"epochs": 0}, model={"calibration": "none"}
+    )
+    return retrain(worse.model_dump(mode="json"))
+
+
 def rankings(settings) -> list[tuple]:
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
         return con.execute(
@@ -82,13 +93,9 @@ def test_champion_loads_from_the_registry_and_predicts_ctr(first_retrain):
 
 
 @pytest.mark.fault
-def test_worse_model_is_registered_but_not_promoted(first_retrain, constant_model_dir, signal_logs):
+def test_worse_model_is_registered_but_not_promoted(first_retrain, worse_retrain):
     settings, _ = first_retrain
-    # text only: with the ad prior the constant model would rank like popularity
-    worse = build_settings(
-        settings.home, constant_model_dir, signal_logs, training={"epochs": 0}, model={"calibration": "none"}
-    )
-    result = retrain(worse.model_dump(mode="json"))
+    result = worse_retrain
     table = {(r["model"], r["slice"]): r["auc"] for r in result["evaluation"]}
     assert table[("fine_tuned", "overall")] == 0.5 < table[(CHAMPION, "overall")]
     assert result["version"] == "2" and not result["promoted"]
@@ -134,7 +141,9 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
 @pytest.mark.fault
 def test_bad_logs_fail_the_rerank_before_anything_published_changes(first_retrain, signal_logs, tmp_path):
     settings, _ = first_retrain
+    rerank(overrides=settings.model_dump(mode="json"))  # a published ranking that must survive the bad run
     before = rankings(settings)
+    assert before
     broken = tmp_path / "logs"
     shutil.copytree(signal_logs, broken)
     part = next((broken / "impressions").glob("*.parquet"))
@@ -145,8 +154,9 @@ def test_bad_logs_fail_the_rerank_before_anything_published_changes(first_retrai
     assert rankings(settings) == before
 
 
-def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, monkeypatch, capsys):
+def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, worse_retrain, monkeypatch, capsys):
     settings, _ = first_retrain
+    assert worse_retrain["version"] == "2"
     for key, value in (("ADRANK_HOME", settings.home), ("ADRANK_TRACKING__MLFLOW_URI", settings.tracking.mlflow_uri)):
         monkeypatch.setenv(key, str(value))
     client, name = MlflowClient(), settings.tracking.registered_model
@@ -172,3 +182,23 @@ def test_rerank_in_two_stages_with_the_registered_two_tower(first_retrain):
     assert summary["two_stage"] and summary["stage2_pairs"] == summary["users"] * k
     published = [row for row in rankings(settings) if row[0].isoformat() == "2026-05-10"]
     assert len(published) == summary["rows"] == summary["users"] * 2
+
+
+@pytest.mark.fault
+def test_a_champion_that_no_longer_loads_never_blocks_a_retrain(prefect_api, tmp_path, tiny_model_dir, signal_logs):
+    settings = build_settings(
+        tmp_path / "home", tiny_model_dir, signal_logs, training=SIGNAL_TRAINING, promotion=SIGNAL_PROMOTION
+    )
+    assert retrain(settings.model_dump(mode="json"))["promoted"]
+    shutil.rmtree(settings.artifacts_dir)  # version 1's weights are gone (a purged bucket, a bad migration)
+    assert "loading or scoring failed" in smoke_test(settings, "1")
+
+    result = retrain(settings.model_dump(mode="json"))
+    assert "version 1 cannot be loaded or scored" in result["champion_problem"]
+    assert result["version"] == "2" and result["promoted"], result["reason"]
+    assert {row["model"] for row in result["evaluation"]} >= {"fine_tuned", "popularity"}
+    assert CHAMPION not in {row["model"] for row in result["evaluation"]}
+    assert MlflowClient().get_model_version_by_alias(settings.tracking.registered_model, CHAMPION).version == 2
+    tags = MlflowClient().get_run(result["run_id"]).data.tags
+    assert "not compared: champion version 1 cannot be loaded" in json.loads(tags["promotion.gates"])[0]["detail"]
+    assert tags["data.until"] == "2026-05-10T23:40:00"  # the last impression of the logs

@@ -79,6 +79,23 @@ def test_contract_violations_name_the_table_column_and_rows(tmp_path, impression
     assert str(tmp_path) in str(error.value)
 
 
+@pytest.mark.fault
+@pytest.mark.parametrize(
+    ("ads", "users", "message"),
+    [
+        ([*ADS, {"ad_id": "a2", "title": "Beta again"}], USERS, r"(?s)\(ads\).*duplicate ad_id: 'a2' \(2 rows\)"),
+        (ADS, [*USERS, {"user_id": "u1"}, {"user_id": "u1"}], r"(?s)\(users\).*duplicate user_id: 'u1' \(3 rows\)"),
+        ([*ADS, {"ad_id": None, "title": "Nameless"}], USERS, r"null ad_id: None \(1 rows\)"),
+        ([{"ad_id": "a1", "title": "Alpha", "bid": -0.5}], USERS, r"bid not a positive number: 'a1'"),
+    ],
+)
+def test_repeated_or_null_ad_and_user_ids_are_contract_errors(tmp_path, ads, users, message):
+    write_logs(tmp_path, [impression(1)], ads, users)
+    with pytest.raises(LogContractError, match=message) as error:
+        open_logs(str(tmp_path))
+    assert str(tmp_path) in str(error.value)
+
+
 def test_missing_source_and_missing_table(tmp_path):
     with pytest.raises(LogContractError, match="does not exist"):
         open_logs(str(tmp_path / "nope"))

@@ -229,6 +229,18 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
     ]  # imp. 5 is on the run date
 
 
+def test_under_ecpm_ads_without_a_bid_take_the_default_or_are_left_out(tmp_path, make_settings):
+    priced = [ad | {"bid": 0.5} if ad["ad_id"] == "a1" else ad for ad in ADS]  # only a1 has a bid
+    write_logs(tmp_path / "logs", IMPRESSIONS, priced, USERS)
+    logs = {"logs": str(tmp_path / "logs")}
+    by_pctr = build_ranking_inputs(make_settings(data=logs)).ads
+    assert by_pctr.select("ad_id", "bid").rows() == [("a1", 0.5), ("a2", None), ("a3", None)]
+    left_out = build_ranking_inputs(make_settings(data=logs, ranking={"objective": "ecpm"})).ads
+    assert left_out.select("ad_id", "bid").rows() == [("a1", 0.5)]
+    defaulted = build_ranking_inputs(make_settings(data=logs, ranking={"objective": "ecpm", "default_bid": 0.2})).ads
+    assert defaulted.select("ad_id", "bid").rows() == [("a1", 0.5), ("a2", 0.2), ("a3", 0.2)]
+
+
 def test_render_profile_skips_empty_values():
     assert render_profile({"age": 30, "city": None, "job": ""}, 100) == "age: 30"
     assert render_profile({"bio": "x" * 50}, 10) == "bio: " + "x" * 10  # huge values are cut

@@ -79,6 +79,27 @@ def test_failed_key_check_publishes_nothing(tmp_path, scores):
     assert rows(warehouse) == before
 
 
+@pytest.mark.fault
+def test_a_publish_of_zero_rows_is_refused_and_the_date_keeps_its_rankings(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
+    before = rows(warehouse)
+    empty = staged(
+        pa.table(
+            {
+                "user_id": pa.array([], pa.string()),
+                "ad_id": pa.array([], pa.string()),
+                "pctr": pa.array([], pa.float64()),
+            }
+        ),
+        tmp_path,
+    )
+    with pytest.raises(PublishCheckError, match=r"no rankings to publish for 2026-01-01 .*left as it was"):
+        publish_rankings(warehouse, empty, date(2026, 1, 1), "m", "2", top_n=3)
+    assert rows(warehouse) == before
+    assert len(list((tmp_path / "ad_rankings").rglob("*.parquet"))) == 1
+
+
 READER = """
 import json, sys, time
 import duckdb
@@ -146,6 +167,31 @@ def test_a_warehouse_with_the_old_ad_rankings_table_is_moved_to_files(tmp_path, 
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
     published = rows(warehouse)
     assert published[0] == (date(2025, 12, 31), "u9", 1, "z", 0.9, "0") and len(published) == 7
+
+
+def test_ecpm_objective_ranks_by_ecpm_and_views_from_before_ecpm_are_recreated(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)  # pctr: ecpm null
+    old = tmp_path / "ad_rankings" / "run_date=2025-12-31" / "20251231T000000000000-old.parquet"
+    old.parent.mkdir()
+    with duckdb.connect(str(warehouse)) as con:  # a file and views written before ecpm existed
+        con.execute(
+            f"copy (select date '2025-12-31' as run_date, 'u9' as user_id, 'z' as ad_id, 1 as rank, 0.9 as pctr, "
+            f"'m' as model_name, '0' as model_version, now()::timestamp as scored_at) to '{old}'"
+        )
+        con.execute("create or replace view ad_rankings as select * exclude (ecpm) from latest_ad_rankings")
+    ecpm = staged(
+        pa.table({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "pctr": [0.4, 0.1], "ecpm": [400.0, 900.0]}),
+        tmp_path,
+    )
+    publish_rankings(warehouse, ecpm, date(2026, 1, 2), "m", "2", top_n=3, objective="ecpm")
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        got = con.execute("select run_date, user_id, rank, ad_id, ecpm from ad_rankings order by all").fetchall()
+    assert [r for r in got if r[0] == date(2026, 1, 2)] == [
+        (date(2026, 1, 2), "u1", 1, "b", 900.0),  # ranked by ecpm, not by pctr
+        (date(2026, 1, 2), "u1", 2, "a", 400.0),
+    ]
+    assert {r[4] for r in got if r[0] < date(2026, 1, 2)} == {None} and len(got) == 9
 
 
 def test_superseded_files_are_removed_only_after_the_retention(tmp_path, scores):

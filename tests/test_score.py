@@ -118,6 +118,27 @@ def test_two_stage_runs_repeat_exactly(ranking_model, inputs, tmp_path):
     assert first.equals(second) and first.height == N_USERS * 5
 
 
+def test_ecpm_ranks_by_pctr_times_bid_in_both_stages(ranking_model, inputs, tmp_path):
+    bids = np.linspace(0.1, 3.0, N_ADS)
+    bids[3] = 0.01  # ad-03, every user's first by pCTR (its ad prior), bids almost nothing
+    priced = replace(inputs, ads=inputs.ads.with_columns(pl.Series("bid", bids)))
+    by_pctr, _ = run(ranking_model, priced, tmp_path, "pctr", candidates_k=None, top_n=N_ADS)
+    assert by_pctr["ecpm"].is_null().all()
+    exhaustive, _ = run(ranking_model, priced, tmp_path, "ecpm", candidates_k=None, top_n=N_ADS, objective="ecpm")
+    bid = dict(zip(priced.ads["ad_id"], bids, strict=True))
+    expected = exhaustive["pctr"] * exhaustive["ad_id"].replace_strict(bid) * 1000
+    np.testing.assert_allclose(exhaustive["ecpm"], expected, rtol=1e-9)
+    for _, ranked in exhaustive.group_by("user_id"):
+        assert ranked["ecpm"].to_list() == sorted(ranked["ecpm"].to_list(), reverse=True)
+    top = {u: r["ad_id"][0] for (u,), r in exhaustive.group_by("user_id")}
+    assert top != {u: r["ad_id"][0] for (u,), r in by_pctr.group_by("user_id")}  # the bids changed the order
+    # stage 1 keeps the top of the exhaustive ecpm ranking (log-odds + log bid); stage 2 scores it alike
+    two_stage, stats = run(ranking_model, priced, tmp_path, "two", candidates_k=12, top_n=3, objective="ecpm")
+    assert stats.two_stage
+    joined = two_stage.join(exhaustive, on=["user_id", "ad_id"], suffix="_all")
+    np.testing.assert_allclose(joined["ecpm"], joined["ecpm_all"], rtol=1e-5)
+
+
 def test_candidates_table_restricts_each_users_ads(ranking_model, inputs, tmp_path):
     allowed = pl.DataFrame(
         {"user_id": ["u00", "u00", "u00", "u01", "u01"], "ad_id": ["ad-01", "ad-02", "ad-29", "ad-03", "gone"]}

@@ -267,7 +267,7 @@ TRAIN_WORKER = """
 import json, sys
 from pathlib import Path
 from tasks.config import load_settings
-from tasks.train import ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
+from tasks.train import fine_tune
 fine_tune(load_settings(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
 """
 

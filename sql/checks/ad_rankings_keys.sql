@@ -22,10 +22,17 @@ bad_pctr as (
     where pctr < 0 or pctr > 1 or isnan(pctr)
 ),
 
+bad_ecpm as (
+    select 'ecpm negative or not a number' as problem, user_id, ad_id
+    from staged
+    where ecpm < 0 or isnan(ecpm)
+),
+
 final as (
     select * from duplicate_keys
     union all select * from null_values
     union all select * from bad_pctr
+    union all select * from bad_ecpm
 )
 
 select * from final

@@ -1,11 +1,11 @@
 -- ad_rankings: one row per run_date x user_id x ad_id; rank 1 is the ad the model expects the user
--- to click most. Files are never rewritten: each publish of a run_date adds a new file (tasks/publish.py)
+-- to click most (ranking.objective = pctr) or expects the most revenue from (ecpm). Files are never rewritten: each publish of a run_date adds a new file (tasks/publish.py)
 -- and this view keeps, per run_date, the rows of its latest publish (scored_at), read in one scan so
 -- a query sees one publish per date, whole.
--- DDL takes no bound parameters: {rankings_glob} is filled with a quoted string literal.
+-- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
 create or replace view ad_rankings as
 with published as (
-    select * from read_parquet({rankings_glob}, hive_partitioning = false)
+    select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)
 ),
 
 final as (
@@ -15,6 +15,7 @@ final as (
         ad_id,
         rank,
         pctr,
+        ecpm,
         model_name,
         model_version,
         scored_at

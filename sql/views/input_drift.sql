@@ -1,0 +1,16 @@
+-- input_drift: one row per run_date x input: population stability index between the
+-- model's training window and run_date, and the share of impressions on ads it never saw (docs/data.md).
+-- Like ad_rankings, each monitor run adds a file per run_date and the newest (computed_at) wins.
+-- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
+create or replace view input_drift as
+with published as (
+    select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)
+),
+
+final as (
+    select *
+    from published
+    qualify computed_at = max(computed_at) over (partition by run_date)
+)
+
+select * from final

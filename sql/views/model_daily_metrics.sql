@@ -1,0 +1,16 @@
+-- model_daily_metrics: one row per run_date x slice: how the model version that ranked
+-- run_date did on that day's impressions (flows/monitor.py; columns in docs/data.md).
+-- Like ad_rankings, each monitor run adds a file per run_date and the newest (computed_at) wins.
+-- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
+create or replace view model_daily_metrics as
+with published as (
+    select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)
+),
+
+final as (
+    select *
+    from published
+    qualify computed_at = max(computed_at) over (partition by run_date)
+)
+
+select * from final
