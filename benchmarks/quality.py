@@ -88,6 +88,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--levers", action="store_true", help="only compare LEVERS on validation (first seed)")
     parser.add_argument("--only", nargs="+", help="with --levers: just these (the default is fine_tuned)")
     parser.add_argument("--resume", action="store_true", help="reuse seeds already scored in --work")
+    parser.add_argument(
+        "--two-stage-only",
+        action="store_true",
+        help="only the two-stage measurement (pCTR and eCPM) on the first seed's model already trained in --work",
+    )
     parser.add_argument("--work", type=Path, default=Path("adrank_home/benchmarks"), help="scratch folder")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs", help="where benchmarks.md lives")
     return parser.parse_args()
@@ -372,6 +377,12 @@ def run(args: argparse.Namespace) -> dict:
         logs, data_checksum = args.logs.resolve(), "n/a (--logs)"
     if args.levers:
         return run_levers(args, logs)
+    if args.two_stage_only:
+        settings, _, paths, held_out = prepare_seed(args, logs, args.seeds[0], **CHOSEN)
+        checkpoint = work / args.name / f"tuned-{args.seeds[0]}"
+        result = two_stage_recall(settings, checkpoint, paths, held_out["test_from"])
+        print(json.dumps(result, indent=2))
+        return result
     timings: dict[str, float] = {}
     runs = []
     for i, seed in enumerate(args.seeds):

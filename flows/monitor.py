@@ -34,9 +34,9 @@ def monitor(run_date: date | None = None, overrides: dict[str, Any] | None = Non
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
     con = open_logs(settings.data.logs, settings.data)
 
-    reports = []
+    reports, versions = [], {}  # versions: each model version loaded (and its drift reference scored) once
     for day in days_to_monitor(settings, con, run_date):
-        report = monitor_day(settings, con, day)
+        report = monitor_day(settings, con, day, versions)
         tables = {"model_daily_metrics": report.metrics, "input_drift": report.drift}
         publish_monitoring.with_options(**io)(settings.warehouse, day, tables, retention)
         log_monitoring.with_options(**io)(report.run_id, day, report.metrics, report.drift)

@@ -12,6 +12,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -57,42 +58,63 @@ def days_to_monitor(settings: Settings, con: duckdb.DuckDBPyConnection, run_date
     return [d for d in ranked if d in arrived and d not in monitored][-settings.monitor.max_days :]
 
 
-def monitor_day(settings: Settings, con: duckdb.DuckDBPyConnection, run_date: date) -> DayReport:
-    """Score run_date's impressions with the version that ranked it, as rerank saw them, and compare."""
+@dataclass(frozen=True)
+class MonitoredVersion:
+    """What monitoring needs of a registered version, loaded once a run however many days it ranked."""
+
+    model: Any  # the MLflow pyfunc model
+    run: Any  # its retrain run (metrics, data-window tags)
+    seen_ads: set[str]  # ads in its training data
+    reference: pl.DataFrame | None  # a scored sample of its training window: the drift reference
+
+
+def load_monitored_version(settings: Settings, con: duckdb.DuckDBPyConnection, version: str) -> MonitoredVersion:
+    """The version's model and run, and a fixed sample of its training window scored by it (None for
+    versions registered before adrank tagged their data window, or logs that no longer reach it)."""
+    model, run = load_version(settings, version), version_run(settings, version)
+    seen_ads = set(model.unwrap_python_model().calibration.ad_log_odds)
+    tags, reference = run.data.tags, None
+    if "data.train_from" in tags and "data.valid_from" in tags:
+        window = [datetime.fromisoformat(tags[f"data.{k}"]) for k in ("train_from", "valid_from")]
+        reference = build_window_pairs(con, settings.data, *window, max_rows=settings.monitor.reference_pairs)
+        reference = reference.with_columns(pctr=pl.Series(predict_pctr(model, reference))) if reference.height else None
+    if reference is None:
+        print(f"warning: no drift reference for version {version} (no data-window tags, or logs too short)")
+    return MonitoredVersion(model, run, seen_ads, reference)
+
+
+def monitor_day(
+    settings: Settings,
+    con: duckdb.DuckDBPyConnection,
+    run_date: date,
+    versions: dict[str, MonitoredVersion] | None = None,
+) -> DayReport:
+    """Score run_date's impressions with the version that ranked it, as rerank saw them, and compare.
+    versions: the run's cache of loaded versions (filled here), so each is loaded and referenced once."""
     published = read_rankings(settings.warehouse, run_date)
     if published.is_empty():
         raise ValueError(f"{settings.warehouse}: nothing published in ad_rankings for {run_date} to monitor")
     version = published["model_version"][0]
-    model, run = load_version(settings, version), version_run(settings, version)
-    seen_ads = set(model.unwrap_python_model().calibration.ad_log_odds)
+    versions = {} if versions is None else versions
+    if version not in versions:
+        versions[version] = load_monitored_version(settings, con, version)
+    loaded = versions[version]
     start = datetime.combine(run_date, datetime.min.time())
     day = build_window_pairs(con, settings.data, start, start + timedelta(days=1))
     if day.is_empty():
         raise ValueError(f"{settings.data.logs}: no impressions on {run_date} to monitor")
-    day = day.with_columns(pctr=pl.Series(predict_pctr(model, day)), in_top_n=_in_top_n(settings, day, published))
-    reference = _training_reference(settings, con, model, run.data.tags, day)
+    pctr = pl.Series(predict_pctr(loaded.model, day))
+    day = day.with_columns(pctr=pctr, in_top_n=_in_top_n(settings, day, published))
 
     users = con.table("stg_users").pl()
     profile_columns = [c for c in users.columns if c != "user_id" and c not in day.columns]
     day = day.join(users.select("user_id", *profile_columns), on="user_id", how="left")
-    masks = slices(day, seen_ads, ["category", *profile_columns], settings.monitor.max_group_values)
+    masks = slices(day, loaded.seen_ads, ["category", *profile_columns], settings.monitor.max_group_values)
     metrics = daily_metrics(day, masks, run_date, version)
-    drift = input_drift(reference, day, seen_ads, run_date, version)
-    found = breaches(metrics, drift, offline_metrics(run.data.metrics), settings.monitor)
-    return DayReport(run_date, version, run.info.run_id, metrics, drift, found)
-
-
-def _training_reference(settings: Settings, con, model, tags: dict[str, str], day: pl.DataFrame) -> pl.DataFrame:
-    """A fixed sample of the version's training window, scored by it: the drift reference. Versions
-    registered before adrank tagged their data window get none (their PSI is null)."""
-    if "data.train_from" not in tags or "data.valid_from" not in tags:
-        print("warning: the version's run has no data.train_from / data.valid_from tags; no drift reference")
-        return day.head(0)
-    window = [datetime.fromisoformat(tags[f"data.{k}"]) for k in ("train_from", "valid_from")]
-    reference = build_window_pairs(con, settings.data, *window, max_rows=settings.monitor.reference_pairs)
-    if reference.is_empty():  # the logs no longer reach back to the training window
-        return day.head(0)
-    return reference.with_columns(pctr=pl.Series(predict_pctr(model, reference)))
+    reference = loaded.reference if loaded.reference is not None else day.head(0)
+    drift = input_drift(reference, day, loaded.seen_ads, run_date, version)
+    found = breaches(metrics, drift, offline_metrics(loaded.run.data.metrics), settings.monitor)
+    return DayReport(run_date, version, loaded.run.info.run_id, metrics, drift, found)
 
 
 def _in_top_n(settings: Settings, day: pl.DataFrame, published: pl.DataFrame) -> pl.Series:
