@@ -312,6 +312,7 @@ def save_resume_state(
     scalars = {k: v for k, v in state.items() if k not in ("epoch_generator", "best_valid_logits")}
     (tmp / "state.json").write_text(json.dumps(scalars))
     if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during the previous swap's clean-up
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)

@@ -369,3 +369,22 @@ def test_ad_prior_offset_leaves_each_training_pair_out_of_its_own_ads_counts(mak
     dropped = make_settings(training={"ad_prior_offset": True, "ad_prior_offset_dropout": 1.0})
     assert not ad_prior_offsets(dropped, train, train, in_train=True).any()
     assert not ad_prior_offsets(make_settings(), train, train, in_train=True).any()  # off by default
+
+
+@pytest.mark.fault
+def test_a_resume_state_saves_over_what_a_kill_during_the_last_swap_left(tmp_path, tiny_model_dir):
+    from transformers import get_linear_schedule_with_warmup
+
+    from tasks.train import save_resume_state
+
+    model, _ = load_cross_encoder(str(tiny_model_dir), torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, 10)
+    state = {"epoch_generator": torch.Generator().get_state(), "best_valid_logits": np.zeros(3, np.float32)}
+    folder = tmp_path / "resume" / "run"
+    save_resume_state(folder, model, optimizer, schedule, state | {"step": 5})
+    stale = folder.with_name("run.old")  # killed inside the previous save's clean-up: half deleted
+    stale.mkdir()
+    (stale / "trainer.pt").write_bytes(b"partial")
+    save_resume_state(folder, model, optimizer, schedule, state | {"step": 6})
+    assert json.loads((folder / "state.json").read_text())["step"] == 6 and not stale.exists()
