@@ -217,9 +217,7 @@ def assess_champion(settings: Settings, version: str, pairs_path: Path) -> Champ
 
 def version_data_until(settings: Settings, version: str) -> datetime | None:
     """When the training logs of a registered version ended (tag data.until of its run), or None."""
-    client = MlflowClient()
-    run_id = client.get_model_version(settings.tracking.registered_model, version).run_id
-    until = client.get_run(run_id).data.tags.get("data.until")
+    until = version_run(settings, version).data.tags.get("data.until")
     return datetime.fromisoformat(until) if until else None
 
 
