@@ -6,11 +6,13 @@ lists them all. Env vars (ADRANK_...) apply underneath.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
+import polars as pl
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
@@ -24,11 +26,35 @@ COMMANDS = {
     "retrain": "run the retrain flow: build pairs, fine-tune, evaluate, register, promote",
     "rerank": "run the rerank flow: score active users x ads with the champion, write ad_rankings",
     "monitor": "run the monitor flow: ranked days with impressions -> model_daily_metrics, input_drift, alerts",
+    "models": "registered versions: aliases, trained window, test metrics, promotion decision and gates",
+    "rankings": "a user's published top ads (latest date, or --date)",
+    "explain": "why an ad scores what it does for a user: texts, output-layer terms, each history title left out",
     "config": "print the resolved config as JSON",
-    "promote": "adrank promote <version>: make a registered version the champion (logged on the version)",
+    "promote": "make a registered version the champion (logged on the version)",
     "rollback": "give the champion alias back to the previous champion",
+    "stack": "a local Prefect server, MLflow server, work pools, deployments and workers (README)",
 }
+# each command's own arguments (before or among the --section.field config flags)
+ARGUMENTS = {
+    "demo": "[--full]",
+    "promote": "<version>",
+    "rankings": "--user <id> [--date YYYY-MM-DD]",
+    "explain": "--user <id> --ad <id> [--date YYYY-MM-DD]",
+    "stack": "up|down|status",
+}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # scripts can rely on these: ok, a run failed, bad usage or config
 SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_ad_rankings order by user_id, rank"
+# `adrank demo`'s own scale: every stage runs for real on the sample market, in about 3 minutes on 2 CPU cores.
+# `adrank demo --full` runs the configured scale instead; flags override either.
+DEMO_SCALE = {
+    "training": {"epochs": 1, "sample_pairs": 800, "eval_every_steps": 25, "learning_rate": 2e-4},
+    "stage1": {"distill_users": 60},
+    "ranking": {"candidates_k": 10, "top_n": 10},
+}
+
+
+class UsageError(ValueError):
+    """The command line is not one adrank understands."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,41 +62,89 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         usage = "\n".join(f"  {name:<12} {text}" for name, text in COMMANDS.items())
         print(f"usage: adrank <command> [--section.field value ...]\n\ncommands:\n{usage}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        print("\nexit codes: 0 ok, 1 a run or registry change failed, 2 bad usage or config")
+        return EXIT_OK if not argv or argv[0] in ("-h", "--help") else EXIT_USAGE
     command, flags = argv[0], argv[1:]
-    version = None
-    if command == "promote":
-        if not flags or flags[0].startswith("-"):
-            print("usage: adrank promote <version> [--section.field value ...]", file=sys.stderr)
-            return 2
-        version, flags = flags[0], flags[1:]
+    if "-h" in flags or "--help" in flags:
+        return print_help(command)
+    try:
+        args, flags = command_arguments(command, flags)
+    except UsageError as error:
+        print(f"adrank {command}: {error}\nusage: {usage_line(command)}", file=sys.stderr)
+        return EXIT_USAGE
     # the temporary Prefect server would try (and, offline, fail noisily) to send usage statistics
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # it starts in ~25 s on an idle 2-core machine, past Prefect's 20 s default, and slower on a busy one
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         overrides = cli_overrides(flags)
+        if command == "demo" and not args.get("full"):
+            overrides = merge(DEMO_SCALE, overrides)
+        if args.get("date"):
+            overrides = merge(overrides, {"ranking": {"run_date": args["date"]}})
         settings = load_settings(overrides)
-    except ValidationError as error:
-        print(f"adrank: invalid config: {error}", file=sys.stderr)
-        return 2
+    except (ValidationError, SystemExit) as error:  # argparse exits on an unknown flag
+        print(f"adrank {command}: invalid config: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if command == "stack":
+        from tasks.stack import run_stack
+
+        return run_stack(args["action"], settings)
     try:
-        run_command(command, settings, overrides, version)
+        return run_command(command, settings, overrides, args)
     except LogContractError as error:
         print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
-        return 1
-    except (registry.PromotionError, MlflowException) as error:
+    except (registry.PromotionError, MlflowException, LookupError) as error:
         print(f"adrank {command}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return EXIT_FAILED
 
 
-def run_command(command: str, settings: Settings, overrides: dict, version: str | None = None) -> None:
+def usage_line(command: str) -> str:
+    return f"adrank {command} {ARGUMENTS.get(command, '')} [--section.field value ...]".replace("  ", " ")
+
+
+def print_help(command: str) -> int:
+    """The command's usage and meaning, then every config flag (they apply to every command)."""
+    print(f"usage: {usage_line(command)}\n\n{COMMANDS[command]}\n\nconfig flags:")
+    with contextlib.suppress(SystemExit):  # pydantic-settings prints the flags and exits
+        cli_overrides(["--help"])
+    return EXIT_OK
+
+
+def command_arguments(command: str, flags: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """Split a command's own arguments (ARGUMENTS) from the config flags that follow or surround them."""
+    args: dict[str, str | bool] = {}
+    if command in ("promote", "stack"):
+        from tasks.stack import ACTIONS
+
+        if not flags or flags[0].startswith("-") or (command == "stack" and flags[0] not in ACTIONS):
+            raise UsageError("missing or unknown argument")
+        args["version" if command == "promote" else "action"], flags = flags[0], flags[1:]
+    if command == "demo" and "--full" in flags:
+        args["full"], flags = True, [flag for flag in flags if flag != "--full"]
+    if command in ("rankings", "explain"):
+        for name in ("user", "ad", "date"):
+            if f"--{name}" in flags:
+                at = flags.index(f"--{name}")
+                if at + 1 >= len(flags):
+                    raise UsageError(f"--{name} needs a value")
+                args[name], flags = flags[at + 1], flags[:at] + flags[at + 2 :]
+        required = ("user",) if command == "rankings" else ("user", "ad")
+        if missing := [name for name in required if name not in args]:
+            raise UsageError(f"missing {', '.join('--' + m for m in missing)}")
+        if command == "rankings" and "ad" in args:
+            raise UsageError("--ad is for adrank explain")
+    return args, flags
+
+
+def run_command(command: str, settings: Settings, overrides: dict, args: dict) -> int:
     """Flows get only the CLI's overrides as parameters; they read the rest from the environment."""
     if command == "promote":
-        registry.move_champion(settings, version, reason="manual promotion (adrank promote)")
+        registry.move_champion(settings, args["version"], reason="manual promotion (adrank promote)")
+        registry.snapshot_model_versions(settings)  # the warehouse's model_versions follows the alias
     elif command == "rollback":
         registry.rollback_champion(settings)
+        registry.snapshot_model_versions(settings)
     elif command == "config":
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
     elif command == "sample-data":
@@ -89,8 +163,72 @@ def run_command(command: str, settings: Settings, overrides: dict, version: str 
         # --ranking.run_date names the ranked day to (re)monitor
         state = monitor(run_date=settings.ranking.run_date, overrides=overrides, return_state=True)
         print(f"monitor run {state.name}: " + json.dumps(state.result(), indent=2, default=str))
+    elif command == "models":
+        print_models(settings)
+    elif command == "rankings":
+        return print_rankings(settings, args["user"])
+    elif command == "explain":
+        print_explanation(settings, args["user"], args["ad"])
     else:
         run_demo(settings, overrides)
+    return EXIT_OK
+
+
+def print_models(settings: Settings) -> None:
+    versions = registry.model_versions(settings)
+    if versions.is_empty():
+        print(f"no registered versions of {settings.tracking.registered_model} at {settings.tracking.mlflow_uri}")
+        return
+    shown = versions.select(
+        "model_version",
+        pl.col("aliases").list.join(","),
+        pl.col("data_until_at").dt.date().alias("data_until"),
+        *[pl.col(c).round(4) for c in ("test_auc", "test_logloss", "test_ece", "cold_start_auc")],
+        "is_promoted",
+        pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M"),
+    )
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+        print(shown)
+    gates = registry.version_gates(settings)
+    for version in versions["model_version"]:
+        marks = ", ".join(f"{g['name']} {'ok' if g['passed'] else 'FAILED'}" for g in gates.get(version, []))
+        failed = "; ".join(g["detail"] for g in gates.get(version, []) if not g["passed"])
+        print(f"version {version} gates: {marks or 'not recorded'}" + (f" ({failed})" if failed else ""))
+    print(f"champion history (oldest first): {' -> '.join(registry.champion_history(settings)) or 'none'}")
+
+
+def print_rankings(settings: Settings, user_id: str) -> int:
+    from tasks.publish import user_rankings
+
+    salt = settings.ranking.user_id_salt
+    ranked = user_rankings(settings.warehouse, user_id, settings.ranking.run_date, salt and salt.get_secret_value())
+    if ranked.is_empty():
+        when = settings.ranking.run_date or "any date"
+        print(f"adrank rankings: no published ranking for user {user_id!r} on {when}", file=sys.stderr)
+        return EXIT_FAILED
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        print(f"user {user_id}, run_date {ranked['run_date'][0]}, model version {ranked['model_version'][0]}")
+        print(ranked.select("rank", "ad_id", "pctr", "ecpm"))
+    return EXIT_OK
+
+
+def print_explanation(settings: Settings, user_id: str, ad_id: str) -> None:
+    from tasks.explain import explain_pair, to_text
+    from tasks.score import RankingModel
+
+    version = registry.current_champion(settings)
+    if version is None:
+        raise LookupError(f"no '{registry.CHAMPION}' model in {settings.tracking.registered_model}: run retrain first")
+    model = RankingModel.from_pyfunc(registry.load_version(settings, version))
+    print(to_text(explain_pair(settings, model, user_id, ad_id), user_id, ad_id, version))
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Nested dicts: top's values over base's."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def write_sample_logs(settings: Settings) -> None:
@@ -106,13 +244,15 @@ def run_demo(settings: Settings, overrides: dict) -> None:
     from flows.rerank import rerank
     from flows.retrain import retrain
 
+    server = os.environ.get("PREFECT_API_URL") or "a temporary Prefect server (it starts in up to ~25 s)"
+    print(f"adrank demo: sample market -> retrain -> rerank, on {server}", flush=True)
     if not Path(settings.data.logs).exists():
         write_sample_logs(settings)
     trained = retrain(overrides)
     ranked = rerank(overrides=overrides)
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
         preview = con.sql(SAMPLE_QUERY).limit(6)
-        preview_text = str(preview)
+        preview_text, (user, _, ad, _) = str(preview), preview.fetchone()
     evaluation = {(r["model"], r["slice"]): r for r in trained["evaluation"]}
     query_command = (
         f"python -c \"import duckdb; duckdb.connect('{settings.warehouse}', read_only=True)"
@@ -129,7 +269,9 @@ adrank demo finished
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
   query        {query_command}
-{preview_text}"""
+{preview_text}
+  next         adrank models   |   adrank rankings --user {user}   |   adrank explain --user {user} --ad {ad}
+               (with ADRANK_HOME={settings.home})"""
     )
 
 

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.states import Completed
 
+from flows.run_names import name_run
 from tasks import logs, publish, registry
 from tasks import monitor as monitoring
 from tasks.config import load_settings
@@ -46,8 +47,10 @@ def monitor(run_date: date | None = None, overrides: dict[str, Any] | None = Non
             print(f"{day}: version {report.version} degraded: " + "; ".join(report.breaches))
         reports.append(report)
 
+    days = [r.run_date.isoformat() for r in reports]
+    name_run(f"monitor {days[0]}..{days[-1]}" if len(days) > 1 else f"monitor {days[0] if days else 'nothing new'}")
     summary = {
-        "days": [r.run_date.isoformat() for r in reports],
+        "days": days,
         "degraded": {r.run_date.isoformat(): r.breaches for r in reports if r.breaches},
         "warehouse": str(settings.warehouse),
     }

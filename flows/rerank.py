@@ -6,9 +6,10 @@ from datetime import date, timedelta
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.run_names import name_run
 from tasks import pairs, publish, registry, score
 from tasks.config import load_settings
 
@@ -18,6 +19,8 @@ build_ranking_inputs = task(pairs.build_ranking_inputs, name="build_ranking_inpu
 ranking_model = task(score.RankingModel.from_pyfunc, name="ranking_model", cache_policy=NO_CACHE)
 score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
 publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE)
+publish_ad_daily_ctr = task(publish.publish_ad_daily_ctr, name="publish_ad_daily_ctr", cache_policy=NO_CACHE)
+SAMPLE_USERS, SAMPLE_ADS_PER_USER = 5, 5  # the run's table artifact: a glance at what users will see
 
 
 @flow(name="rerank", log_prints=True)
@@ -40,6 +43,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
 
     # build texts
     inputs = build_ranking_inputs(settings)
+    name_run(f"rerank {inputs.run_date.isoformat()} v{version}")
 
     # score: two-stage, each user chunk's top N appended to a staged Parquet file
     scores_path = settings.staging_dir / f"ad_rankings-{inputs.run_date.isoformat()}.parquet"
@@ -47,7 +51,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
     stats = score_candidates(ranker, inputs, settings.ranking, scores_path)
 
     # publish
-    salt = settings.ranking.user_id_salt
+    salt, retention = settings.ranking.user_id_salt, timedelta(minutes=settings.ranking.superseded_retention_minutes)
     rows = publish_rankings.with_options(**io)(
         settings.warehouse,
         scores_path,
@@ -56,15 +60,17 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         version,
         settings.ranking.top_n,
         salt.get_secret_value() if salt else None,
-        timedelta(minutes=settings.ranking.superseded_retention_minutes),
+        retention,
         settings.ranking.objective,
     )
+    ctr_days = publish_ad_daily_ctr.with_options(**io)(settings.warehouse, settings.data, inputs.run_date, retention)
 
     summary = {
         "run_date": inputs.run_date.isoformat(),
         "users": inputs.users.height,
         "ads": inputs.ads.height,
         "rows": rows,
+        "ad_daily_ctr_days": len(ctr_days),
         "objective": settings.ranking.objective,
         "two_stage": stats.two_stage,
         "stage2_pairs": stats.stage2_pairs,
@@ -75,5 +81,10 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
     }
     create_markdown_artifact(
         key="rerank-summary", markdown="\n".join(f"- **{key}**: {value}" for key, value in summary.items())
+    )
+    create_table_artifact(
+        publish.sample_user_rankings(settings.warehouse, inputs.run_date, SAMPLE_USERS, SAMPLE_ADS_PER_USER),
+        key="rerank-sample-users",
+        description=f"Top {SAMPLE_ADS_PER_USER} ads of {SAMPLE_USERS} users for {inputs.run_date}, as published",
     )
     return summary

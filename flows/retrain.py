@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import evaluate, pairs, registry, train, two_tower
+from flows.run_names import name_run
+from tasks import evaluate, pairs, publish, registry, train, two_tower
 from tasks.config import load_settings
 
 build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
@@ -23,6 +25,8 @@ log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_poli
 register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE)
 promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE)
 assess_champion = task(registry.assess_champion, name="assess_champion", cache_policy=NO_CACHE)
+list_model_versions = task(registry.model_versions, name="list_model_versions", cache_policy=NO_CACHE)
+publish_model_versions = task(publish.publish_model_versions, name="publish_model_versions", cache_policy=NO_CACHE)
 
 
 @flow(name="retrain", log_prints=True)
@@ -33,7 +37,9 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
     # build pairs
     built = build_pairs(settings)
-    run_id = start_run.with_options(**io)(settings, run_name="retrain")
+    run_name = f"retrain logs to {built.data_until:%Y-%m-%d}"
+    name_run(run_name)
+    run_id = start_run.with_options(**io)(settings, run_name=run_name)
 
     # fine-tune
     checkpoint = settings.checkpoints_dir / run_id
@@ -53,18 +59,21 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         else None
     )
     others = {registry.CHAMPION: champion.pctr} if champion and champion.pctr is not None else {}
-    table = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
-    log_evaluation.with_options(**io)(settings, run_id, table)
+    evaluation = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
+    log_evaluation.with_options(**io)(settings, run_id, evaluation, result.valid_pctr)
+    table = evaluation.table
 
     # register and promote
     version = register_model.with_options(**io)(settings, run_id, checkpoint)
     decision = promote_if_better.with_options(**io)(settings, run_id, version, champion, table, built.data_until)
 
-    create_markdown_artifact(
-        key="retrain-summary",
-        markdown=f"Version {version}: {'promoted' if decision.promoted else 'not promoted'} ({decision.reason})\n\n"
-        + evaluate.to_markdown(table),
-    )
+    # publish the registry's versions for analysts (model_versions)
+    retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
+    versions = list_model_versions.with_options(**io)(settings)
+    publish_model_versions.with_options(**io)(settings.warehouse, versions, retention)
+
+    name_run(f"{run_name}: v{version} {'promoted' if decision.promoted else 'not promoted'}")
+    create_markdown_artifact(key="retrain-summary", markdown=registry.promotion_markdown(decision, table))
     return {
         "run_id": run_id,
         "version": version,

@@ -312,6 +312,20 @@ class TrackingConfig(BaseModel):
         return name
 
 
+class StackConfig(BaseModel):
+    """The local stack of `adrank stack up|down|status` (tasks/stack.py), all on 127.0.0.1."""
+
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Port of the stack's Prefect server (API and UI).")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="Port of the stack's MLflow tracking server.")
+    state_dir: Path | None = Field(
+        None, description="Pids, logs and the servers' databases of the stack. Default: <home>/stack."
+    )
+    start_timeout_seconds: float = Field(
+        180, gt=0, description="Longest wait for each component to become healthy (slower on a busy machine)."
+    )
+    stop_timeout_seconds: float = Field(30, gt=0, description="Wait after SIGTERM before SIGKILL on `stack down`.")
+
+
 class SampleDataConfig(BaseModel):
     seed: int = Field(7, description="Seed of the synthetic market.")
     users: int = Field(200, ge=2, description="Synthetic users.")
@@ -342,6 +356,7 @@ class Settings(BaseSettings):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sample: SampleDataConfig = Field(default_factory=SampleDataConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> Settings:
@@ -352,6 +367,9 @@ class Settings(BaseSettings):
             self.warehouse = self.home / "warehouse.duckdb"
         if self.tracking.mlflow_uri is None:
             self.tracking.mlflow_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        if self.stack.state_dir is None:
+            self.stack.state_dir = self.home / "stack"
+        self.stack.state_dir = self.stack.state_dir.expanduser().resolve()
         return self
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,21 @@ POPULARITY_PRIOR_IMPRESSIONS = 20.0
 FINE_TUNED = "fine_tuned"
 
 
+@dataclass
+class Evaluation:
+    table: pl.DataFrame  # one row per (model, slice): see evaluation_table
+    test: pl.DataFrame  # the test pairs' labels and slice: is_clicked, is_cold_start
+    predictions: dict[str, np.ndarray]  # model -> test pCTR, shape (test pairs,)
+    train_pctr: np.ndarray  # the fine-tuned model's pCTR on a sample of training pairs (the train histogram)
+
+
 def evaluate_models(
     settings: Settings,
     train_path: Path,
     test_path: Path,
     checkpoint: Path,
     other_predictions: Mapping[str, np.ndarray] | None = None,
-) -> pl.DataFrame:
+) -> Evaluation:
     """Score the test split with the fine-tuned model, the base model with a fresh (seeded) head and
     the popularity baseline, plus any given predictions (e.g. the current champion's)."""
     test = pl.read_parquet(test_path)
@@ -32,9 +41,17 @@ def evaluate_models(
     for name, path in ((FINE_TUNED, str(checkpoint)), ("base_fresh_head", settings.model.base_model)):
         seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
         predictions[name] = score_checkpoint(settings, path, test)
-    predictions["popularity"] = popularity_ctr(pl.read_parquet(train_path, columns=["ad_id", "is_clicked"]), test)
+    train = pl.read_parquet(train_path)
+    predictions["popularity"] = popularity_ctr(train, test)
     predictions.update(other_predictions or {})
-    return evaluation_table(test, predictions)
+    # as many training pairs as test pairs: enough for a histogram at a fraction of a scoring pass
+    train_sample = train.sample(min(train.height, test.height), seed=settings.training.seed)
+    return Evaluation(
+        table=evaluation_table(test, predictions),
+        test=test.select("is_clicked", "is_cold_start"),
+        predictions=predictions,
+        train_pctr=score_checkpoint(settings, checkpoint, train_sample),
+    )
 
 
 def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:

@@ -10,7 +10,7 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as hf_logging
 
 # config attribute names that hold dropout probabilities, across encoder families
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
@@ -106,6 +107,21 @@ class Calibration:
         if self.user_weight or self.unseen_user_weight:
             z += user_weight * self.user_prior(history, len(logits))
         return z
+
+    def contributions(self, logit: float, ad_id: str | None, history: UserHistory | None) -> dict[str, float]:
+        """One pair's log-odds, term by term: text (slope x logit), intercept, ad prior, user prior; their
+        sum is log_odds() of the pair."""
+        ids = None if ad_id is None else [ad_id]
+        slope, offset, user_weight = (float(t[0]) for t in self.terms(ids, 1))
+        seen = ad_id is not None and str(ad_id) in self.ad_log_odds
+        intercept = self.intercept if seen or self.unseen_slope is None else float(self.unseen_intercept)
+        uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
+        return {
+            "text": slope * float(logit),
+            "intercept": intercept,
+            "ad_prior": offset - intercept,
+            "user_prior": user_weight * float(self.user_prior(history, 1)[0]) if uses_user_prior else 0.0,
+        }
 
     def apply(
         self, logits: np.ndarray, ad_ids: Sequence[str] | None = None, history: UserHistory | None = None
@@ -243,25 +259,45 @@ def load_cross_encoder(
     `pooling` applies to a folder that does not say how it pools (a base model); a model adrank saved
     is loaded the way it was trained. Weights load from safetensors only: never from pickled checkpoints.
     """
+    is_base_model = not (Path(path) / POOLING_FILE).exists()
     pooling = saved_pooling(path, pooling)
     config = AutoConfig.from_pretrained(path, num_labels=1)
     if dropout is not None:
         for name in DROPOUT_ATTRIBUTES:
             if hasattr(config, name):
                 setattr(config, name, dropout)
-    if pooling == "mean":
-        model = MeanPooledClassifier(AutoModel.from_pretrained(path, config=config, use_safetensors=True))
-        if (Path(path) / MEAN_HEAD_FILE).exists():
-            model.classifier.load_state_dict(load_file(Path(path) / MEAN_HEAD_FILE))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet_transformers():  # the fresh head of a base model is expected: said once below instead
+        if pooling == "mean":
+            model = MeanPooledClassifier(AutoModel.from_pretrained(path, config=config, use_safetensors=True))
+            if (Path(path) / MEAN_HEAD_FILE).exists():
+                model.classifier.load_state_dict(load_file(Path(path) / MEAN_HEAD_FILE))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_base_model:
+        name = f"{Path(path).parent.name}/{Path(path).name}"
+        print(f"{name}: base encoder loaded with a fresh one-logit head ({pooling} pooling), as expected")
     return model.to(device), tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load reports (a base model's fresh head listed as MISSING weights) and its loading and
+    saving bars, once per model load or checkpoint save, are not the user's concern: errors only."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def save_cross_encoder(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Weights (safetensors), tokenizer and how the model pools, so that load_cross_encoder reads it back as is."""
-    model.save_pretrained(folder, safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     pooling = "mean" if isinstance(model, MeanPooledClassifier) else "cls"
     (Path(folder) / POOLING_FILE).write_text(json.dumps({"pooling": pooling}))
@@ -304,12 +340,14 @@ def predict_logits(
     ad_texts: Sequence[str],
     max_length: int,
     batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Click logits, shape (pairs,), in input order."""
+    """Click logits, shape (pairs,), in input order. on_batch(pairs) is called after each batch (progress)."""
     if len(user_texts) == 0:
         return np.empty(0, dtype=np.float32)
     encodings = tokenize_pairs(tokenizer, user_texts, ad_texts, max_length)
-    return _infer(model, tokenizer, encodings, batch_size, (), lambda batch: model(**batch).logits.squeeze(-1))
+    forward = lambda batch: model(**batch).logits.squeeze(-1)  # noqa: E731
+    return _infer(model, tokenizer, encodings, batch_size, (), forward, on_batch)
 
 
 def embed_texts(
@@ -339,6 +377,7 @@ def _infer(
     batch_size: int,
     row_shape: tuple[int, ...],
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """forward() over length-sorted, dynamically padded batches in eval mode: (encodings, *row_shape), in order."""
     device = next(model.parameters()).device
@@ -348,6 +387,8 @@ def _infer(
     with torch.inference_mode(), _autocast(device):
         for index in length_sorted_batches(encodings, batch_size):
             out[index] = forward(collate(tokenizer, [encodings[i] for i in index], device)).float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(index))
     model.train(was_training)
     return out
 

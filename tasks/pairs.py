@@ -12,6 +12,7 @@ import polars as pl
 
 from tasks.config import DataConfig, Settings, template_fields
 from tasks.logs import log_quality, open_logs, stage_candidates
+from tasks.progress import StageProgress
 from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
@@ -47,29 +48,36 @@ class RankingInputs:
 
 def build_pairs(settings: Settings) -> Pairs:
     """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
-    con = open_logs(settings.data.logs, settings.data)
-    as_of = {"features_as_of": settings.data.features_as_of}
-    materialize(con, "int_impression_history_requests", as_of, table="history_requests")
-    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
-    materialize(con, "int_split_cutoffs", split_fractions(settings.data))
-    materialize(con, "int_ad_first_shown")
-    pairs = con.execute(load_sql("int_user_ad_pairs")).pl()
-    if pairs.is_empty():
-        raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
-    pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
-    pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id").sort("shown_at", "impression_id")
+    with StageProgress("build_pairs", 4 + len(SPLITS), "steps") as bar:  # read + 3 SQL steps + texts, then splits
+        con = open_logs(settings.data.logs, settings.data)
+        bar.advance(1, step="logs read and checked")
+        as_of = {"features_as_of": settings.data.features_as_of}
+        materialize(con, "int_impression_history_requests", as_of, table="history_requests")
+        materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
+        bar.advance(1, step="user histories")
+        materialize(con, "int_split_cutoffs", split_fractions(settings.data))
+        materialize(con, "int_ad_first_shown")
+        pairs = con.execute(load_sql("int_user_ad_pairs")).pl()
+        if pairs.is_empty():
+            raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
+        bar.advance(1, step=f"{pairs.height} pairs")
+        pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
+        pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
+        pairs = pairs.sort("shown_at", "impression_id")
+        bar.advance(1, step="texts")
 
-    settings.pairs_dir.mkdir(parents=True, exist_ok=True)
-    paths, rows, clicks, first_of = {}, {}, {}, {}
-    for split in SPLITS:
-        part = pairs.filter(pl.col("split") == split)
-        if split == "train" and settings.data.max_train_pairs is not None:
-            part = part.tail(settings.data.max_train_pairs)  # the latest: rows are in time order
-        if part.is_empty():
-            raise ValueError(f"{settings.data.logs}: the {split} split is empty; more days of logs are needed")
-        paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
-        rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
-        first_of[split] = part["shown_at"].min()
+        settings.pairs_dir.mkdir(parents=True, exist_ok=True)
+        paths, rows, clicks, first_of = {}, {}, {}, {}
+        for split in SPLITS:
+            part = pairs.filter(pl.col("split") == split)
+            if split == "train" and settings.data.max_train_pairs is not None:
+                part = part.tail(settings.data.max_train_pairs)  # the latest: rows are in time order
+            if part.is_empty():
+                raise ValueError(f"{settings.data.logs}: the {split} split is empty; more days of logs are needed")
+            paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
+            rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
+            first_of[split] = part["shown_at"].min()
+            bar.advance(1, step=f"{split} {part.height} pairs")
     quality = log_quality(con, settings.data)
     print(f"{settings.data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
     until = pairs["shown_at"].max()
@@ -84,11 +92,7 @@ def split_fractions(data: DataConfig) -> dict[str, float]:
 def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
     con, ranking = open_logs(settings.data.logs, settings.data), settings.ranking
-    run_date = ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
-    materialize(con, "int_active_users", {"run_date": run_date, "window_days": ranking.active_window_days})
-    materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
-    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
-    requests = con.table("int_user_histories").select("request_id as user_id, *").pl()
+    run_date, requests = _ranking_requests(con, settings)
     users = _render_user_texts(con, settings.data, requests)
     users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids")
     active_ads = con.execute(
@@ -101,6 +105,46 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
         stage_candidates(con, settings.data.logs, ranking.candidates_table)
         candidates = con.table("stg_candidates").pl().sort("user_id", "ad_id")
     return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates)
+
+
+def _ranking_requests(con: duckdb.DuckDBPyConnection, settings: Settings) -> tuple[date, pl.DataFrame]:
+    """The run_date (ranking.run_date or the day after the last impression) and one request per recently
+    active user: user_id, history_ad_ids and the user prior counts, as of the start of run_date."""
+    ranking = settings.ranking
+    run_date = ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
+    materialize(con, "int_active_users", {"run_date": run_date, "window_days": ranking.active_window_days})
+    materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
+    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
+    return run_date, con.table("int_user_histories").select("request_id as user_id, *").pl()
+
+
+def history_ablations(settings: Settings, user_id: str, ad_id: str) -> tuple[date, pl.DataFrame]:
+    """The (user, ad) pair as rerank scores it on run_date, then once per ad in the user's history with
+    that ad's titles left out: left_out_ad_id (null: the full history), left_out_text, user_text, ad_id, ad_text and
+    the user prior counts (unchanged: leaving a title out of the text does not change what the user did)."""
+    con = open_logs(settings.data.logs, settings.data)
+    run_date, requests = _ranking_requests(con, settings)
+    request = requests.filter(pl.col("user_id") == user_id)
+    if request.is_empty():
+        raise LookupError(
+            f"user {user_id!r} has no impressions in the {settings.ranking.active_window_days} days before "
+            f"{run_date}: rerank does not rank them that day"
+        )
+    ads = render_ad_texts(con, settings.data.ad_template).filter(pl.col("ad_id") == ad_id)
+    if ads.is_empty():
+        raise LookupError(f"ad {ad_id!r} is not in the ads table of {settings.data.logs}")
+    history = request["history_ad_ids"][0].to_list()
+    left_out = [None, *dict.fromkeys(history)]  # each ad once: leaving it out drops all its clicks from the text
+    variants = pl.concat(
+        [request.with_columns(pl.Series("history_ad_ids", [[a for a in history if a != out]])) for out in left_out]
+    ).with_columns(pl.Series("left_out_ad_id", left_out, dtype=pl.String))
+    titles = dict(render_ad_texts(con, settings.data.history_item_template, "history_item_template").iter_rows())
+    texts = _render_user_texts(con, settings.data, variants).with_columns(
+        pl.col("left_out_ad_id").replace_strict(titles, default=None).alias("left_out_text")
+    )
+    return run_date, texts.select("left_out_ad_id", "left_out_text", "user_text", *USER_PRIOR_COLUMNS).join(
+        ads, how="cross"
+    )
 
 
 def build_window_pairs(

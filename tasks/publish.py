@@ -5,7 +5,11 @@ under a hidden name first and renamed into place whole; files are never rewritte
 sees a file change under it. Analysts open warehouse.duckdb read-only (any number at once) and query
 its views `ad_rankings` (per run_date, the latest publish) and `latest_ad_rankings`; the nightly writer
 opens warehouse.duckdb only to create those views the first time. Superseded files are deleted once
-they have been superseded for `retention`, longer than any reader's query.
+they have been superseded for `retention`, longer than any reader's query. The monitoring tables, the
+daily CTR of each ad and the registry's versions are published the same way (VIEWS, PARTITIONS).
+
+The views find their files beside warehouse.duckdb wherever the folder is moved or mounted, from any
+working directory (_files_expression).
 """
 
 from __future__ import annotations
@@ -18,15 +22,23 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from tasks.config import DataConfig
+from tasks.logs import open_logs
 from tasks.sql_files import load_sql, materialize
 
-# each published table (a folder of run_date=<date>/<time>.parquet files) -> the views over it (sql/views/)
+# each published table (a folder of <partition>=<value>/<time>-<id>.parquet files) -> its views (sql/views/)
 VIEWS = {
     "ad_rankings": ("ad_rankings", "latest_ad_rankings"),
     "model_daily_metrics": ("model_daily_metrics",),
     "input_drift": ("input_drift",),
+    "ad_daily_ctr": ("ad_daily_ctr",),
+    "model_versions": ("model_versions",),
 }
+# the partition folder of a table's files (run_date unless named here); its view keeps the newest file per value
+PARTITIONS = {"ad_daily_ctr": "impression_date", "model_versions": "model_name"}
 MONITOR_TABLES = ("model_daily_metrics", "input_drift")
+# a view over files holds this (see _files_expression); one without it names an absolute folder only
+PORTABLE_VIEW_MARKER = "temp_directory"
 # a warehouse whose view lacks one of these columns predates it: its views are recreated
 REQUIRED_VIEW_COLUMNS = {"ad_rankings": ("ecpm",)}
 
@@ -42,6 +54,10 @@ def table_dir(warehouse: Path, table: str) -> Path:
 
 def rankings_dir(warehouse: Path) -> Path:
     return table_dir(warehouse, "ad_rankings")
+
+
+def partition_key(table: str) -> str:
+    return PARTITIONS.get(table, "run_date")
 
 
 def publish_rankings(
@@ -88,10 +104,10 @@ def publish_rankings(
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
             raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
-        target, tmp = _new_file(rankings_dir(warehouse), run_date, params["scored_at"])
+        target, tmp = _new_file(warehouse, "ad_rankings", run_date, params["scored_at"])
         con.table("staged_ad_rankings").order("user_id, rank").write_parquet(str(tmp))
     _durable_rename(tmp, target)
-    ensure_views(warehouse, "ad_rankings")
+    ensure_views(warehouse)
     remove_superseded(warehouse, retention)
     return rows
 
@@ -105,16 +121,82 @@ def publish_monitoring(
     for table, frame in tables.items():
         if table not in MONITOR_TABLES:
             raise ValueError(f"{table!r} is not a monitoring table ({MONITOR_TABLES})")
-        target, tmp = _new_file(table_dir(warehouse, table), run_date, computed_at)
-        frame.with_columns(pl.lit(computed_at).alias("computed_at")).write_parquet(tmp)
-        _durable_rename(tmp, target)
-        ensure_views(warehouse, table)
+        _publish_frame(warehouse, table, run_date, frame.with_columns(pl.lit(computed_at).alias("computed_at")))
+        ensure_views(warehouse)
         remove_superseded(warehouse, retention, table)
 
 
+def publish_ad_daily_ctr(
+    warehouse: Path, data: DataConfig, run_date: date, retention: timedelta = timedelta(hours=1)
+) -> list[date]:
+    """Count each ad's impressions and clicks per day in the logs before run_date (sql/ad_daily_ctr.sql)
+    and publish the days that are new or changed since the last publish (late impressions), one file per
+    day. The view keeps each day's newest file, so a rerun or a backfill counts nothing twice. Returns the
+    days published, oldest first."""
+    with open_logs(data.logs, data) as con:
+        materialize(con, "ad_daily_ctr", {"until": run_date}, table="staged_ad_daily_ctr")
+        violations = con.execute(load_sql("checks/ad_daily_ctr_keys")).fetchall()
+        if violations:
+            raise PublishCheckError(
+                f"{warehouse}: staged ad_daily_ctr before {run_date} failed key checks: {violations}"
+            )
+        counted = con.table("staged_ad_daily_ctr").pl()
+    days = changed_days(counted, read_published(warehouse, "ad_daily_ctr"))
+    computed_at = datetime.now(UTC).replace(tzinfo=None)
+    for day in days:
+        rows = counted.filter(pl.col("impression_date") == day)
+        _publish_frame(warehouse, "ad_daily_ctr", day, rows.with_columns(pl.lit(computed_at).alias("computed_at")))
+    if days:
+        ensure_views(warehouse)
+    remove_superseded(warehouse, retention, "ad_daily_ctr")
+    return days
+
+
+def changed_days(counted: pl.DataFrame, published: pl.DataFrame | None) -> list[date]:
+    """The impression_dates whose rows in counted differ from the published ones (or have none). Days no
+    longer in the logs keep what was published."""
+    if published is None:
+        return sorted(counted["impression_date"].unique())
+    columns = [c for c in counted.columns if c != "ctr"]  # ctr follows from the counts
+    published = published.select(columns).filter(pl.col("impression_date").is_in(counted["impression_date"]))
+    new = counted.select(columns).join(published, on=columns, how="anti", nulls_equal=True)
+    gone = published.join(counted.select(columns), on=columns, how="anti", nulls_equal=True)
+    return sorted(set(new["impression_date"]) | set(gone["impression_date"]))
+
+
+def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: timedelta = timedelta(hours=1)) -> None:
+    """Publish a snapshot of a registered model's versions (tasks/registry.py model_versions) as one file;
+    the view `model_versions` shows each model's newest snapshot."""
+    snapshot_at = datetime.now(UTC).replace(tzinfo=None)
+    for (model_name,), rows in versions.group_by("model_name"):
+        _publish_frame(
+            warehouse, "model_versions", model_name, rows.with_columns(pl.lit(snapshot_at).alias("snapshot_at"))
+        )
+    if not versions.is_empty():
+        ensure_views(warehouse)
+    remove_superseded(warehouse, retention, "model_versions")
+
+
+def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
+    """A published table's rows as an analyst reads them (its view), or None before its first publish."""
+    if not any(table_dir(warehouse, table).glob(f"{partition_key(table)}=*/*.parquet")):
+        return None
+    ensure_views(warehouse)  # a writer killed between a first file and its view left none
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.table(table).pl()
+
+
+def _publish_frame(warehouse: Path, table: str, partition: date | str, frame: pl.DataFrame) -> None:
+    """Write frame as the newest file of a table's partition, renamed into place whole; the caller then
+    runs ensure_views (once for many files)."""
+    target, tmp = _new_file(warehouse, table, partition, datetime.now(UTC).replace(tzinfo=None))
+    frame.write_parquet(tmp)
+    _durable_rename(tmp, target)
+
+
 def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[date]:
-    """The run_dates a table has at least one publish for, oldest first."""
-    folders = table_dir(warehouse, table).glob("run_date=*")
+    """The run_dates (partition dates) a table has at least one publish for, oldest first."""
+    folders = table_dir(warehouse, table).glob(f"{partition_key(table)}=*")
     return sorted(date.fromisoformat(f.name.split("=", 1)[1]) for f in folders if any(f.glob("*.parquet")))
 
 
@@ -124,9 +206,11 @@ def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
         return con.execute(load_sql("published_rankings"), {"run_date": run_date}).pl()
 
 
-def _new_file(folder: Path, run_date: date, published_at: datetime) -> tuple[Path, Path]:
-    """The next file of a run_date (named by publish time) and the hidden name it is written under."""
-    folder = folder / f"run_date={run_date.isoformat()}"
+def _new_file(warehouse: Path, table: str, partition: date | str, published_at: datetime) -> tuple[Path, Path]:
+    """The next file of a table's partition (a run_date; named by publish time) and the hidden name it is
+    written under."""
+    value = partition.isoformat() if isinstance(partition, date) else partition
+    folder = table_dir(warehouse, table) / f"{partition_key(table)}={value}"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a writer killed mid-write; never visible to readers
         stale.unlink()
@@ -135,9 +219,9 @@ def _new_file(folder: Path, run_date: date, published_at: datetime) -> tuple[Pat
 
 
 def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_rankings") -> list[Path]:
-    """Delete publish files whose run_date has had a newer file for longer than retention."""
+    """Delete publish files whose run_date (partition) has had a newer file for longer than retention."""
     removed, now = [], datetime.now().timestamp()
-    for folder in sorted(table_dir(warehouse, table).glob("run_date=*")):
+    for folder in sorted(table_dir(warehouse, table).glob(f"{partition_key(table)}=*")):
         files = sorted(folder.glob("*.parquet"))  # names start with scored_at: oldest first
         for older, newer in zip(files, files[1:], strict=False):
             if now - newer.stat().st_mtime > retention.total_seconds():
@@ -146,38 +230,64 @@ def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_ra
     return removed
 
 
-def ensure_views(warehouse: Path, table: str = "ad_rankings") -> None:
-    """Create the analyst views of a published table in warehouse.duckdb unless they are already there and
-    current (then it is not written)."""
-    if _views_current(warehouse, table):
+def ensure_views(warehouse: Path) -> None:
+    """Create the analyst views of every published table in warehouse.duckdb, or recreate those that are
+    out of date (missing, lacking a REQUIRED_VIEW_COLUMNS column, or from before views found their files
+    wherever the folder is); warehouse.duckdb is written only then."""
+    stale = _stale_tables(warehouse)
+    if not stale:
         return
     warehouse.parent.mkdir(parents=True, exist_ok=True)
-    glob = str(table_dir(warehouse, table) / "run_date=*" / "*.parquet")
     with duckdb.connect(str(warehouse)) as con:
-        if table == "ad_rankings":
+        if "ad_rankings" in stale:
             _move_legacy_table(con, warehouse)
-        for view in VIEWS[table]:
-            con.execute(load_sql(f"views/{view}").format(glob=_string_literal(glob)))
+        for table in stale:
+            for view in VIEWS[table]:
+                con.execute(load_sql(f"views/{view}").format(glob=_files_expression(warehouse, table)))
 
 
-def _views_current(warehouse: Path, table: str) -> bool:
+def _stale_tables(warehouse: Path) -> list[str]:
+    """The published tables (files on disk) whose views ensure_views must (re)create."""
+    published = [t for t in VIEWS if any(table_dir(warehouse, t).glob(f"{partition_key(t)}=*/*.parquet"))]
     if not warehouse.exists():
-        return False
+        return published
     try:
         with duckdb.connect(str(warehouse), read_only=True) as con:
-            views = {
-                row[0] for row in con.execute("select view_name from duckdb_views() where not internal").fetchall()
-            }
-            columns = {
-                row[0]
-                for row in con.execute(
-                    "select column_name from duckdb_columns() where table_name = $table", {"table": table}
-                ).fetchall()
-            }
+            views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
+            columns = set(con.execute("select table_name, column_name from duckdb_columns()").fetchall())
     except duckdb.IOException:
         # another process holds the file for writing; published data is already in place, views predate it
-        return True
-    return set(VIEWS[table]) <= views and set(REQUIRED_VIEW_COLUMNS.get(table, ())) <= columns
+        return []
+
+    def current(table: str) -> bool:
+        return (
+            set(VIEWS[table]) <= views.keys()
+            and PORTABLE_VIEW_MARKER in views[VIEWS[table][0]]
+            and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
+        )
+
+    return [table for table in published if not current(table)]
+
+
+def _files_expression(warehouse: Path, table: str) -> str:
+    """The glob of a table's files as a SQL expression that DuckDB folds to a constant each time a view is
+    queried (a table function takes no subquery, so the view cannot look up its database's path), so the
+    views work wherever the folder is moved or mounted, from any working directory:
+
+    1. warehouse.duckdb opened itself (CLI, Python, a BI tool on the file): DuckDB's temp directory of a
+       database file is <file>.tmp beside it, so that setting names the folder the file is in now;
+    2. otherwise (ATTACHed into another database, temp_directory set), when file_search_path is set the
+       glob is relative, and DuckDB resolves relative paths against it (docs/analysts.md);
+    3. else the absolute folder the views were created in, as before.
+    """
+    glob = f"{table}/{partition_key(table)}=*/*.parquet"
+    temp_directory = "current_setting('temp_directory')"
+    return (
+        f"case when parse_filename({temp_directory}) = {_string_literal(warehouse.name + '.tmp')} "
+        f"then parse_dirpath({temp_directory}) || '/' "
+        "when current_setting('file_search_path') <> '' then '' "
+        f"else {_string_literal(str(warehouse.parent.absolute()) + '/')} end || {_string_literal(glob)}"
+    )
 
 
 def _move_legacy_table(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
@@ -212,3 +322,17 @@ def _durable_rename(tmp: Path, target: Path) -> None:
 
 def _string_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def sample_user_rankings(warehouse: Path, run_date: date, users: int, ads_per_user: int) -> list[dict]:
+    """A few users' top ads of run_date as published (sql/sample_user_rankings.sql), as rows."""
+    params = {"run_date": run_date, "users": users, "ads_per_user": ads_per_user}
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute(load_sql("sample_user_rankings"), params).pl().to_dicts()
+
+
+def user_rankings(warehouse: Path, user_id: str, run_date: date | None, user_id_salt: str | None) -> pl.DataFrame:
+    """One user's published ranking of run_date (None: their latest), best first (sql/user_rankings.sql)."""
+    params = {"user_id": user_id, "run_date": run_date, "user_id_salt": user_id_salt}
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute(load_sql("user_rankings"), params).pl()

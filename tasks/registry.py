@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from importlib.metadata import version as package_version
 from pathlib import Path
 
+import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
@@ -18,24 +22,34 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, DataType, Schema
 
 from tasks.config import PromotionConfig, Settings, flat_params, redact
-from tasks.evaluate import FINE_TUNED
+from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.pairs import USER_PRIOR_COLUMNS, Pairs
+from tasks.plots import evaluation_figures
+from tasks.publish import publish_model_versions
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"
+METRICS_PER_BATCH = 1000  # the most metrics MLflow takes in one log_batch call
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
+# what ctr_pyfunc.py imports: copied into the model (code_paths) so it serves without adrank installed
+SERVING_MODULES = ("__init__.py", "model.py", "two_tower.py")
+# its exact requirements, pinned to the versions that trained it (torch without a local +cpu/+cu tag)
+SERVING_REQUIREMENTS = (
+    *("torch", "transformers", "tokenizers", "safetensors", "mlflow", "pandas", "numpy", "polars", "scipy"),
+)
 SIGNATURE = ModelSignature(
     inputs=Schema(
         [
             ColSpec("string", "user_text"),
             ColSpec("string", "ad_text"),
             ColSpec("string", "ad_id", required=False),
-            *[ColSpec("long", column, required=False) for column in USER_PRIOR_COLUMNS],
+            # double, not long: a JSON null in some rows makes the column float in pandas
+            *[ColSpec("double", column, required=False) for column in USER_PRIOR_COLUMNS],
         ]
     ),
     outputs=Schema([ColSpec("double", "pctr")]),
@@ -46,14 +60,21 @@ INPUT_EXAMPLE = pd.DataFrame(
         "user_text": ["age: 34, occupation: chef. Recently clicked: Try our cast-iron skillet"],
         "ad_text": ["Get the sourdough starter kit from FreshCrate. Fresh ingredients delivered to your door."],
         "ad_id": ["ad-0001"],
-        "user_prior_impressions": [12],
-        "user_prior_clicks": [5],
+        "user_prior_impressions": [12.0],
+        "user_prior_clicks": [5.0],
     }
 )
 
 
 class PromotionError(ValueError):
     """A champion change that cannot be made; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,7 @@ class Promotion:
     auc: float
     champion_version: str | None
     champion_auc: float | None
+    gates: tuple[Gate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,10 @@ def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainRes
         for row in result.history:
             step = int(row["step"])
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and not math.isnan(v)}, step=step)
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        losses = [Metric("train_step_loss", loss, now, step) for step, loss in enumerate(result.step_losses, 1)]
+        for start in range(0, len(losses), METRICS_PER_BATCH):
+            MlflowClient().log_batch(run_id, metrics=losses[start : start + METRICS_PER_BATCH])
         mlflow.log_metrics(
             {
                 "best_valid_logloss": result.best_valid_logloss,
@@ -137,10 +163,15 @@ def log_distillation(settings: Settings, run_id: str, result: DistillResult) -> 
         mlflow.log_metrics({f"stage1.{k}": float(v) for k, v in asdict(result).items() if not math.isnan(v)})
 
 
-def log_evaluation(settings: Settings, run_id: str, table: pl.DataFrame) -> None:
-    """Each (model, slice) metric as `test.<model>.<slice>.<metric>`, and the table as an artifact."""
+def log_evaluation(settings: Settings, run_id: str, evaluation: Evaluation, valid_pctr: np.ndarray | None) -> None:
+    """Each (model, slice) metric as `test.<model>.<slice>.<metric>`, the table as an artifact, and the
+    plots of tasks/plots.py under plots/ (valid_pctr: the served validation pCTR, for the histogram)."""
     configure_tracking(settings)
+    table = evaluation.table
     with mlflow.start_run(run_id=run_id):
+        for name, figure in evaluation_figures(evaluation, valid_pctr).items():
+            mlflow.log_figure(figure, f"plots/{name}")
+        mlflow.log_text(to_markdown(table), "evaluation.md")
         for row in table.iter_rows(named=True):
             prefix = f"test.{row['model']}.{row['slice']}"
             values = {k: v for k, v in row.items() if isinstance(v, float | int) and k not in ("model", "slice")}
@@ -164,23 +195,73 @@ def register_model(settings: Settings, run_id: str, checkpoint: Path) -> str:
         version = str(min(int(v.version) for v in existing))
         MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
         return version
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as code:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(_serving_code(Path(code)))],
             model_config={
                 "max_seq_length": settings.model.max_seq_length,
                 "batch_size": settings.training.eval_batch_size,
             },
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,  # MLflow loads the model and scores this once: a smoke test
-            pip_requirements=[f"{p}=={package_version(p)}" for p in ("torch", "transformers", "mlflow", "pandas")],
+            pip_requirements=serving_requirements(),
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    description, tags = version_card(settings, client.get_run(run_id))
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     return version
+
+
+def serving_requirements() -> list[str]:
+    return [f"{p}=={package_version(p).split('+')[0]}" for p in SERVING_REQUIREMENTS]
+
+
+def _serving_code(folder: Path) -> Path:
+    """A `tasks` package holding only the modules the served model imports."""
+    package = folder / "tasks"
+    package.mkdir()
+    for module in SERVING_MODULES:
+        shutil.copy(Path(__file__).with_name(module), package / module)
+    return package
+
+
+def version_card(settings: Settings, run: mlflow.entities.Run) -> tuple[str, dict[str, str]]:
+    """A registered version's description and tags: what it was trained on, from what, by which code."""
+    tags, params = run.data.tags, run.data.params
+    facts = {
+        "data.train_from": tags.get("data.train_from", ""),
+        "data.until": tags.get("data.until", ""),
+        "pairs.train_rows": params.get("pairs.train_rows", ""),
+        "base_model": redact(settings.model.base_model),
+        "git_commit": git_commit(),
+        "run_id": run.info.run_id,
+    }
+    description = (
+        f"adrank CTR cross-encoder fine-tuned from {Path(facts['base_model']).name} on {facts['pairs.train_rows']} "
+        f"training pairs of the logs {facts['data.train_from'][:10]} to {facts['data.until'][:10]} "
+        f"(run {run.info.run_id}, code {facts['git_commit'][:12]}). Input: user_text, ad_text[, ad_id, "
+        "user_prior_impressions, user_prior_clicks]; output: pCTR."
+    )
+    return description, facts
+
+
+def git_commit() -> str:
+    """The commit of the adrank checkout that trained the model; 'unknown' outside a git checkout."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return found.stdout.strip() if found.returncode == 0 else "unknown"
 
 
 def current_champion(settings: Settings) -> str | None:
@@ -245,6 +326,81 @@ def version_run(settings: Settings, version: str) -> mlflow.entities.Run:
     return client.get_run(client.get_model_version(settings.tracking.registered_model, version).run_id)
 
 
+# model_versions columns -> the retrain run's metric of the fine-tuned model (log_evaluation)
+VERSION_METRICS = {
+    f"{prefix}_{metric}": f"test.{FINE_TUNED}.{slice_name}.{metric}"
+    for prefix, slice_name in (("test", "overall"), ("cold_start", "cold_start"))
+    for metric in ("auc", "logloss", "ece")
+}
+MODEL_VERSIONS_SCHEMA = {
+    "model_name": pl.String,
+    "model_version": pl.String,
+    "aliases": pl.List(pl.String),
+    "is_champion": pl.Boolean,
+    "run_id": pl.String,
+    "data_from_at": pl.Datetime("us"),
+    "data_until_at": pl.Datetime("us"),
+    **dict.fromkeys(VERSION_METRICS, pl.Float64),
+    "is_promoted": pl.Boolean,
+    "promotion_reason": pl.String,
+    "became_champion_at": pl.Datetime("us"),
+    "became_champion_reason": pl.String,
+    "created_at": pl.Datetime("us"),
+}
+
+
+def model_versions(settings: Settings) -> pl.DataFrame:
+    """One row per registered version (MODEL_VERSIONS_SCHEMA), for the warehouse's `model_versions`: its
+    aliases, retrain run, data window, offline test metrics and the retrain's promotion decision."""
+    configure_tracking(settings)
+    client, name = MlflowClient(), settings.tracking.registered_model
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    aliases = client.get_registered_model(name).aliases if versions else {}  # {alias: version}
+    rows = [_version_row(client, version, aliases) for version in versions]
+    return pl.DataFrame(rows, schema=MODEL_VERSIONS_SCHEMA, orient="row")
+
+
+def _version_row(client: MlflowClient, version, aliases: dict[str, str]) -> tuple:
+    run = client.get_run(version.run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    promotion = json.loads(version.tags.get("promotion", "{}"))  # set by promote_if_better
+    since, _, reason = version.tags.get("champion_since", "").partition(": ")  # set by _set_champion
+    held = sorted(alias for alias, held_by in aliases.items() if str(held_by) == str(version.version))
+    return (
+        version.name,
+        str(version.version),
+        held,
+        CHAMPION in held,
+        version.run_id,
+        *(_naive_utc(tags.get(f"data.{key}")) for key in ("train_from", "until")),
+        *(metrics.get(metric) for metric in VERSION_METRICS.values()),
+        promotion.get("promoted"),
+        promotion.get("reason"),
+        _naive_utc(since or None),
+        reason or None,
+        datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).replace(tzinfo=None),
+    )
+
+
+def _naive_utc(iso: str | None) -> datetime | None:
+    """An ISO timestamp as naive UTC (as the warehouse stores timestamps), or None."""
+    if not iso:
+        return None
+    moment = datetime.fromisoformat(iso)
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def snapshot_model_versions(settings: Settings) -> None:
+    """Publish model_versions to the warehouse after a champion change outside a retrain (adrank promote,
+    rollback). A failure is printed, not raised: the change itself is made, and the next retrain, promote
+    or rollback publishes the registry again."""
+    retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
+    try:
+        publish_model_versions(settings.warehouse, model_versions(settings), retention)
+    except (MlflowException, OSError, duckdb.Error) as error:
+        print(f"warning: model_versions not published to {settings.warehouse}: {type(error).__name__}: {error}")
+
+
 def log_monitoring(run_id: str, run_date: date, metrics: pl.DataFrame, drift: pl.DataFrame) -> None:
     """A monitored day's metrics on the version's retrain run: `monitor.<slice>.<metric>` and
     `monitor.drift.<input>`, at step = days since 1970-01-01 and timestamped at the day."""
@@ -278,15 +434,13 @@ def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndar
 def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
     """pCTR for each row of a frame with ad_id, user_text and ad_text (and the user prior counts, if present)."""
     inputs = {c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")}
-    inputs |= {c: frame[c].cast(pl.Int64).to_list() for c in USER_PRIOR_COLUMNS if c in frame.columns}
+    schema = model.metadata.get_input_schema()
+    declared = {spec.name: spec.type for spec in schema.inputs} if schema else {}
+    for column in (c for c in USER_PRIOR_COLUMNS if c in frame.columns):
+        # versions registered before nullable priors declared the counts long; since then double
+        dtype = pl.Float64 if declared.get(column) == DataType.double else pl.Int64
+        inputs[column] = frame[column].cast(dtype).to_list()
     return np.asarray(model.predict(pd.DataFrame(inputs)), dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Gate:
-    name: str
-    passed: bool
-    detail: str
 
 
 # fixed pairs every registered version must score (finite, in (0, 1), the same twice) before promotion
@@ -298,8 +452,8 @@ SMOKE_EXAMPLES = pd.concat(
                 "user_text": ["Recently clicked: nothing yet", "age: 61. Recently clicked: " + "garden tools | " * 40],
                 "ad_text": ["", "Seeds and bulbs for spring. Order today."],
                 "ad_id": ["never-seen-ad", "ad-0001"],
-                "user_prior_impressions": [0, 5000],
-                "user_prior_clicks": [0, 5000],
+                "user_prior_impressions": [0.0, 5000.0],
+                "user_prior_clicks": [0.0, 5000.0],
             }
         ),
     ],
@@ -395,7 +549,9 @@ def promote_if_better(
         move_champion(settings, version, reason=f"retrain run {run_id}: {gates[0].detail}")
     champion_auc = champion["auc"] if champion else None
     champion_version = current.version if current else None
-    decision = Promotion(version, promoted, reason, overall[FINE_TUNED]["auc"], champion_version, champion_auc)
+    decision = Promotion(
+        version, promoted, reason, overall[FINE_TUNED]["auc"], champion_version, champion_auc, tuple(gates)
+    )
     client.set_model_version_tag(name, version, "promotion", json.dumps(asdict(decision)))
     client.set_tag(run_id, "promotion.promoted", str(promoted))
     client.set_tag(run_id, "promotion.reason", reason[:5000])
@@ -437,3 +593,23 @@ def _set_champion(settings: Settings, version: str, history: list[str], reason: 
     client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, json.dumps(history))
     client.set_model_version_tag(name, version, "champion_since", f"{datetime.now(UTC).isoformat()}: {reason}")
     print(f"{name}: champion -> version {version} ({reason})")
+
+
+def promotion_markdown(decision: Promotion, table: pl.DataFrame) -> str:
+    """The retrain summary: the decision, each gate passed or failed with its reason, the evaluation."""
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    gates = "\n".join(f"| {g.name} | {'passed' if g.passed else '**failed**'} | {g.detail} |" for g in decision.gates)
+    return (
+        f"## Version {decision.version}: {verdict}\n\n| gate | result | why |\n|---|---|---|\n{gates}\n\n"
+        f"## Test split\n\n{to_markdown(table)}"
+    )
+
+
+def version_gates(settings: Settings) -> dict[str, list[dict]]:
+    """Each registered version -> the promotion gates its retrain judged it on (name, passed, detail)."""
+    configure_tracking(settings)
+    name = settings.tracking.registered_model
+    return {
+        str(v.version): json.loads(v.tags.get("promotion", "{}")).get("gates", [])
+        for v in MlflowClient().search_model_versions(f"name = '{name}'")
+    }

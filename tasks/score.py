@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from tasks.config import RankingConfig
 from tasks.model import Calibration, embed_texts, predict_logits, quantize_int8
 from tasks.pairs import USER_PRIOR_COLUMNS, RankingInputs, user_history
+from tasks.progress import StageProgress
 from tasks.two_tower import TwoTower
 
 # pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
@@ -99,7 +100,8 @@ def score_candidates(
     stage1_ads = prepare_stage1(model, ads, stats) if stats.two_stage else None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer:
+    progress = StageProgress("rerank: score users", users.height, "users", rate_unit="pairs")
+    with pq.ParquetWriter(tmp, SCORES_SCHEMA) as writer, progress as bar:
         for start in range(0, users.height, ranking.user_chunk_size):
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
@@ -111,6 +113,7 @@ def score_candidates(
             top = _stage2(model, pairs, ranking.top_n, stats, ranking.objective)
             writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
             stats.rows += top.height
+            bar.advance(chunk.height, rated=pairs.height, cross_encoder_pairs=stats.stage2_pairs)
     tmp.replace(out_path)
     return stats
 

@@ -34,6 +34,7 @@ from tasks.model import (
     tokenize_pairs,
 )
 from tasks.pairs import USER_PRIOR_COLUMNS, user_history
+from tasks.progress import StageProgress
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -47,6 +48,8 @@ class TrainResult:
     # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc (served), valid_raw_logloss
     history: list[dict[str, float]] = field(default_factory=list)
     best_step: int = 0  # the step whose weights were kept (0: the untrained model)
+    step_losses: list[float] = field(default_factory=list)  # training loss of each optimizer step, in order
+    valid_pctr: np.ndarray | None = None  # (valid pairs,): the served pCTR of the kept step on validation
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
@@ -147,7 +150,7 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
     if (state := load_resume_state(resume, model, optimizer, schedule)) is not None:
         loop, best_valid_logits[:] = state["loop"], state["best_valid_logits"]
         result.steps, result.best_valid_logloss, result.history = state["steps"], state["best"], state["history"]
-        result.best_step = state.get("best_step", 0)
+        result.best_step, result.step_losses = state.get("best_step", 0), state.get("step_losses", [])
         generator.set_state(state["epoch_generator"])
         if Path(state["best_dir"]) != out_dir:
             shutil.copytree(state["best_dir"], out_dir, dirs_exist_ok=True)
@@ -157,56 +160,64 @@ def fine_tune(settings: Settings, train_path: Path, valid_path: Path, out_dir: P
 
     # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
     model.train()
-    for epoch in range(loop["epoch"], cfg.epochs):
-        epoch_generator = generator.get_state()
-        order = epoch_order(len(encodings), groups, generator)
-        for batch_index, start in enumerate(range(0, len(order), cfg.batch_size)):
-            if epoch == loop["epoch"] and batch_index < loop["batch"]:
-                continue  # done before the kill
-            index = order[start : start + cfg.batch_size]
-            batch = collate(tokenizer, [encodings[i] for i in index], device)
-            with autocast:
-                logits = model(**batch).logits.squeeze(-1)  # (batch,)
-            loss = loss_fn(logits.float() + offsets[index].to(device), labels[index].to(device))
-            if groups is not None:
-                loss = loss + cfg.ranking_loss_weight * pairwise_loss(
-                    logits.float(), labels[index].to(device), groups[index].to(device)
-                )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
-            loop["running_loss"], loop["running_n"] = loop["running_loss"] + loss.item(), loop["running_n"] + 1
+    with StageProgress("fine_tune", total_steps, "steps", rate_unit="pairs") as bar:
+        bar.advance(result.steps, rated=0)
+        for epoch in range(loop["epoch"], cfg.epochs):
+            epoch_generator = generator.get_state()
+            order = epoch_order(len(encodings), groups, generator)
+            for batch_index, start in enumerate(range(0, len(order), cfg.batch_size)):
+                if epoch == loop["epoch"] and batch_index < loop["batch"]:
+                    continue  # done before the kill
+                index = order[start : start + cfg.batch_size]
+                batch = collate(tokenizer, [encodings[i] for i in index], device)
+                with autocast:
+                    logits = model(**batch).logits.squeeze(-1)  # (batch,)
+                loss = loss_fn(logits.float() + offsets[index].to(device), labels[index].to(device))
+                if groups is not None:
+                    loss = loss + cfg.ranking_loss_weight * pairwise_loss(
+                        logits.float(), labels[index].to(device), groups[index].to(device)
+                    )
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.steps += 1
+                result.step_losses.append(loss.item())
+                loop["running_loss"] += result.step_losses[-1]
+                loop["running_n"] += 1
+                bar.advance(1, rated=len(index), loss=loop["running_loss"] / loop["running_n"], epoch=epoch + 1)
 
-            end_of_epoch = start + cfg.batch_size >= len(order)
-            if end_of_epoch or (cfg.eval_every_steps and result.steps % cfg.eval_every_steps == 0):
-                mean_loss = loop["running_loss"] / loop["running_n"]
-                validation = validate(result.steps, result.steps / steps_per_epoch, mean_loss)
-                loop["running_loss"], loop["running_n"] = 0.0, 0
-                loop["misses"] = 0 if save_if_best(*validation) else loop["misses"] + 1
-                result.stopped_early = loop["misses"] >= cfg.patience
-                if result.stopped_early:
-                    break
-            if result.steps % cfg.checkpoint_every_steps == 0:
-                loop |= {"epoch": epoch, "batch": batch_index + 1}
-                state = {
-                    "loop": loop,
-                    "steps": result.steps,
-                    "best": result.best_valid_logloss,
-                    "best_step": result.best_step,
-                    "history": result.history,
-                    "best_dir": str(out_dir),
-                    "epoch_generator": epoch_generator,
-                    "best_valid_logits": best_valid_logits,
-                }
-                save_resume_state(resume, model, optimizer, schedule, state)
-        if result.stopped_early:
-            break
+                end_of_epoch = start + cfg.batch_size >= len(order)
+                if end_of_epoch or (cfg.eval_every_steps and result.steps % cfg.eval_every_steps == 0):
+                    mean_loss = loop["running_loss"] / loop["running_n"]
+                    validation = validate(result.steps, result.steps / steps_per_epoch, mean_loss)
+                    loop["running_loss"], loop["running_n"] = 0.0, 0
+                    loop["misses"] = 0 if save_if_best(*validation) else loop["misses"] + 1
+                    result.stopped_early = loop["misses"] >= cfg.patience
+                    if result.stopped_early:
+                        break
+                if result.steps % cfg.checkpoint_every_steps == 0:
+                    loop |= {"epoch": epoch, "batch": batch_index + 1}
+                    state = {
+                        "loop": loop,
+                        "steps": result.steps,
+                        "best": result.best_valid_logloss,
+                        "best_step": result.best_step,
+                        "history": result.history,
+                        "step_losses": result.step_losses,
+                        "best_dir": str(out_dir),
+                        "epoch_generator": epoch_generator,
+                        "best_valid_logits": best_valid_logits,
+                    }
+                    save_resume_state(resume, model, optimizer, schedule, state)
+            if result.stopped_early:
+                break
 
     # 6. fit the output layer on the best model's validation logits, saved beside its weights
-    save_calibration(calibrate(settings, train, valid, best_valid_logits), out_dir)
+    calibration = calibrate(settings, train, valid, best_valid_logits)
+    save_calibration(calibration, out_dir)
+    result.valid_pctr = calibration.apply(best_valid_logits, valid["ad_id"].to_list(), user_history(valid))
     shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     return result
 

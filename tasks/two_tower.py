@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -28,7 +29,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
-from tasks.config import Settings
 from tasks.model import (
     embed_texts,
     load_cross_encoder,
@@ -36,6 +36,9 @@ from tasks.model import (
     predict_logits,
     seed_everything,
 )
+
+if TYPE_CHECKING:  # only a type here: the served model imports this module without adrank's config
+    from tasks.config import Settings
 
 WEIGHTS_FILE, CONFIG_FILE = "two_tower.safetensors", "two_tower.json"
 HOLDOUT_SHARE = 0.2  # of distillation users, kept out of training to measure fidelity
@@ -99,8 +102,11 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
     ads = train["ad_text"].unique().sort().to_numpy()
     user_index = np.repeat(np.arange(len(users)), cfg.distill_ads_per_user)
     ad_index = rng.integers(0, len(ads), size=len(user_index))
+    from tasks.progress import StageProgress  # here, not at the top: the served model imports this module
+
     model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
-    logits = predict_logits(model, tokenizer, users[user_index], ads[ad_index], max_length, batch_size)
+    with StageProgress("distill_two_tower: teacher scores", len(user_index), "pairs") as bar:
+        logits = predict_logits(model, tokenizer, users[user_index], ads[ad_index], max_length, batch_size, bar.advance)
     targets = torch.tensor(logits, dtype=torch.float32)
 
     # 2. each text encoded once

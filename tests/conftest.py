@@ -121,6 +121,22 @@ def signal_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_logs(tmp_path_factory.mktemp("signal") / "logs", impressions, SIGNAL_ADS, users)
 
 
+SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+# 72 test pairs: an ECE that noisy (popularity's own is 0.05 there) would make promotion a coin toss
+SIGNAL_PROMOTION = {"max_ece": 0.1}
+
+
+@pytest.fixture(scope="session")
+def first_retrain(prefect_api, tmp_path_factory, tiny_model_dir, signal_logs):
+    """The retrain flow on signal_logs: version 1, promoted. Its home is shared: tests that change it
+    (test_flows.py) keep to what they add; others copy it first (test_analysts.py)."""
+    home = tmp_path_factory.mktemp("flows") / "home"
+    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING, promotion=SIGNAL_PROMOTION)
+    from flows.retrain import retrain  # imports Prefect flows: only for the tests that run them
+
+    return settings, retrain(settings.model_dump(mode="json"))
+
+
 @pytest.fixture(scope="session")
 def constant_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny BERT with a zeroed classifier: the same score for every pair (test AUC exactly 0.5)."""

@@ -1,6 +1,9 @@
 import json
 
-from flows.cli import main
+import pytest
+
+from flows.cli import COMMANDS, DEMO_SCALE, main
+from tasks.config import load_settings
 
 
 def test_config_prints_the_resolved_config_with_flags_over_env(tmp_path, monkeypatch, capsys):
@@ -23,6 +26,43 @@ def test_usage_and_unknown_commands(capsys):
     assert main([]) == 0
     assert "adrank <command>" in capsys.readouterr().out
     assert main(["train-everything"]) == 2
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_and_exits_0(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: adrank {command}") and COMMANDS[command] in out
+    assert "--training.epochs" in out  # the config flags follow
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["promote"],
+        ["promote", "--training.epochs", "2"],
+        ["stack"],
+        ["stack", "sideways"],
+        ["rankings"],
+        ["explain", "--user", "u1"],
+        ["rankings", "--user"],
+        ["config", "--no-such.flag", "1"],
+    ],
+)
+def test_bad_usage_exits_2_with_the_usage_line(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADRANK_HOME", str(tmp_path))
+    assert main(argv) == 2
+    assert f"adrank {argv[0]}" in capsys.readouterr().err
+
+
+def test_the_demo_runs_at_its_own_scale_unless_full(tmp_path, monkeypatch):
+    from flows.cli import command_arguments, merge
+
+    args, flags = command_arguments("demo", ["--full", "--training.epochs", "3"])
+    assert args == {"full": True} and flags == ["--training.epochs", "3"]
+    demo = load_settings(merge(DEMO_SCALE, {"training": {"epochs": 3}}))
+    assert demo.training.epochs == 3 and demo.training.sample_pairs == DEMO_SCALE["training"]["sample_pairs"]
+    assert demo.ranking.candidates_k == DEMO_SCALE["ranking"]["candidates_k"]
 
 
 def test_a_bad_flag_value_names_the_field(tmp_path, monkeypatch, capsys):

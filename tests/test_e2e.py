@@ -1,15 +1,14 @@
-"""End to end: a real `prefect server` on loopback, `prefect deploy` from deploy/prefect.yaml, process
-workers for both work pools, and deployment runs started through the CLI."""
+"""End to end: `adrank stack up` (a Prefect server, an MLflow server, `prefect deploy` from
+deploy/prefect.yaml, process workers for both work pools) on free loopback ports, deployment runs
+started through the CLI, then `adrank stack down`."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-SERVER_START_TIMEOUT_S = 120
+ADRANK = str(Path(sys.executable).with_name("adrank"))
+STACK_TIMEOUT_S = 420  # up: two servers, two workers and `prefect deploy` on a busy 2-core machine
 RUN_TIMEOUT_S = 600
 
 
@@ -43,41 +43,59 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:  # all bound at once: no port twice
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
-def wait_for_health(api_url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "prefect server exited during start-up"
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"prefect server at {api_url} not healthy after {SERVER_START_TIMEOUT_S} s")
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
-    done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+def run(command: str, env: dict[str, str], *args: str, timeout: float = 120, expect: int = 0) -> str:
+    done = subprocess.run([command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == expect, (
+        f"{command} {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    )
     return done.stdout
 
 
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    return run(PREFECT, env, *args, timeout=timeout)
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of a process group that still run (zombies left unreaped by PID 1 do not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if state != "Z" and int(group) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
-def prefect_stack(tmp_path, tiny_model_dir, sample_logs):
-    """A prefect server and one process worker per work pool; stopped afterwards."""
-    api_url = f"http://127.0.0.1:{free_port()}/api"
-    env = os.environ | {
+def stack(tmp_path, tiny_model_dir, sample_logs):
+    """`adrank stack up` on free ports, its export lines applied to the env; `adrank stack down` afterwards
+    whatever happened (a no-op when the test has stopped it)."""
+    prefect_port, mlflow_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ADRANK_TRACKING__MLFLOW_URI")}
+    env |= {
         "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "ADRANK_HOME": str(tmp_path / "adrank"),
+        "ADRANK_STACK__PREFECT_PORT": str(prefect_port),
+        "ADRANK_STACK__MLFLOW_PORT": str(mlflow_port),
         "ADRANK_DATA__LOGS": str(sample_logs),
         "ADRANK_MODEL__BASE_MODEL": str(tiny_model_dir),
         "ADRANK_MODEL__MAX_SEQ_LENGTH": "64",
@@ -86,43 +104,25 @@ def prefect_stack(tmp_path, tiny_model_dir, sample_logs):
         "ADRANK_PROMOTION__MAX_ECE": "0.3",
         "ADRANK_PROMOTION__MAX_LOGLOSS_GAP": "0.3",
     }
-    port = api_url.split(":")[2].split("/")[0]
-    started: list[subprocess.Popen] = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        out = (logs / f"{name}.log").open("w")
-        process = subprocess.Popen(
-            [PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        started.append(process)
-        return process
-
     try:
-        server = start("server", "server", "start", "--host", "127.0.0.1", "--port", port)
-        wait_for_health(api_url, server)
-        for pool in ("adrank-cpu", "adrank-gpu"):
-            cli(env, "work-pool", "create", pool, "--type", "process")
-            start(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process")
-        yield env, tmp_path
+        up = run(ADRANK, env, "stack", "up", timeout=STACK_TIMEOUT_S)
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in up.splitlines() if line.startswith("export ")
+        )
+        assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{prefect_port}/api", up
+        assert exports["ADRANK_TRACKING__MLFLOW_URI"] == f"http://127.0.0.1:{mlflow_port}", up
+        yield env | exports, tmp_path
     finally:
-        for process in reversed(started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        subprocess.run([ADRANK, "stack", "down"], cwd=REPO, env=env, timeout=300)
 
 
 @pytest.mark.e2e
-def test_deployments_run_through_the_cli(prefect_stack):
-    env, tmp_path = prefect_stack
-    deployed = cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
-    assert "retrain/nightly" in deployed and "rerank/nightly" in deployed
+def test_deployments_run_through_the_cli_on_the_local_stack(stack):
+    env, tmp_path = stack
+    assert "already up" in run(ADRANK, env, "stack", "up")  # idempotent
+    assert run(ADRANK, env, "stack", "status").count(" up ") == 4  # two servers, two workers
+    deployed = cli(env, "deployment", "ls")
+    assert "retrain/nightly" in deployed and "rerank/nightly" in deployed and "monitor/nightly" in deployed
 
     top_n = {"retrain/nightly": [], "rerank/nightly": ["-p", 'overrides={"ranking": {"top_n": 5}}']}
     for deployment in ("retrain/nightly", "rerank/nightly"):
@@ -176,3 +176,23 @@ def test_deployments_run_through_the_cli(prefect_stack):
             "select run_date::varchar, model_version, impressions from model_daily_metrics where slice = 'overall'"
         ).fetchall()
     assert [(day, version) for day, version, _ in monitored] == [("2026-10-10", "1")] and monitored[0][2] > 20
+
+    # the flows used the stack's MLflow server, not a store of their own under ADRANK_HOME
+    mlflow_uri = env["ADRANK_TRACKING__MLFLOW_URI"]
+    alias = f"{mlflow_uri}/api/2.0/mlflow/registered-models/alias?name=adrank-ctr&alias=champion"
+    with urllib.request.urlopen(alias, timeout=10) as response:
+        assert json.load(response)["model_version"]["version"] == "1"
+    assert not (tmp_path / "adrank" / "mlflow.db").exists()
+
+    # down stops every process group it recorded, and nothing listens on the stack's ports any more
+    state = json.loads((tmp_path / "adrank" / "stack" / "stack.json").read_text())
+    assert len(state["components"]) == 4
+    assert "the stack is down" in run(ADRANK, env, "stack", "down")
+    assert {c["name"]: live_group_members(c["pid"]) for c in state["components"]} == {
+        c["name"]: [] for c in state["components"]
+    }
+    assert not listening(int(env["ADRANK_STACK__PREFECT_PORT"])) and not listening(
+        int(env["ADRANK_STACK__MLFLOW_PORT"])
+    )
+    assert not (tmp_path / "adrank" / "stack" / "stack.json").exists()
+    run(ADRANK, env, "stack", "status", expect=1)

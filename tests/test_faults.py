@@ -35,6 +35,14 @@ def wait_for(path_glob, folder: Path, timeout: float = 120) -> None:
 
 
 @pytest.mark.fault
+def read_until(process, wanted: str) -> bool:
+    """Read the process's output lines (model loading and progress come first) until `wanted`; False at EOF."""
+    for line in process.stdout:
+        if line.strip() == wanted:
+            return True
+    return False
+
+
 def test_rerank_killed_mid_scoring_or_before_commit_leaves_the_old_rankings_and_a_rerun_completes(
     tmp_path, tiny_model_dir
 ):
@@ -61,7 +69,7 @@ def test_rerank_killed_mid_scoring_or_before_commit_leaves_the_old_rankings_and_
 
     # 2. SIGKILL with the new rankings file fully written, just before the rename that publishes it
     process = worker(tiny_model_dir, work, "1", "--pause-before-commit")
-    assert process.stdout.readline().strip() == "committing"
+    assert read_until(process, "committing"), "the worker ended without reaching the commit"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert list((work / "ad_rankings").rglob(".*.tmp")), "the kill should leave the hidden file behind"

@@ -7,31 +7,24 @@ import shutil
 
 import duckdb
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.cli import main
 from flows.rerank import rerank
 from flows.retrain import retrain
+from tasks.explain import explain_pair
 from tasks.logs import LogContractError
-from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, smoke_test
-from tests.conftest import SIGNAL_ADS, build_settings
+from tasks.pairs import history_ablations
+from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, load_version, smoke_test
+from tasks.score import RankingModel
+from tests.conftest import SIGNAL_ADS, SIGNAL_PROMOTION, SIGNAL_TRAINING, build_settings
 
-SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
-# 72 test pairs: an ECE that noisy (popularity's own is 0.05 there) would make promotion a coin toss
-SIGNAL_PROMOTION = {"max_ece": 0.1}
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("flows") / "home"
-
-
-@pytest.fixture(scope="module")
-def first_retrain(prefect_api, home, tiny_model_dir, signal_logs):
-    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING, promotion=SIGNAL_PROMOTION)
-    return settings, retrain(settings.model_dump(mode="json"))
+# first_retrain (tests/conftest.py): version 1, trained on signal_logs and promoted; shared with test_analysts.py
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,40 @@ def test_first_retrain_registers_and_promotes(first_retrain):
     assert [m.step for m in history] == [0, 36, 72, 108, 144]  # 576 training pairs, batches of 16
     assert run.data.metrics["stage1.pairs"] > 0 and "stage1.holdout_spearman" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"evaluation.json", "config.json"} <= artifacts
+    assert {"evaluation.json", "evaluation.md", "config.json", "plots"} <= artifacts
+    plots = {a.path: a.file_size for a in client.list_artifacts(result["run_id"], "plots")}
+    for plot in ("roc_curve", "reliability_diagram", "pctr_histogram", "metrics_table"):
+        assert plots[f"plots/{plot}.png"] > 1000  # a rendered PNG, not an empty file
+    losses = client.get_metric_history(result["run_id"], "train_step_loss")
+    assert [m.step for m in losses] == list(range(1, 145))  # every optimizer step, a training curve
+    assert run.info.run_name.startswith("retrain logs to 2026-05-")
+
+    # the registered version says what it is: data window, rows, base model, code
+    version = client.get_model_version(name, "1")
+    assert "fine-tuned from" in version.description and "training pairs" in version.description
+    assert version.tags["data.until"] == run.data.tags["data.until"]
+    assert version.tags["pairs.train_rows"] == "576" and version.tags["base_model"] == str(settings.model.base_model)
+    assert len(version.tags["git_commit"]) == 40 or version.tags["git_commit"] == "unknown"
+    gates = json.loads(version.tags["promotion"])["gates"]
+    assert [g["name"] for g in gates] == ["auc", "logloss", "calibration", "pctr_spread", "mean_pctr", "smoke"]
+
+
+def test_prefect_runs_say_what_and_when_and_show_sample_rankings(first_retrain):
+    """Flow-run names carry the date, the retrain summary states each gate, rerank leaves a table artifact."""
+    settings, _ = first_retrain
+    overrides = settings.model_dump(mode="json") | {"ranking": {"top_n": 3, "active_window_days": 3}}
+    state = rerank(overrides=overrides, return_state=True)
+    summary, flow_run_id = state.result(), state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run_id).name == f"rerank {summary['run_date']} v1"
+        names = {run.name for run in client.read_flow_runs()}
+        ours = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        sample = {a.key: a for a in client.read_artifacts(artifact_filter=ours)}["rerank-sample-users"]
+        retrain_summaries = [a.data for a in client.read_artifacts() if a.key == "retrain-summary"]
+    assert any(n.startswith("retrain logs to 2026-05-") and n.endswith(": v1 promoted") for n in names), names
+    assert any("Version 1: promoted to champion" in s and "| smoke | passed |" in s for s in retrain_summaries)
+    rows = json.loads(sample.data)
+    assert rows and {row["rank"] for row in rows} == {1, 2, 3} and {"user_id", "ad_id", "pctr"} <= set(rows[0])
 
 
 def test_champion_loads_from_the_registry_and_predicts_ctr(first_retrain):
@@ -136,6 +162,63 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
     again = rerank(overrides=overrides)
     assert again["run_date"] == summary["run_date"]
     assert rankings(settings) == first  # same rows, no duplicates (scored_at aside)
+
+
+def test_models_rankings_and_explain_read_what_the_flows_wrote(first_retrain, monkeypatch, capsys):
+    settings, _ = first_retrain
+    for key, value in (
+        ("ADRANK_HOME", settings.home),
+        ("ADRANK_TRACKING__MLFLOW_URI", settings.tracking.mlflow_uri),
+        ("ADRANK_DATA__LOGS", settings.data.logs),
+    ):
+        monkeypatch.setenv(key, str(value))
+    summary = rerank(overrides=settings.model_dump(mode="json") | {"ranking": {"top_n": 3, "active_window_days": 3}})
+    published = [row for row in rankings(settings) if row[0].isoformat() == summary["run_date"]]
+    user = published[0][1]
+    capsys.readouterr()
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "champion" in out and "version 1 gates: auc ok" in out and "champion history (oldest first): 1" in out
+
+    assert main(["rankings", "--user", user, "--date", summary["run_date"]]) == 0
+    out = capsys.readouterr().out
+    shown = [line.split("┆")[1].strip() for line in out.splitlines() if "┆" in line and "rank" not in line]
+    assert shown == [row[2] for row in published if row[1] == user]  # the published ads, best first
+    assert main(["rankings", "--user", "nobody"]) == 1
+    assert main(["rankings"]) == 2  # --user is required
+    capsys.readouterr()
+
+    assert main(["explain", "--user", user, "--ad", "good1", "--date", summary["run_date"]]) == 0
+    out = capsys.readouterr().out
+    assert "user text" in out and "ad_prior" in out and "left out in turn" in out
+    assert main(["explain", "--user", user, "--ad", "no-such-ad"]) == 1
+
+
+def test_explain_shows_how_each_history_title_moves_the_score(first_retrain):
+    settings, _ = first_retrain
+    ranking = {"run_date": "2026-05-10"}
+    ranked = build_settings(settings.home, settings.model.base_model, settings.data.logs, ranking=ranking)
+    served = load_version(settings, "1")
+    model, checked = RankingModel.from_pyfunc(served), 0
+    for user in ("u1", "u2", "u3"):
+        explanation = explain_pair(ranked, model, user, "good1")
+        assert sum(explanation.log_odds.values()) == pytest.approx(np.log(explanation.pctr / (1 - explanation.pctr)))
+        _, rows = history_ablations(ranked, user, "good1")
+        full = rows.row(0, named=True)
+        prefix, history = explanation.user_text.split("Recently clicked: ")
+        for row in explanation.left_out.iter_rows(named=True):
+            # the pair scored by the registered model as a user would, with that title cut from the text
+            rest = [title for title in history.split(" | ") if title != row["left_out_text"]]
+            user_text = f"{prefix}Recently clicked: {' | '.join(rest) or 'nothing yet'}"
+            request = pd.DataFrame([full | {"user_text": user_text}])
+            counts = {"user_prior_impressions": float, "user_prior_clicks": float}  # the signature's types
+            request = request[["user_text", "ad_text", "ad_id", *counts]].astype(counts)
+            without = float(np.asarray(served.predict(request)).reshape(-1)[0])
+            assert without == pytest.approx(row["pctr"], abs=1e-6)
+            assert np.sign(without - explanation.pctr) == np.sign(row["pctr_change"])
+            checked += abs(row["pctr_change"]) > 1e-6
+    assert checked > 0, "no history title moved the score"
 
 
 @pytest.mark.fault

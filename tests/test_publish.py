@@ -1,16 +1,27 @@
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.publish import PublishCheckError, publish_rankings
+from tasks.config import DataConfig
+from tasks.publish import (
+    VIEWS,
+    PublishCheckError,
+    publish_ad_daily_ctr,
+    publish_model_versions,
+    publish_monitoring,
+    publish_rankings,
+)
+from tests.conftest import write_logs
 
 
 def staged(table: pa.Table, folder) -> str:
@@ -203,3 +214,109 @@ def test_superseded_files_are_removed_only_after_the_retention(tmp_path, scores)
     assert {r[5] for r in rows(warehouse)} == {"2"}
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "3", top_n=3, retention=timedelta(0))
     assert len(list(folder.glob("*.parquet"))) == 1 and {r[5] for r in rows(warehouse)} == {"3"}
+
+
+def impressions_of(days: dict[date, list[tuple[str, bool]]]) -> list[dict]:
+    """Impression rows: per day, (ad_id, clicked) shown at noon."""
+    rows = []
+    for day, shown in days.items():
+        for ad_id, clicked in shown:
+            ts = datetime.combine(day, datetime.min.time()) + timedelta(hours=12)
+            rows.append({"impression_id": len(rows), "ts": ts, "user_id": "u1", "ad_id": ad_id, "clicked": clicked})
+    return rows
+
+
+CTR_ADS = [{"ad_id": "a", "title": "A", "category": "shoes"}, {"ad_id": "b", "title": "B", "category": None}]
+
+
+def test_ad_daily_ctr_counts_each_day_once_and_republishes_only_changed_days(tmp_path):
+    warehouse, day1, day2, day3 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2), date(2026, 1, 3)
+    shown = {day1: [("a", True), ("a", False), ("b", False)], day2: [("a", False), ("b", True)], day3: [("a", True)]}
+    logs = write_logs(tmp_path / "logs", impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
+    data = DataConfig(logs=str(logs))
+    assert publish_ad_daily_ctr(warehouse, data, day3) == [day1, day2]  # only the days before run_date
+    assert publish_ad_daily_ctr(warehouse, data, day3) == []  # a rerun: nothing changed, nothing published
+    assert publish_ad_daily_ctr(warehouse, data, day3 + timedelta(days=1)) == [day3]
+
+    shown[day1].append(("b", True))  # a late impression of day 1
+    write_logs(logs, impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
+    assert publish_ad_daily_ctr(warehouse, data, day3 + timedelta(days=1)) == [day1]
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        got = con.execute(
+            "select impression_date, ad_id, category, impressions, clicks, ctr from ad_daily_ctr order by all"
+        ).fetchall()
+    assert got == [
+        (day1, "a", "shoes", 2, 1, 0.5),
+        (day1, "b", None, 2, 1, 0.5),  # republished whole: the late click counted, nothing twice
+        (day2, "a", "shoes", 1, 0, 0.0),
+        (day2, "b", None, 1, 1, 1.0),
+        (day3, "a", "shoes", 1, 1, 1.0),
+    ]
+
+
+def publish_every_table(home) -> dict[str, int]:
+    """A home with a publish of every table (tiny hand-made rows); returns each view's row count."""
+    warehouse, day = home / "warehouse.duckdb", date(2026, 1, 1)
+    scores = staged(pa.table({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "pctr": [0.4, 0.2]}), home.parent)
+    publish_rankings(warehouse, scores, day, "m", "1", top_n=2)
+    metrics = pl.DataFrame({"run_date": [day], "model_version": ["1"], "slice": ["overall"], "auc": [0.7]})
+    drift = pl.DataFrame({"run_date": [day], "model_version": ["1"], "input": ["pctr"], "psi": [0.01]})
+    publish_monitoring(warehouse, day, {"model_daily_metrics": metrics, "input_drift": drift})
+    logs = write_logs(home.parent / "logs", impressions_of({day: [("a", True)]}), CTR_ADS, [{"user_id": "u1"}])
+    publish_ad_daily_ctr(warehouse, DataConfig(logs=str(logs)), day + timedelta(days=1))
+    versions = pl.DataFrame({"model_name": ["m", "m"], "model_version": ["1", "2"], "is_champion": [True, False]})
+    publish_model_versions(warehouse, versions)
+    return {view: 2 if view in ("ad_rankings", "latest_ad_rankings", "model_versions") else 1 for view in ALL_VIEWS}
+
+
+ALL_VIEWS = [view for views in VIEWS.values() for view in views]
+COUNT_VIEWS = """
+import json, sys
+import duckdb
+con = duckdb.connect(sys.argv[1], read_only=True, config=json.loads(sys.argv[2]))
+if sys.argv[3] != "direct":  # the warehouse ATTACHed into an in-memory database, as some BI tools do
+    con = duckdb.connect(config=json.loads(sys.argv[2]))
+    con.execute(f"attach '{sys.argv[1]}' as warehouse (read_only)")
+    con.execute("use warehouse")
+print(json.dumps({view: con.execute(f"select count(*) from {view}").fetchone()[0] for view in sys.argv[4:]}))
+"""
+
+
+def count_views(warehouse, cwd, config: dict | None = None, how: str = "direct") -> dict[str, int]:
+    """Each view's row count, read by a separate process started in cwd."""
+    args = [sys.executable, "-c", COUNT_VIEWS, str(warehouse), json.dumps(config or {}), how, *ALL_VIEWS]
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_views_work_when_the_home_is_moved_and_opened_from_anywhere(tmp_path):
+    home, elsewhere = tmp_path / "old" / "home", tmp_path / "analyst"
+    home.mkdir(parents=True)
+    elsewhere.mkdir()
+    expected = publish_every_table(home)
+    assert count_views(home / "warehouse.duckdb", elsewhere) == expected
+
+    moved = tmp_path / "mounted" / "adrank"
+    moved.parent.mkdir()
+    shutil.move(home, moved)  # the folder moved (or mounted elsewhere): its old path is gone
+    assert count_views(moved / "warehouse.duckdb", elsewhere) == expected  # opened itself: no set-up
+    assert (
+        count_views(moved / "warehouse.duckdb", moved.parent, how="attach", config={"file_search_path": str(moved)})
+        == expected
+    )
+    with pytest.raises(AssertionError, match="No files found"):  # attached, without file_search_path
+        count_views(moved / "warehouse.duckdb", elsewhere, how="attach")
+
+
+def test_views_from_before_they_were_portable_are_recreated(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
+    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
+    with duckdb.connect(str(warehouse)) as con:  # the views of adrank before: an absolute glob
+        con.execute(f"create or replace view ad_rankings as select * from read_parquet('{glob}')")
+    publish_rankings(warehouse, scores(), date(2026, 1, 2), "m", "2", top_n=3)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
+    assert "temp_directory" in sql and "file_search_path" in sql
+    assert {r[0] for r in rows(warehouse)} == {date(2026, 1, 1), date(2026, 1, 2)}

@@ -2,7 +2,7 @@
 -- to click most (ranking.objective = pctr) or expects the most revenue from (ecpm). Files are never rewritten: each publish of a run_date adds a new file (tasks/publish.py)
 -- and this view keeps, per run_date, the rows of its latest publish (scored_at), read in one scan so
 -- a query sees one publish per date, whole.
--- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
+-- DDL takes no bound parameters: {glob} is filled with a SQL expression (tasks/publish.py _files_expression).
 create or replace view ad_rankings as
 with published as (
     select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)

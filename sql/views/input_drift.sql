@@ -1,7 +1,7 @@
 -- input_drift: one row per run_date x input: population stability index between the
 -- model's training window and run_date, and the share of impressions on ads it never saw (docs/data.md).
 -- Like ad_rankings, each monitor run adds a file per run_date and the newest (computed_at) wins.
--- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
+-- DDL takes no bound parameters: {glob} is filled with a SQL expression (tasks/publish.py _files_expression).
 create or replace view input_drift as
 with published as (
     select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)

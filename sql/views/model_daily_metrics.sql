@@ -1,7 +1,7 @@
 -- model_daily_metrics: one row per run_date x slice: how the model version that ranked
 -- run_date did on that day's impressions (flows/monitor.py; columns in docs/data.md).
 -- Like ad_rankings, each monitor run adds a file per run_date and the newest (computed_at) wins.
--- DDL takes no bound parameters: {glob} is filled with a quoted string literal.
+-- DDL takes no bound parameters: {glob} is filled with a SQL expression (tasks/publish.py _files_expression).
 create or replace view model_daily_metrics as
 with published as (
     select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)

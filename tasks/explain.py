@@ -1,0 +1,66 @@
+"""Why this ad? The pCTR of one (user, ad) pair as rerank scores it, term by term, and with each title of the
+user's history left out in turn (`adrank explain`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+import polars as pl
+
+from tasks.config import Settings
+from tasks.model import predict_logits
+from tasks.pairs import history_ablations
+from tasks.score import RankingModel
+
+
+@dataclass(frozen=True)
+class Explanation:
+    run_date: date
+    user_text: str
+    ad_text: str
+    pctr: float
+    log_odds: dict[str, float]  # text, intercept, ad_prior, user_prior: they sum to logit(pctr)
+    ad_seen: bool  # the ad was in the training split (else cold-start: its own weights, no ad prior)
+    left_out: pl.DataFrame  # one row per history item: left_out_ad_id, left_out_text, pctr, pctr_change
+
+
+def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: str) -> Explanation:
+    """Score the pair and its history ablations (tasks/pairs.py: history_ablations) with the ranking model."""
+    run_date, rows = history_ablations(settings, user_id, ad_id)
+    logits = predict_logits(
+        model.cross_encoder, model.tokenizer, rows["user_text"], rows["ad_text"], model.max_length, model.batch_size
+    )
+    history = tuple(rows[column].to_numpy() for column in ("user_prior_clicks", "user_prior_impressions"))
+    pctr = model.calibration.apply(logits, rows["ad_id"].to_list(), history)
+    first = rows.row(0, named=True)
+    terms = model.calibration.contributions(
+        logits[0], ad_id, ([first["user_prior_clicks"]], [first["user_prior_impressions"]])
+    )
+    left_out = rows.slice(1).select("left_out_ad_id", "left_out_text")
+    left_out = left_out.with_columns(pl.Series("pctr", pctr[1:]), pl.Series("pctr_change", pctr[1:] - pctr[0])).sort(
+        "pctr_change"
+    )
+    ad_seen = ad_id in model.calibration.ad_log_odds
+    return Explanation(run_date, first["user_text"], first["ad_text"], float(pctr[0]), terms, ad_seen, left_out)
+
+
+def to_text(explanation: Explanation, user_id: str, ad_id: str, version: str) -> str:
+    """What `adrank explain` prints."""
+    e, lines = explanation, []
+    lines.append(f"user {user_id} x ad {ad_id}, run_date {e.run_date}, model version {version}")
+    lines.append(f"  user text  {e.user_text}")
+    lines.append(f"  ad text    {e.ad_text}")
+    lines.append(f"  pCTR       {e.pctr:.4f}  (log-odds {sum(e.log_odds.values()):+.3f})")
+    seen = "seen in training" if e.ad_seen else "unseen in training: cold-start weights, no ad prior"
+    lines.append(f"  output layer, log-odds by term (ad {seen}):")
+    lines += [f"    {term:<10} {value:+.3f}" for term, value in e.log_odds.items()]
+    if e.left_out.is_empty():
+        lines.append("  history: none (nothing to leave out)")
+    else:
+        lines.append("  history, each title left out in turn (pCTR without it, change):")
+        for row in e.left_out.iter_rows(named=True):
+            lines.append(
+                f"    {row['pctr']:.4f} {row['pctr_change']:+.4f}  {row['left_out_text']} ({row['left_out_ad_id']})"
+            )
+    return "\n".join(lines)
