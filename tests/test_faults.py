@@ -37,10 +37,7 @@ def wait_for(path_glob, folder: Path, timeout: float = 120) -> None:
 @pytest.mark.fault
 def read_until(process, wanted: str) -> bool:
     """Read the process's output lines (model loading and progress come first) until `wanted`; False at EOF."""
-    for line in process.stdout:
-        if line.strip() == wanted:
-            return True
-    return False
+    return any(line.strip() == wanted for line in process.stdout)
 
 
 def test_rerank_killed_mid_scoring_or_before_commit_leaves_the_old_rankings_and_a_rerun_completes(
