@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from tasks import registry
 from tasks.config import Settings, cli_overrides, load_settings
 from tasks.logs import LogContractError
+from tasks.object_storage import LogSourceError, is_s3_url
 
 COMMANDS = {
     "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(command, settings, overrides, args)
     except LogContractError as error:
         print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
-    except (registry.PromotionError, MlflowException, LookupError) as error:
+    except (registry.PromotionError, MlflowException, LookupError, LogSourceError) as error:
         print(f"adrank {command}: {error}", file=sys.stderr)
     return EXIT_FAILED
 
@@ -234,6 +235,9 @@ def merge(base: dict, top: dict) -> dict:
 def write_sample_logs(settings: Settings) -> None:
     from tasks.sample_data import generate_sample_logs
 
+    if is_s3_url(settings.data.logs):  # adrank reads object storage, never writes it
+        raise LogSourceError(f"{settings.data.logs}: sample-data writes a local folder; upload it yourself")
+
     counts = generate_sample_logs(settings.sample, Path(settings.data.logs))
     print(f"sample logs written to {settings.data.logs}: {counts}")
 
@@ -246,7 +250,7 @@ def run_demo(settings: Settings, overrides: dict) -> None:
 
     server = os.environ.get("PREFECT_API_URL") or "a temporary Prefect server (it starts in up to ~25 s)"
     print(f"adrank demo: sample market -> retrain -> rerank, on {server}", flush=True)
-    if not Path(settings.data.logs).exists():
+    if not is_s3_url(settings.data.logs) and not Path(settings.data.logs).exists():
         write_sample_logs(settings)
     trained = retrain(overrides)
     ranked = rerank(overrides=overrides)

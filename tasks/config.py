@@ -34,8 +34,9 @@ def template_fields(template: str) -> set[str]:
 class DataConfig(BaseModel):
     logs: str | None = Field(
         None,
-        description="Log source: a folder with impressions/, ads/, users/ Parquet sub-folders, or a "
-        "DuckDB file (.duckdb/.db) with those tables. Default: <home>/sample_logs.",
+        description="Log source: a folder with impressions/, ads/, users/ Parquet sub-folders (local, or "
+        "s3://bucket/prefix with credentials from the AWS_* env vars, docs/data.md), or a DuckDB file "
+        "(.duckdb/.db) with those tables. Default: <home>/sample_logs.",
     )
     features_as_of: Literal["day_start", "impression"] = Field(
         "day_start",

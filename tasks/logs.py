@@ -1,4 +1,4 @@
-"""Read the log contract (impressions, ads, users) from Parquet folders or a DuckDB file.
+"""Read the log contract (impressions, ads, users) from Parquet folders (local or s3://) or a DuckDB file.
 
 The tables become views `raw_<table>` in an in-memory DuckDB connection, then typed staging tables
 `stg_<table>` (sql/stg_*.sql) whose keys are checked before anything else reads them.
@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 
 from tasks.config import DataConfig
+from tasks.object_storage import connect_s3, is_s3_url, list_parquet, s3_error
 from tasks.sql_files import load_sql
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -47,10 +48,12 @@ def open_logs(source: str, data: DataConfig | None = None) -> duckdb.DuckDBPyCon
     kept once; ad titles/descriptions longer than data.max_text_chars are truncated.
     """
     data = data or DataConfig()
-    path = Path(source).expanduser()
-    if not path.exists():
+    path = _location(source)
+    if isinstance(path, Path) and not path.exists():
         raise LogContractError(f"log source {path} does not exist")
     con = duckdb.connect()
+    if isinstance(path, str):
+        connect_s3(con, path)
     for table in REQUIRED_COLUMNS:
         where = f"{path} ({table})"
         _view_source(con, path, table)
@@ -68,7 +71,7 @@ def log_quality(con: duckdb.DuckDBPyConnection, data: DataConfig) -> dict[str, i
 
 def stage_candidates(con: duckdb.DuckDBPyConnection, source: str, table: str) -> None:
     """Stage the optional candidates table (user_id, ad_id) of the same log source as stg_candidates."""
-    path = Path(source).expanduser()
+    path = _location(source)
     where = f"{path} ({table})"
     _view_source(con, path, table)
     _source_columns(con, table, CANDIDATE_COLUMNS, where)
@@ -76,9 +79,16 @@ def stage_candidates(con: duckdb.DuckDBPyConnection, source: str, table: str) ->
     _stage(con, "candidates", where, {})
 
 
-def _view_source(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> None:
+def _location(source: str) -> Path | str:
+    """A local path, or an s3:// URL (a str: Path would fold its '//') without a trailing '/'."""
+    return source.rstrip("/") if is_s3_url(source) else Path(source).expanduser()
+
+
+def _view_source(con: duckdb.DuckDBPyConnection, path: Path | str, table: str) -> None:
     """The log source's `table` as view src_<table>: a DuckDB table/view or a folder of Parquet files."""
-    if path.suffix in DUCKDB_SUFFIXES:
+    if isinstance(path, str):
+        _view_parquet(con, f"{path}/{table}", table)
+    elif path.suffix in DUCKDB_SUFFIXES:
         _view_duckdb_table(con, path, table)
     else:
         _view_parquet(con, path / table, table)
@@ -111,12 +121,17 @@ def _view_duckdb_table(con: duckdb.DuckDBPyConnection, path: Path, table: str) -
     con.execute(f"create view src_{table} as select * from logs.main.{table}")
 
 
-def _view_parquet(con: duckdb.DuckDBPyConnection, folder: Path, table: str) -> None:
-    parquet_files = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else []
+def _view_parquet(con: duckdb.DuckDBPyConnection, folder: Path | str, table: str) -> None:
+    if isinstance(folder, str):
+        parquet_files = list_parquet(con, folder)
+    else:
+        parquet_files = sorted(str(p) for p in folder.rglob("*.parquet")) if folder.is_dir() else []
     if not parquet_files:
         raise LogContractError(f"{folder}: no Parquet files for table '{table}'")
     try:
         relation = con.read_parquet(parquet_files, hive_partitioning=True, union_by_name=True)
+    except duckdb.HTTPException as error:  # object storage: denied, or a file gone since it was listed
+        raise s3_error(str(folder), error) from None
     except duckdb.Error as error:
         raise LogContractError(f"{folder}: cannot read Parquet for table '{table}': {error}") from error
     relation.create_view(f"src_{table}")
@@ -135,9 +150,11 @@ def _stage(con: duckdb.DuckDBPyConnection, table: str, where: str, params: dict)
         raise LogContractError(f"{where}: a column does not have the contract's type: {error}") from error
     except duckdb.InvalidInputException as error:  # e.g. text that is not UTF-8, with the file named
         raise LogContractError(f"{where}: unreadable value: {error}") from error
+    except duckdb.HTTPException as error:  # object storage: denied, or a file gone since it was listed
+        raise s3_error(where, error) from None
 
 
-def _check_keys(con: duckdb.DuckDBPyConnection, path: Path, data: DataConfig) -> None:
+def _check_keys(con: duckdb.DuckDBPyConnection, path: Path | str, data: DataConfig) -> None:
     dimension_violations = con.execute(load_sql("checks/stg_ads_and_users")).fetchall()
     if dimension_violations:
         examples = "\n".join(
