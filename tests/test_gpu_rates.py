@@ -45,3 +45,13 @@ def test_gpu_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "torch==2.13.0" in text and "benchmarks/gpu_rates.py" in text and "docs/benchmarks/gpu.json" in text
+
+
+def test_sizing_reproduces_the_measured_projection_and_prints_a_row_per_scenario():
+    from benchmarks import sizing
+
+    # benchmarks/scoring.py projected 100,000 users x 5,000 ads at K = 100 from the same rates
+    projected = sizing.SCORING["projected_hours"]["two_stage_default_k"]
+    assert sizing.rerank_hours(100_000, 5_000, sizing.CPU) == pytest.approx(projected, rel=0.01)
+    assert sizing.GPU.score > sizing.CPU.score and sizing.GPU.score < sizing.GPU.tokenize
+    assert len(sizing.table().splitlines()) == 2 + len(sizing.SCENARIOS)
