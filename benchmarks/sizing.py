@@ -1,0 +1,133 @@
+"""The sizing guide's table (docs/deploy.md): nightly retrain, rerank and monitor time for users x ads x
+impressions, on a CPU worker from this project's measured rates, and on one GPU as a projection.
+
+    python benchmarks/sizing.py   # prints the markdown table docs/deploy.md holds
+
+CPU figures: docs/benchmarks/scoring.json (scoring rates per stage, FLOPs per pair), docs/benchmarks/monitor.json
+(the monitor's own cost) and the demo's fine-tune (docs/benchmarks.md): 2 CPU cores. GPU figures are projected,
+not measured: the FLOPs per pair at an assumed share of an H100/H200's dense bf16 peak, in series with
+tokenisation on the GPU node's CPU cores; benchmarks/gpu.sh measures the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCORING = json.loads((REPO / "docs/benchmarks/scoring.json").read_text())
+MONITOR = json.loads((REPO / "docs/benchmarks/monitor.json").read_text())
+
+# measured on this project's 2-core machine
+CPU_TRAIN_PAIRS_PER_S = 26.0  # the demo's fine-tune: 2 x 207 steps of 16 pairs in 251 s (docs/benchmarks.md)
+CPU_RATES = {row["method"]: row for row in SCORING["rows"]}["two-stage K=100"]
+TOKENIZE_PAIRS_PER_S_PER_CORE = 3300.0  # tokenize_pairs, one thread, measured under load (a lower bound)
+MONITOR_PIPELINE_S_PER_IMPRESSION = MONITOR["seconds_per_day"] / MONITOR["impressions_per_day"]
+
+# projection for one H100/H200-class GPU: assumptions, not measurements
+GPU_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, datasheet
+GPU_MFU = {"scoring": 0.15, "training": 0.10}  # assumed model FLOP utilisation of a 6-layer, 384-wide encoder
+GPU_NODE_CORES = 8  # CPU cores beside the GPU that tokenise
+FORWARD_FLOPS = SCORING["flops_per_pair"]  # at the measured workload's real token counts
+
+# the nightly job's shape (defaults of tasks/config.py)
+K, REFERENCE_USERS, EPOCHS = 100, 8, 2
+TRAIN_DAYS = 14  # days of logs a retrain reads (an assumption of this guide)
+VALIDATIONS = EPOCHS + 1  # step 0 and after each epoch
+DISTILL_PAIRS = 200 * 20
+WINDOW_HOURS = 4.0
+
+
+@dataclass(frozen=True)
+class Rates:
+    train: float  # training pairs/s
+    score: float  # cross-encoder passes/s (stage 2, validation, test, monitor)
+    encode: float  # texts/s encoded for stage 1
+    stage1: float = CPU_RATES["matmul_pairs_per_s"]  # user x ad scores/s: numpy on the CPU in both cases
+    tokenize: float = math.inf  # pairs/s; on CPU already inside the measured rates
+
+
+CPU = Rates(train=CPU_TRAIN_PAIRS_PER_S, score=CPU_RATES["ce_passes_per_s"], encode=CPU_RATES["encodings_per_s"])
+_gpu_score = GPU_PEAK_BF16 * GPU_MFU["scoring"] / FORWARD_FLOPS
+_gpu_tokenize = TOKENIZE_PAIRS_PER_S_PER_CORE * GPU_NODE_CORES
+GPU = Rates(
+    train=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS),
+    score=1 / (1 / _gpu_score + 1 / _gpu_tokenize),  # predict_logits tokenises a block, then scores it
+    encode=1 / (1 / _gpu_score + 1 / _gpu_tokenize),
+    tokenize=_gpu_tokenize,
+)
+
+
+def rerank_hours(users: int, ads: int, rates: Rates) -> float:
+    """Two-stage rerank at K: encode users and ads, anchor every ad, score users x ads, rescore users x K."""
+    seconds = (
+        (users + ads) / rates.encode
+        + REFERENCE_USERS * ads / rates.score
+        + users * ads / rates.stage1
+        + users * min(K, ads) / rates.score
+    )
+    return seconds / 3600
+
+
+def retrain_hours(impressions_per_day: int, rates: Rates, sample_pairs: int | None = None) -> float:
+    """Fine-tune EPOCHS over the training pairs (80% of TRAIN_DAYS of impressions, or sample_pairs), validate
+    VALIDATIONS times on 10%, score test (10%) with the fine-tuned and the base model, distil the two-tower."""
+    pairs = impressions_per_day * TRAIN_DAYS
+    trained = min(0.8 * pairs, sample_pairs or math.inf)
+    scored = VALIDATIONS * 0.1 * pairs + 2 * 0.1 * pairs + DISTILL_PAIRS
+    seconds = trained / rates.tokenize + EPOCHS * trained / rates.train + scored / rates.score
+    return seconds / 3600
+
+
+def monitor_hours(impressions_per_day: int, rates: Rates) -> float:
+    """One day monitored: the pipeline's own cost (measured with a tiny model) plus scoring every impression."""
+    pipeline = impressions_per_day * MONITOR_PIPELINE_S_PER_IMPRESSION
+    return (pipeline + impressions_per_day / rates.score) / 3600
+
+
+SCENARIOS = [(10_000, 1_000, 100_000), (100_000, 5_000, 1_000_000), (1_000_000, 50_000, 10_000_000)]
+SAMPLE_PAIRS = 200_000  # training.sample_pairs for the capped column
+
+
+def table() -> str:
+    def h(hours: float) -> str:
+        return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:,.1f} h"
+
+    lines = [
+        "| users × ads, impressions/day | rerank CPU | rerank GPU* | retrain CPU (all / 200k sampled) "
+        "| retrain GPU* (all / sampled) | monitor CPU | monitor GPU* | night CPU → workers for 4 h "
+        "| night GPU* → workers for 4 h |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for users, ads, impressions in SCENARIOS:
+        cpu = [
+            rerank_hours(users, ads, CPU),
+            retrain_hours(impressions, CPU, SAMPLE_PAIRS),
+            monitor_hours(impressions, CPU),
+        ]
+        gpu = [rerank_hours(users, ads, GPU), retrain_hours(impressions, GPU), monitor_hours(impressions, GPU)]
+        lines.append(
+            f"| {users:,} × {ads:,}, {impressions:,} | {h(cpu[0])} | {h(gpu[0])} "
+            f"| {h(retrain_hours(impressions, CPU))} / {h(cpu[1])} "
+            f"| {h(gpu[1])} / {h(retrain_hours(impressions, GPU, SAMPLE_PAIRS))} "
+            f"| {h(cpu[2])} | {h(gpu[2])} | {h(sum(cpu))} → {math.ceil(sum(cpu) / WINDOW_HOURS)} "
+            f"| {h(sum(gpu))} → {math.ceil(sum(gpu) / WINDOW_HOURS)} |"
+        )
+    return "\n".join(lines)
+
+
+def rates_summary() -> str:
+    return (
+        f"CPU (measured, 2 cores): training {CPU.train:.0f} pairs/s, cross-encoder {CPU.score:.0f} passes/s, "
+        f"stage-1 encodings {CPU.encode:.0f}/s, stage-1 scores {CPU.stage1:.3g}/s. "
+        f"GPU* (projected): training {GPU.train:,.0f} pairs/s, cross-encoder {GPU.score:,.0f} passes/s "
+        f"(model alone {_gpu_score:,.0f}/s, tokenisation {_gpu_tokenize:,.0f}/s on {GPU_NODE_CORES} cores)."
+    )
+
+
+if __name__ == "__main__":
+    print(rates_summary())
+    print()
+    print(table())
