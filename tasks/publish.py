@@ -8,6 +8,9 @@ opens warehouse.duckdb only to create those views the first time. Superseded fil
 they have been superseded for `retention`, longer than any reader's query. The monitoring tables, the
 daily CTR of each ad and the registry's versions are published the same way (VIEWS, PARTITIONS).
 
+The views of tables partitioned by a date take it from the folder names (DATE_PARTITIONED), so a query
+for one date opens only that date's files, however many dates there are (benchmarks/views.py).
+
 The views find their files beside warehouse.duckdb wherever the folder is moved or mounted, from any
 working directory (_files_expression).
 """
@@ -39,6 +42,10 @@ PARTITIONS = {"ad_daily_ctr": "impression_date", "model_versions": "model_name"}
 MONITOR_TABLES = ("model_daily_metrics", "input_drift")
 # a view over files holds this (see _files_expression); one without it names an absolute folder only
 PORTABLE_VIEW_MARKER = "temp_directory"
+# the views of tables partitioned by a date read it from the folder names (sql/views/), so a filter on the
+# date opens only its folders' files; a view without this reads every file and is recreated
+PRUNING_VIEW_MARKER = "hive_types"
+DATE_PARTITIONED = ("ad_rankings", "model_daily_metrics", "input_drift", "ad_daily_ctr")
 # a warehouse whose view lacks one of these columns predates it: its views are recreated
 REQUIRED_VIEW_COLUMNS = {"ad_rankings": ("ecpm",)}
 
@@ -232,8 +239,9 @@ def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_ra
 
 def ensure_views(warehouse: Path) -> None:
     """Create the analyst views of every published table in warehouse.duckdb, or recreate those that are
-    out of date (missing, lacking a REQUIRED_VIEW_COLUMNS column, or from before views found their files
-    wherever the folder is); warehouse.duckdb is written only then."""
+    out of date (missing, lacking a REQUIRED_VIEW_COLUMNS column, from before views found their files
+    wherever the folder is, or before a filter on the date read only its files); warehouse.duckdb is
+    written only then."""
     stale = _stale_tables(warehouse)
     if not stale:
         return
@@ -260,9 +268,10 @@ def _stale_tables(warehouse: Path) -> list[str]:
         return []
 
     def current(table: str) -> bool:
+        markers = (PORTABLE_VIEW_MARKER, PRUNING_VIEW_MARKER) if table in DATE_PARTITIONED else (PORTABLE_VIEW_MARKER,)
         return (
             set(VIEWS[table]) <= views.keys()
-            and PORTABLE_VIEW_MARKER in views[VIEWS[table][0]]
+            and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
         )
 

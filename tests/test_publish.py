@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -320,3 +321,88 @@ def test_views_from_before_they_were_portable_are_recreated(tmp_path, scores):
         sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
     assert "temp_directory" in sql and "file_search_path" in sql
     assert {r[0] for r in rows(warehouse)} == {date(2026, 1, 1), date(2026, 1, 2)}
+
+
+def table_scans(warehouse, query: str) -> list[dict]:
+    """The Parquet scans of query as DuckDB ran it (EXPLAIN (ANALYZE, FORMAT json)): per scan, the files
+    it opened and the rows it returned."""
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        profile = json.loads(con.execute(f"explain (analyze, format json) {query}").fetchone()[1])
+    scans, nodes = [], [profile]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("children", []))
+        if node.get("operator_type") == "TABLE_SCAN":
+            info = node["extra_info"]
+            files = [Path(f.strip()) for f in info["Filename(s)"].split(",")]
+            scans.append(
+                {"files_read": int(info["Total Files Read"]), "files": files, "rows": node["operator_cardinality"]}
+            )
+    return scans
+
+
+def publish_days(warehouse, table: str, days: list[date], version: str) -> None:
+    """One publish of table for each day: 4 rows a day (ad_daily_ctr: 2) with model_version = version."""
+    if table == "ad_rankings":
+        scores = staged(
+            pa.table({"user_id": ["u1", "u1", "u2", "u2"], "ad_id": ["a", "b"] * 2, "pctr": [0.4, 0.2] * 2}),
+            warehouse.parent,
+        )
+        for day in days:
+            publish_rankings(warehouse, scores, day, "m", version, top_n=2)
+    elif table == "ad_daily_ctr":
+        # ad_daily_ctr publishes the days whose counts changed: a click per version changes every day
+        shown = {day: [("a", True)] * int(version) + [("b", False)] for day in days}
+        logs = write_logs(warehouse.parent / "logs", impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
+        assert publish_ad_daily_ctr(warehouse, DataConfig(logs=str(logs)), max(days) + timedelta(days=1)) == days
+    else:
+        for day in days:
+            frame = pl.DataFrame({"run_date": [day] * 4, "model_version": [version] * 4, "slice": list("abcd")})
+            publish_monitoring(warehouse, day, {table: frame})
+
+
+@pytest.mark.parametrize("table", ["ad_rankings", "model_daily_metrics", "input_drift", "ad_daily_ctr"])
+def test_a_query_for_one_date_reads_only_that_dates_files_and_its_latest_publish(tmp_path, table):
+    warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(5)]
+    key = "impression_date" if table == "ad_daily_ctr" else "run_date"
+    publish_days(warehouse, table, days, "1")
+    publish_days(warehouse, table, days if table == "ad_daily_ctr" else [days[2]], "2")  # a rerun, within retention
+    folder = tmp_path / table / f"{key}={days[2]}"
+    assert len(list(folder.glob("*.parquet"))) == 2 and len(list((tmp_path / table).rglob("*.parquet"))) >= 6
+
+    scans = table_scans(warehouse, f"select * from {table} where {key} = date '{days[2]}'")
+    assert scans and all(scan["files_read"] == 2 and {f.parent for f in scan["files"]} == {folder} for scan in scans)
+    per_day = 2 if table == "ad_daily_ctr" else 4
+    assert all(scan["rows"] <= 2 * per_day for scan in scans)  # the two publishes of the date, no other date's rows
+
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        version = "clicks" if table == "ad_daily_ctr" else "model_version"
+        got = con.execute(
+            f"select {key}, count(*), min({version}), max({version}) from {table} group by 1 order by 1"
+        ).fetchall()
+    if table == "ad_daily_ctr":  # every day republished: a's clicks 1 -> 2
+        assert got == [(day, 2, 0, 2) for day in days]
+    else:  # the rerun date whole from its latest publish, the others untouched
+        assert got == [(day, per_day, *(("2", "2") if day == days[2] else ("1", "1"))) for day in days]
+
+
+def test_views_from_before_they_pruned_by_date_are_recreated(tmp_path, scores):
+    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
+    for day in (day1, day2):
+        publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
+    with duckdb.connect(str(warehouse)) as con:  # the portable view of adrank before: it read every file
+        con.execute(
+            "create or replace view ad_rankings as select * from read_parquet(case when "
+            f"current_setting('temp_directory') = '' then '' else '' end || '{glob}', hive_partitioning = false) "
+            "qualify scored_at = max(scored_at) over (partition by run_date)"
+        )
+    one_day = f"select * from ad_rankings where run_date = date '{day1}'"
+    assert max(scan["files_read"] for scan in table_scans(warehouse, one_day)) == 2
+    publish_rankings(warehouse, scores(), date(2026, 1, 3), "m", "2", top_n=3)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
+    assert "hive_types" in sql and "temp_directory" in sql
+    scans = table_scans(warehouse, one_day)
+    assert all(scan["files_read"] == 1 and scan["files"][0].parent.name == f"run_date={day1}" for scan in scans)
+    assert {r[0] for r in rows(warehouse)} == {day1, day2, date(2026, 1, 3)}
