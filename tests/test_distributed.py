@@ -23,11 +23,13 @@ from tasks.config import load_settings
 from tasks.train import fine_tune
 from tasks.train_worker import process_group
 
-settings_json, train, valid, out, record = sys.argv[1:]
+settings_json, train, valid, out, record, crash_after = sys.argv[1:]
 steps, trained = {}, {}
 def on_step(epoch, index, model):
     steps.setdefault(epoch, []).append(index)
     trained["model"] = model
+    if sum(map(len, steps.values())) == int(crash_after):  # 0: never
+        raise SystemExit("crashed on purpose")
 with process_group() as rank:
     fine_tune(load_settings(json.loads(settings_json)), Path(train), Path(valid), Path(out), on_step=on_step)
 digest = hashlib.sha256()
@@ -51,17 +53,23 @@ def training(**overrides) -> dict:
     return {"epochs": 2, "sample_pairs": PAIRS, "learning_rate": 2e-3, "warmup_ratio": 0.0, **overrides}
 
 
+def run_recording_worker(tmp_path: Path, settings, pairs, crash_after: int = 0) -> list[dict] | None:
+    """RECORDING_WORKER on 2 ranks: each rank's record (None when it crashed as asked)."""
+    record = tmp_path / "record"
+    record.mkdir(exist_ok=True)
+    args = [settings.model_dump_json(), *map(str, pairs), str(tmp_path / "ckpt"), str(record), str(crash_after)]
+    (tmp_path / "worker.py").write_text(RECORDING_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    run = subprocess.run([*command, str(tmp_path / "worker.py"), *args], timeout=120, env=rank_environment())
+    assert (run.returncode != 0) == bool(crash_after)
+    return [json.loads((record / f"rank{rank}.json").read_text()) for rank in (0, 1)] if not crash_after else None
+
+
 def test_two_ranks_train_disjoint_shares_of_each_epoch_and_end_with_the_same_weights(
     tmp_path, make_settings, signal_logs, signal_pairs
 ):
     settings = make_settings(data={"logs": str(signal_logs)}, training=training(batch_size=8, processes=2))
-    record = tmp_path / "record"
-    record.mkdir()
-    args = [settings.model_dump_json(), *map(str, signal_pairs), str(tmp_path / "ckpt"), str(record)]
-    (tmp_path / "worker.py").write_text(RECORDING_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    subprocess.run([*command, str(tmp_path / "worker.py"), *args], check=True, timeout=120, env=rank_environment())
-    ranks = [json.loads((record / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    ranks = run_recording_worker(tmp_path, settings, signal_pairs)
 
     generator = torch.Generator().manual_seed(settings.training.seed)
     for epoch in ("0", "1"):
@@ -105,3 +113,24 @@ def test_two_processes_train_the_model_one_process_trains_on_their_combined_batc
         difference = max_weight_difference(tmp_path / "single", tmp_path / folder)
         print(f"max abs weight difference, 1 process x batch 16 vs {folder}: {difference:.2e}")
         assert difference < WEIGHT_TOLERANCE
+
+
+def test_a_crashed_distributed_run_resumes_from_the_state_rank_0_saved_and_ends_the_same(
+    tmp_path, make_settings, signal_logs, signal_pairs
+):
+    settings = make_settings(
+        data={"logs": str(signal_logs)},
+        training=training(batch_size=8, processes=2, checkpoint_every_steps=4),  # dropout on: each rank's RNG
+    )
+    uninterrupted = train_model(settings, *signal_pairs, tmp_path / "whole")
+    run_recording_worker(tmp_path, settings, signal_pairs, crash_after=9)  # resume state of step 8 left
+    (state,) = settings.checkpoints_dir.glob("resume/*/state.json")
+    assert json.loads(state.read_text())["steps"] == 8
+
+    resumed = train_model(settings, *signal_pairs, tmp_path / "resumed")
+    assert len(resumed.history) == len(uninterrupted.history)
+    for got, want in zip(resumed.history, uninterrupted.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, nan_ok=True)
+    assert resumed.step_losses == pytest.approx(uninterrupted.step_losses, rel=1e-5)
+    assert max_weight_difference(tmp_path / "whole", tmp_path / "resumed") < WEIGHT_TOLERANCE
+    assert not list(settings.checkpoints_dir.glob("resume/*"))  # finished: the resume state is gone
