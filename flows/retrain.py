@@ -10,12 +10,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.run_names import name_run
-from tasks import evaluate, pairs, publish, registry, train, two_tower
+from tasks import evaluate, pairs, publish, registry, train_worker, two_tower
 from tasks.config import load_settings
 
 build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
 start_run = task(registry.start_run, name="start_mlflow_run", cache_policy=NO_CACHE)
-fine_tune = task(train.fine_tune, name="fine_tune", cache_policy=NO_CACHE)
+fine_tune = task(train_worker.train_model, name="fine_tune", cache_policy=NO_CACHE)  # torchrun if processes > 1
 distill_two_tower = task(two_tower.distill_two_tower, name="distill_two_tower", cache_policy=NO_CACHE)
 log_training = task(registry.log_training, name="log_training", cache_policy=NO_CACHE)
 log_distillation = task(registry.log_distillation, name="log_distillation", cache_policy=NO_CACHE)

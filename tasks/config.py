@@ -118,7 +118,21 @@ class TrainingConfig(BaseModel):
         description="Fine-tune on a seeded random sample of this many training pairs (None: all); the ad prior "
         "still counts every training pair. For CPU-bound runs.",
     )
-    batch_size: int = Field(16, ge=1, description="Training pairs per optimizer step.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Training pairs per forward pass of each process; an optimizer step takes batch_size x "
+        "gradient_accumulation_steps x processes pairs (the effective batch).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes of batch_size pairs whose gradients each process sums per step."
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel training processes (torchrun, one per GPU; DDP over nccl on CUDA, gloo on "
+        "CPU), each on its share of every step's pairs (1: train in the calling process).",
+    )
     learning_rate: float = Field(1e-4, ge=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases or LayerNorm).")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps with linear warm-up, then linear decay.")
