@@ -13,6 +13,8 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+
+pytest.importorskip("prefect_dask")
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from flows.rerank import rerank
