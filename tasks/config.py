@@ -233,6 +233,29 @@ class RankingConfig(BaseModel):
     quantize_int8: bool = Field(
         False, description="CPU: int8 dynamic quantisation of the cross-encoder's linear layers (faster, see docs)."
     )
+    # sharded scoring (tasks/shards.py); shards 1 on the local runner is the in-process path
+    shards: int = Field(
+        1, ge=1, description="Users split into this many shards (whole user chunks), scored as separate tasks."
+    )
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="Where shard tasks run: 'local' (threads of the flow's process) or 'dask' (docs/gpu.md)."
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of a running Dask cluster, e.g. 'tcp://dask:8786'. None: a LocalCluster per run."
+    )
+    dask_workers: int = Field(2, ge=1, description="Worker processes (1 thread each) of the LocalCluster of a run.")
+    gpus_per_shard: int | None = Field(
+        None,
+        ge=1,
+        description="Dask: each shard task needs this many of a worker's 'GPU' resources (workers started with "
+        "--resources GPU=1). None: no resource request.",
+    )
+    shard_retries: int = Field(2, ge=0, description="Prefect retries of a shard task that raised.")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether rerank scores in shard tasks (tasks/shards.py) rather than in the flow's process."""
+        return self.shards > 1 or self.task_runner == "dask"
 
     @model_validator(mode="after")
     def _k_covers_top_n(self) -> RankingConfig:

@@ -78,8 +78,9 @@ def publish_rankings(
     retention: timedelta = timedelta(hours=1),
     objective: str = "pctr",
 ) -> int:
-    """Rank the scores staged in scores_path (Parquet: user_id, ad_id, pctr[, ecpm]; see tasks/score.py) by
-    objective ('pctr' or 'ecpm') and
+    """Rank the scores staged in scores_path (Parquet: user_id, ad_id, pctr[, ecpm]; see tasks/score.py; or
+    a folder of such files, e.g. one per shard (tasks/shards.py), read as one table) by objective ('pctr'
+    or 'ecpm') and
     publish them as run_date's newest file, which the views switch to at once. With user_id_salt, user
     ids are published as sha256(salt || user_id). Files superseded for longer than retention go.
 
@@ -96,7 +97,8 @@ def publish_rankings(
         "objective": objective,
     }
     with duckdb.connect() as con:  # in memory: staging and checks touch nothing published
-        scored = con.read_parquet(str(scores_path))
+        source = Path(scores_path)
+        scored = con.read_parquet(str(source / "*.parquet" if source.is_dir() else source))
         if "ecpm" not in scored.columns:  # staged by a pctr-only scorer
             scored = scored.select("*, null::double as ecpm")
         scored.create_view("scored_ads")

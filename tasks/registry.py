@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -278,7 +279,14 @@ def current_champion(settings: Settings) -> str | None:
 
 def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
     configure_tracking(settings)
-    return mlflow.pyfunc.load_model(f"models:/{settings.tracking.registered_model}/{version}")
+    path = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{settings.tracking.registered_model}/{version}")
+    finally:
+        # mlflow prepends the model's code folder (a `tasks` package of the serving modules only) to sys.path
+        # for good; processes started later with this sys.path (Dask LocalCluster workers) would import it
+        # instead of adrank's tasks. What the model needed is imported by now.
+        sys.path[:] = path
 
 
 def assess_champion(settings: Settings, version: str, pairs_path: Path) -> Champion:

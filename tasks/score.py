@@ -87,17 +87,23 @@ class StageOneAds:
 
 
 def score_candidates(
-    model: RankingModel, inputs: RankingInputs, ranking: RankingConfig, out_path: Path
+    model: RankingModel,
+    inputs: RankingInputs,
+    ranking: RankingConfig,
+    out_path: Path,
+    stage1_ads: StageOneAds | None = None,
 ) -> ScoringStats:
     """Write (user_id, ad_id, pctr, ecpm) for each user's top_n ads by ranking.objective to out_path (Parquet,
-    renamed into place whole); ecpm is null under the pctr objective."""
+    renamed into place whole); ecpm is null under the pctr objective. stage1_ads: the ads' stage-1 terms
+    when already computed (a shard's worker computes them once, tasks/shards.py)."""
     ads, users = inputs.ads, inputs.users
     # stage 1 ranks ecpm by log(pCTR) + log(bid), monotone in pCTR x bid
     log_bids = np.log(ads["bid"].to_numpy()).astype(np.float32) if ranking.objective == "ecpm" else None
     k = ranking.candidates_k
     stats = ScoringStats(users=users.height, ads=ads.height)
-    stats.two_stage = model.two_tower is not None and k is not None and k < ads.height
-    stage1_ads = prepare_stage1(model, ads, stats) if stats.two_stage else None
+    stats.two_stage = is_two_stage(model, ads.height, k)
+    if stats.two_stage and stage1_ads is None:
+        stage1_ads = prepare_stage1(model, ads, stats)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     progress = StageProgress("rerank: score users", users.height, "users", rate_unit="pairs")
@@ -116,6 +122,11 @@ def score_candidates(
             bar.advance(chunk.height, rated=pairs.height, cross_encoder_pairs=stats.stage2_pairs)
     tmp.replace(out_path)
     return stats
+
+
+def is_two_stage(model: RankingModel, ads: int, k: int | None) -> bool:
+    """Whether stage 1 narrows each user's ads to K (a two-tower, and fewer than all ads)."""
+    return model.two_tower is not None and k is not None and k < ads
 
 
 def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
