@@ -107,6 +107,7 @@ def build_pairs(settings: Settings) -> Pairs:
 def _spill_to_disk(con: duckdb.DuckDBPyConnection, data: DataConfig, temp_dir: Path) -> None:
     """Cap DuckDB's memory; what does not fit goes to temp_dir (the history joins and the time sort of all pairs)."""
     con.execute("set memory_limit = ?", [data.duckdb_memory_limit])
+    temp_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder but not its parents
     con.execute("set temp_directory = ?", [str(temp_dir)])
 
 
