@@ -70,6 +70,13 @@ class DataConfig(BaseModel):
     max_train_pairs: int | None = Field(
         None, ge=1, description="Keep only the latest N training pairs (None: all). For CPU-bound runs."
     )
+    pair_batch_rows: int = Field(
+        200_000, ge=1, description="Pairs rendered and written at a time: bounds build_pairs' memory, not its output."
+    )
+    duckdb_memory_limit: str = Field(
+        "4GB",
+        description="DuckDB's memory while building pairs (e.g. '4GB'); beyond it joins and sorts spill to <home>/tmp.",
+    )
 
     @field_validator("user_template", "ad_template", "history_item_template")
     @classmethod

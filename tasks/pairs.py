@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from tasks.config import DataConfig, Settings, template_fields
 from tasks.logs import log_quality, open_logs, stage_candidates
@@ -47,41 +49,116 @@ class RankingInputs:
 
 
 def build_pairs(settings: Settings) -> Pairs:
-    """Read the logs and write <home>/pairs/{train,valid,test}.parquet."""
+    """Read the logs and write <home>/pairs/{train,valid,test}.parquet.
+
+    DuckDB joins the histories within data.duckdb_memory_limit (spilling to <home>/tmp); the pairs then
+    stream out in time order, data.pair_batch_rows at a time, so memory does not grow with the logs."""
+    data = settings.data
     with StageProgress("build_pairs", 4 + len(SPLITS), "steps") as bar:  # read + 3 SQL steps + texts, then splits
-        con = open_logs(settings.data.logs, settings.data)
+        con = open_logs(data.logs, data)
+        _spill_to_disk(con, data, settings.home / "tmp")
         bar.advance(1, step="logs read and checked")
-        as_of = {"features_as_of": settings.data.features_as_of}
+        as_of = {"features_as_of": data.features_as_of}
         materialize(con, "int_impression_history_requests", as_of, table="history_requests")
-        materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
+        materialize(con, "int_user_histories", {"history_length": data.history_length})
         bar.advance(1, step="user histories")
-        materialize(con, "int_split_cutoffs", split_fractions(settings.data))
+        materialize(con, "int_split_cutoffs", split_fractions(data))
         materialize(con, "int_ad_first_shown")
-        pairs = con.execute(load_sql("int_user_ad_pairs")).pl()
-        if pairs.is_empty():
-            raise ValueError(f"{settings.data.logs}: no impressions to build pairs from")
-        bar.advance(1, step=f"{pairs.height} pairs")
-        pairs = pairs.join(_user_texts_by_request(con, settings.data, pairs), on="impression_id")
-        pairs = pairs.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
-        pairs = pairs.sort("shown_at", "impression_id")
+        counts = _split_counts(con)
+        if not any(counts.values()):
+            raise ValueError(f"{data.logs}: no impressions to build pairs from")
+        bar.advance(1, step=f"{sum(counts.values())} pairs")
+        skip = 0  # the earliest training pairs left out: rows are in time order, data.max_train_pairs keeps the latest
+        if data.max_train_pairs is not None:
+            skip = max(counts["train"] - data.max_train_pairs, 0)
+        for split in SPLITS:
+            if not counts[split]:
+                raise ValueError(f"{data.logs}: the {split} split is empty; more days of logs are needed")
+        add_texts = _pair_texts(con, data)
         bar.advance(1, step="texts")
 
         settings.pairs_dir.mkdir(parents=True, exist_ok=True)
-        paths, rows, clicks, first_of = {}, {}, {}, {}
+        stream = con.execute(load_sql("int_user_ad_pairs")).fetch_record_batch(data.pair_batch_rows)
+        with _SplitWriter(settings.pairs_dir) as writer:
+            for batch in stream:
+                part = pl.from_arrow(batch)
+                if skip:
+                    skipped = min(skip, part.height)
+                    part, skip = part.slice(skipped), skip - skipped
+                if part.height:
+                    writer.write(add_texts(part))
+            for split in SPLITS:
+                bar.advance(1, step=f"{split} {writer.rows[split]} pairs")
+    quality = log_quality(con, data)
+    print(f"{data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
+    first_of = writer.first_shown_at
+    return Pairs(
+        writer.paths,
+        writer.rows,
+        writer.clicks,
+        first_of["train"],
+        first_of["valid"],
+        first_of["test"],
+        writer.last_shown_at,
+        quality,
+    )
+
+
+def _spill_to_disk(con: duckdb.DuckDBPyConnection, data: DataConfig, temp_dir: Path) -> None:
+    """Cap DuckDB's memory; what does not fit goes to temp_dir (the history joins and the time sort of all pairs)."""
+    con.execute("set memory_limit = ?", [data.duckdb_memory_limit])
+    temp_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder but not its parents
+    con.execute("set temp_directory = ?", [str(temp_dir)])
+
+
+def _split_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Pairs per split, before data.max_train_pairs: the pairs query without its texts (or its sort)."""
+    counted = dict(
+        con.execute(f"select split, count(*) from ({load_sql('int_user_ad_pairs')}) group by split").fetchall()
+    )
+    return {split: counted.get(split, 0) for split in SPLITS}
+
+
+class _SplitWriter:
+    """Appends pairs (in time order: train, then valid, then test) to each split's Parquet file; the files
+    replace <pairs_dir>/<split>.parquet only once all are complete."""
+
+    def __init__(self, pairs_dir: Path) -> None:
+        self.paths = {split: pairs_dir / f"{split}.parquet" for split in SPLITS}
+        self.rows = dict.fromkeys(SPLITS, 0)
+        self.clicks = dict.fromkeys(SPLITS, 0)
+        self.first_shown_at: dict[str, datetime] = {}
+        self.last_shown_at: datetime | None = None
+        self._writers: dict[str, pq.ParquetWriter] = {}
+
+    def write(self, pairs: pl.DataFrame) -> None:
         for split in SPLITS:
             part = pairs.filter(pl.col("split") == split)
-            if split == "train" and settings.data.max_train_pairs is not None:
-                part = part.tail(settings.data.max_train_pairs)  # the latest: rows are in time order
             if part.is_empty():
-                raise ValueError(f"{settings.data.logs}: the {split} split is empty; more days of logs are needed")
-            paths[split] = _write_atomically(part, settings.pairs_dir / f"{split}.parquet")
-            rows[split], clicks[split] = part.height, int(part["is_clicked"].sum())
-            first_of[split] = part["shown_at"].min()
-            bar.advance(1, step=f"{split} {part.height} pairs")
-    quality = log_quality(con, settings.data)
-    print(f"{settings.data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
-    until = pairs["shown_at"].max()
-    return Pairs(paths, rows, clicks, first_of["train"], first_of["valid"], first_of["test"], until, quality)
+                continue
+            table = part.to_arrow()
+            if split not in self._writers:
+                tmp = self.paths[split].with_suffix(".parquet.tmp")
+                self._writers[split] = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                self.first_shown_at[split] = part["shown_at"][0]
+            self._writers[split].write_table(table)
+            self.rows[split] += part.height
+            self.clicks[split] += int(part["is_clicked"].sum())
+            self.last_shown_at = part["shown_at"][-1]
+
+    def __enter__(self) -> _SplitWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        tmps = {split: path.with_suffix(".parquet.tmp") for split, path in self.paths.items()}
+        if error_type is None:
+            for split in SPLITS:
+                tmps[split].replace(self.paths[split])
+        else:
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
 
 
 def split_fractions(data: DataConfig) -> dict[str, float]:
@@ -187,9 +264,28 @@ def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pai
     return texts.select(pl.col("request_id").alias("impression_id"), "user_text")
 
 
+def _pair_texts(con: duckdb.DuckDBPyConnection, data: DataConfig) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """A function adding user_text and ad_text to a batch of pairs (in order); profiles and ad texts are
+    rendered once, here, not per batch."""
+    user_texts = _user_text_renderer(con, data)
+    ad_texts = render_ad_texts(con, data.ad_template)
+
+    def add_texts(pairs: pl.DataFrame) -> pl.DataFrame:
+        with_user = pairs.with_columns(user_texts(pairs))
+        return with_user.join(ad_texts, on="ad_id", how="inner", maintain_order="left")
+
+    return add_texts
+
+
 def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, requests: pl.DataFrame) -> pl.DataFrame:
     """requests (user_id, history_ad_ids, ...) -> the same rows with user_text; each history ad is rendered
     with data.history_item_template, most recent first."""
+    return requests.with_columns(_user_text_renderer(con, data)(requests))
+
+
+def _user_text_renderer(con: duckdb.DuckDBPyConnection, data: DataConfig) -> Callable[[pl.DataFrame], pl.Series]:
+    """A function from requests (user_id, history_ad_ids) to their user_text, in order; the users' profiles
+    and the history items are rendered once, here."""
     history_items = dict(render_ad_texts(con, data.history_item_template, "history_item_template").iter_rows())
     users = con.table("stg_users").pl()
     profile_columns = [c for c in users.columns if c != "user_id"]
@@ -201,12 +297,20 @@ def _render_user_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, request
         if profile_columns
         else pl.lit("").alias("profile")
     )
-    rows = requests.join(profiles, on="user_id", how="left")
-    texts = [
-        _fill(data.user_template, {**row, "history": _history(row["history_ad_ids"], history_items)})
-        for row in rows.iter_rows(named=True)
-    ]
-    return rows.with_columns(pl.Series("user_text", texts, dtype=pl.String))
+    fields = template_fields(data.user_template) - {"history"}  # only what the template reads goes row by row
+    profiles = profiles.select("user_id", *sorted(fields))
+
+    def user_texts(requests: pl.DataFrame) -> pl.Series:
+        rows = requests.select("user_id", "history_ad_ids").join(
+            profiles, on="user_id", how="left", maintain_order="left"
+        )
+        texts = [
+            _fill(data.user_template, {**row, "history": _history(row["history_ad_ids"], history_items)})
+            for row in rows.select(*sorted(fields), "history_ad_ids").iter_rows(named=True)
+        ]
+        return pl.Series("user_text", texts, dtype=pl.String)
+
+    return user_texts
 
 
 def render_profile(attributes: dict, max_chars: int) -> str:
@@ -240,10 +344,3 @@ def _fill(template: str, values: dict) -> str:
     """The template with None as empty and whitespace collapsed (empty optional columns leave no gaps)."""
     text = template.format_map({k: "" if v is None else v for k, v in values.items()})
     return " ".join(text.split())
-
-
-def _write_atomically(frame: pl.DataFrame, path: Path) -> Path:
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.write_parquet(tmp)
-    tmp.replace(path)
-    return path

@@ -275,3 +275,18 @@ def test_candidates_table_is_read_from_the_log_source(tmp_path, make_settings):
     pq.write_table(pa.table({"user_id": ["u1"]}), logs / "targeting" / "part-0.parquet")
     with pytest.raises(LogContractError, match=r"targeting\): required column\(s\) \['ad_id'\] missing"):
         build_ranking_inputs(settings)
+
+
+@pytest.mark.parametrize("max_train_pairs", [None, 100])
+def test_a_tiny_batch_size_writes_exactly_the_same_pairs(tmp_path, make_settings, max_train_pairs):
+    """Pairs stream out data.pair_batch_rows at a time: the batch size bounds memory, never the output."""
+    data = {"history_length": 3, "max_train_pairs": max_train_pairs}
+    default = build_pairs(make_settings(data=data))
+    frames = {s: pl.read_parquet(default.paths[s]) for s in ("train", "valid", "test")}
+    tiny = build_pairs(make_settings(data={**data, "pair_batch_rows": 7}))
+    for split in ("train", "valid", "test"):
+        assert pl.read_parquet(tiny.paths[split]).equals(frames[split]), split
+        assert pq.read_schema(tiny.paths[split]) == pq.read_schema(default.paths[split])
+    assert tiny == default  # paths, counts, clicks and cutoffs alike
+    assert frames["train"].height == (max_train_pairs or frames["train"].height)
+    assert frames["train"]["shown_at"].is_sorted() and frames["train"]["impression_id"].is_unique().all()
