@@ -41,17 +41,23 @@ class LogContractError(ValueError):
     """The logs do not follow the contract in docs/data.md."""
 
 
-def open_logs(source: str, data: DataConfig | None = None) -> duckdb.DuckDBPyConnection:
+def open_logs(source: str, data: DataConfig | None = None, spill_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection holding checked stg_impressions, stg_ads, stg_users.
 
     Documented rules instead of errors (counted by log_quality): exact duplicate impression rows are
-    kept once; ad titles/descriptions longer than data.max_text_chars are truncated.
+    kept once; ad titles/descriptions longer than data.max_text_chars are truncated. With spill_dir,
+    DuckDB keeps within data.duckdb_memory_limit and spills the rest there (set before the first query:
+    DuckDB cannot move its temp directory once it has used it).
     """
     data = data or DataConfig()
     path = _location(source)
     if isinstance(path, Path) and not path.exists():
         raise LogContractError(f"log source {path} does not exist")
     con = duckdb.connect()
+    if spill_dir is not None:
+        con.execute("set memory_limit = ?", [data.duckdb_memory_limit])
+        spill_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder but not its parents
+        con.execute("set temp_directory = ?", [str(spill_dir)])
     if isinstance(path, str):
         connect_s3(con, path)
     for table in REQUIRED_COLUMNS:

@@ -55,8 +55,7 @@ def build_pairs(settings: Settings) -> Pairs:
     stream out in time order, data.pair_batch_rows at a time, so memory does not grow with the logs."""
     data = settings.data
     with StageProgress("build_pairs", 4 + len(SPLITS), "steps") as bar:  # read + 3 SQL steps + texts, then splits
-        con = open_logs(data.logs, data)
-        _spill_to_disk(con, data, settings.home / "tmp")
+        con = open_logs(data.logs, data, spill_dir=settings.home / "tmp")
         bar.advance(1, step="logs read and checked")
         as_of = {"features_as_of": data.features_as_of}
         materialize(con, "int_impression_history_requests", as_of, table="history_requests")
@@ -102,13 +101,6 @@ def build_pairs(settings: Settings) -> Pairs:
         writer.last_shown_at,
         quality,
     )
-
-
-def _spill_to_disk(con: duckdb.DuckDBPyConnection, data: DataConfig, temp_dir: Path) -> None:
-    """Cap DuckDB's memory; what does not fit goes to temp_dir (the history joins and the time sort of all pairs)."""
-    con.execute("set memory_limit = ?", [data.duckdb_memory_limit])
-    temp_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder but not its parents
-    con.execute("set temp_directory = ?", [str(temp_dir)])
 
 
 def _split_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

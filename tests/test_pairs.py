@@ -290,3 +290,17 @@ def test_a_tiny_batch_size_writes_exactly_the_same_pairs(tmp_path, make_settings
     assert tiny == default  # paths, counts, clicks and cutoffs alike
     assert frames["train"].height == (max_train_pairs or frames["train"].height)
     assert frames["train"]["shown_at"].is_sorted() and frames["train"]["impression_id"].is_unique().all()
+
+
+def test_the_memory_cap_and_spill_folder_are_set_before_the_first_query(tmp_path, sample_logs):
+    """DuckDB cannot move its temp directory once used: open_logs sets both before staging the logs
+    (at 20M impressions with a 1 GB cap the staging already spilled, and a later SET failed)."""
+    from tasks.config import DataConfig
+    from tasks.logs import open_logs
+
+    con = open_logs(str(sample_logs), DataConfig(duckdb_memory_limit="256MB"), spill_dir=tmp_path / "a" / "tmp")
+    temp_directory, memory_limit = con.execute(
+        "select current_setting('temp_directory'), current_setting('memory_limit')"
+    ).fetchone()
+    assert temp_directory == str(tmp_path / "a" / "tmp") and (tmp_path / "a" / "tmp").is_dir()
+    assert memory_limit.replace(" ", "").upper() in ("256.0MB", "256MB", "244.1MIB", "244.1MB")
