@@ -74,7 +74,7 @@ class DataConfig(BaseModel):
         200_000, ge=1, description="Pairs rendered and written at a time: bounds build_pairs' memory, not its output."
     )
     duckdb_memory_limit: str = Field(
-        "4GB",
+        "1GB",
         description="DuckDB's memory while building pairs (e.g. '4GB'); beyond it joins and sorts spill to <home>/tmp.",
     )
 
