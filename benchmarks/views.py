@@ -10,7 +10,8 @@ retention (so that date has two files, as after a rerun), then the query of one 
     select model_version, count(*), round(avg(pctr), 6) from ad_rankings where run_date = <the last date> group by all
 
 through `before` (the view until issue 13: every file listed and opened, the latest publish chosen by a
-window over all of them) and `after` (sql/views/ad_rankings.sql: the date read from the folder names).
+window over all of them) and `after` (sql/views/ad_rankings.sql: one scan per schema folder, without
+union_by_name, the date read from the folder names).
 Prints, per view: the Parquet files the scans read (EXPLAIN (ANALYZE, FORMAT json)) and all files DuckDB
 opened (its FileSystem log: union_by_name opens every file's footer to bind the schema), the rows the
 scans returned and DuckDB's rows_scanned, and the median time of --runs queries, each on a fresh
@@ -83,19 +84,19 @@ def build_home(home: Path, dates: int, users: int, ads: int) -> Path:
     warehouse = home / "warehouse.duckdb"
     scores = staged_scores(home.parent / f"scores-{dates}.parquet", users, ads, seed=dates)
     publish_rankings(warehouse, scores, START, "adrank-ctr", "1", top_n=ads)
-    (first,) = (rankings_dir(warehouse) / f"run_date={START}").glob("*.parquet")
+    (first,) = (rankings_dir(warehouse) / f"run_date={START}").glob("schema-*/*.parquet")
     with duckdb.connect() as con:
         for offset in range(1, dates):
             day = START + timedelta(days=offset)
-            target = rankings_dir(warehouse) / f"run_date={day}" / first.name
-            target.parent.mkdir()
+            target = rankings_dir(warehouse) / f"run_date={day}" / first.parent.name / first.name
+            target.parent.mkdir(parents=True)
             con.execute(
                 f"copy (select * replace (date '{day}' as run_date) from read_parquet('{first}')) to '{target}'"
             )
     publish_rankings(warehouse, scores, START + timedelta(days=dates - 1), "adrank-ctr", "2", top_n=ads)
     before = home / "before.duckdb"
     with duckdb.connect(str(before)) as con:
-        con.execute(BEFORE_VIEWS.format(glob=rankings_dir(warehouse) / "run_date=*" / "*.parquet"))
+        con.execute(BEFORE_VIEWS.format(glob=rankings_dir(warehouse) / "run_date=*" / "*" / "*.parquet"))
     return warehouse
 
 

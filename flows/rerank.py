@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from flows.run_names import name_run
-from tasks import pairs, publish, registry, score, shards
+from tasks import logs, pairs, publish, registry, score, shards
 from tasks.config import Settings, load_settings
 
 current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE)
@@ -22,6 +22,7 @@ ranking_model = task(score.RankingModel.from_pyfunc, name="ranking_model", cache
 score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
 score_shard = task(shards.score_shard, name="score_shard", cache_policy=NO_CACHE)
 publish_rankings = task(publish.publish_rankings, name="publish_rankings", cache_policy=NO_CACHE)
+count_ad_daily_ctr = task(logs.count_ad_daily_ctr, name="count_ad_daily_ctr", cache_policy=NO_CACHE)
 publish_ad_daily_ctr = task(publish.publish_ad_daily_ctr, name="publish_ad_daily_ctr", cache_policy=NO_CACHE)
 SAMPLE_USERS, SAMPLE_ADS_PER_USER = 5, 5  # the run's table artifact: a glance at what users will see
 
@@ -88,7 +89,8 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         retention,
         settings.ranking.objective,
     )
-    ctr_days = publish_ad_daily_ctr.with_options(**io)(settings.warehouse, settings.data, inputs.run_date, retention)
+    daily_ctr = count_ad_daily_ctr.with_options(**io)(settings.data, inputs.run_date)
+    ctr_days = publish_ad_daily_ctr.with_options(**io)(settings.warehouse, daily_ctr, retention)
 
     summary = {
         "run_date": inputs.run_date.isoformat(),

@@ -6,14 +6,15 @@ The tables become views `raw_<table>` in an in-memory DuckDB connection, then ty
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import polars as pl
 
 from tasks.config import DataConfig
 from tasks.object_storage import connect_s3, is_s3_url, list_parquet, s3_error
-from tasks.sql_files import load_sql
+from tasks.sql_files import load_sql, materialize
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "impressions": ("impression_id", "ts", "user_id", "ad_id", "clicked"),
@@ -67,6 +68,17 @@ def open_logs(source: str, data: DataConfig | None = None, spill_dir: Path | Non
         _stage(con, table, where, {"max_text_chars": data.max_text_chars} if table == "ads" else {})
     _check_keys(con, path, data)
     return con
+
+
+def count_ad_daily_ctr(data: DataConfig, until: date) -> pl.DataFrame:
+    """Each ad's impressions, clicks and CTR per day in the logs before `until` (sql/ad_daily_ctr.sql),
+    what tasks/publish.py publish_ad_daily_ctr writes for analysts."""
+    with open_logs(data.logs, data) as con:
+        materialize(con, "ad_daily_ctr", {"until": until}, table="staged_ad_daily_ctr")
+        violations = con.execute(load_sql("checks/ad_daily_ctr_keys")).fetchall()
+        if violations:
+            raise LogContractError(f"{data.logs}: ad_daily_ctr before {until} failed key checks: {violations}")
+        return con.table("staged_ad_daily_ctr").pl()
 
 
 def log_quality(con: duckdb.DuckDBPyConnection, data: DataConfig) -> dict[str, int]:

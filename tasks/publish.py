@@ -1,15 +1,19 @@
 """Publish rankings for analysts: a run_date appears whole or not at all, and readers never block the writer.
 
-Each publish writes one new Parquet file, <warehouse folder>/ad_rankings/run_date=<date>/<scored_at>.parquet,
-under a hidden name first and renamed into place whole; files are never rewritten, so a reader never
-sees a file change under it. Analysts open warehouse.duckdb read-only (any number at once) and query
-its views `ad_rankings` (per run_date, the latest publish) and `latest_ad_rankings`; the nightly writer
-opens warehouse.duckdb only to create those views the first time. Superseded files are deleted once
-they have been superseded for `retention`, longer than any reader's query. The monitoring tables, the
-daily CTR of each ad and the registry's versions are published the same way (VIEWS, PARTITIONS).
+Each publish writes one new Parquet file,
+<warehouse folder>/ad_rankings/run_date=<date>/schema-<hash>/<scored_at>-<id>.parquet, under a hidden name
+first and renamed into place whole; files are never rewritten, so a reader never sees a file change under
+it. Analysts open warehouse.duckdb read-only (any number at once) and query its views `ad_rankings` (per
+run_date, the latest publish) and `latest_ad_rankings`; the nightly writer opens warehouse.duckdb only to
+create those views the first time and when the files they must read change schema folders. Superseded
+files are deleted once they have been superseded for `retention`, longer than any reader's query. The
+monitoring tables, the daily CTR of each ad and the registry's versions are published the same way (VIEWS, PARTITIONS).
 
 The views of tables partitioned by a date take it from the folder names (DATE_PARTITIONED), so a query
-for one date opens only that date's files, however many dates there are (benchmarks/views.py).
+for one date opens only that date's files, however many dates there are (benchmarks/views.py). Files with
+the same columns share a schema-<hash> folder and a view reads each such folder without union_by_name
+(which opens every file's footer to bind the columns): it opens one file per schema to bind, whatever the
+number of dates. A publish whose columns are new (an upgrade) recreates the views (_scan_globs).
 
 The views find their files beside warehouse.duckdb wherever the folder is moved or mounted, from any
 working directory (_files_expression).
@@ -17,16 +21,17 @@ working directory (_files_expression).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 
-from tasks.config import DataConfig
-from tasks.logs import open_logs
 from tasks.sql_files import load_sql, materialize
 
 # each published table (a folder of <partition>=<value>/<time>-<id>.parquet files) -> its views (sql/views/)
@@ -48,6 +53,9 @@ PRUNING_VIEW_MARKER = "hive_types"
 DATE_PARTITIONED = ("ad_rankings", "model_daily_metrics", "input_drift", "ad_daily_ctr")
 # a warehouse whose view lacks one of these columns predates it: its views are recreated
 REQUIRED_VIEW_COLUMNS = {"ad_rankings": ("ecpm",)}
+# a partition's files sit in a folder named by their columns (_schema_folder); files of older adrank, in the
+# partition folder itself, may differ in columns and are read with union_by_name
+SCHEMA_FOLDER = "schema-"
 
 
 class PublishCheckError(ValueError):
@@ -113,9 +121,9 @@ def publish_rankings(
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
             raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
-        target, tmp = _new_file(warehouse, "ad_rankings", run_date, params["scored_at"])
+        tmp = _new_file(warehouse, "ad_rankings", run_date, params["scored_at"])
         con.table("staged_ad_rankings").order("user_id, rank").write_parquet(str(tmp))
-    _durable_rename(tmp, target)
+    _place(tmp)
     ensure_views(warehouse)
     remove_superseded(warehouse, retention)
     return rows
@@ -136,20 +144,12 @@ def publish_monitoring(
 
 
 def publish_ad_daily_ctr(
-    warehouse: Path, data: DataConfig, run_date: date, retention: timedelta = timedelta(hours=1)
+    warehouse: Path, counted: pl.DataFrame, retention: timedelta = timedelta(hours=1)
 ) -> list[date]:
-    """Count each ad's impressions and clicks per day in the logs before run_date (sql/ad_daily_ctr.sql)
-    and publish the days that are new or changed since the last publish (late impressions), one file per
+    """Publish the days of `counted` (each ad's impressions and clicks per day: tasks/logs.py
+    count_ad_daily_ctr) that are new or changed since the last publish (late impressions), one file per
     day. The view keeps each day's newest file, so a rerun or a backfill counts nothing twice. Returns the
     days published, oldest first."""
-    with open_logs(data.logs, data) as con:
-        materialize(con, "ad_daily_ctr", {"until": run_date}, table="staged_ad_daily_ctr")
-        violations = con.execute(load_sql("checks/ad_daily_ctr_keys")).fetchall()
-        if violations:
-            raise PublishCheckError(
-                f"{warehouse}: staged ad_daily_ctr before {run_date} failed key checks: {violations}"
-            )
-        counted = con.table("staged_ad_daily_ctr").pl()
     days = changed_days(counted, read_published(warehouse, "ad_daily_ctr"))
     computed_at = datetime.now(UTC).replace(tzinfo=None)
     for day in days:
@@ -188,7 +188,7 @@ def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: t
 
 def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
     """A published table's rows as an analyst reads them (its view), or None before its first publish."""
-    if not any(table_dir(warehouse, table).glob(f"{partition_key(table)}=*/*.parquet")):
+    if not _published_files(warehouse, table):
         return None
     ensure_views(warehouse)  # a writer killed between a first file and its view left none
     with duckdb.connect(str(warehouse), read_only=True) as con:
@@ -198,15 +198,15 @@ def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
 def _publish_frame(warehouse: Path, table: str, partition: date | str, frame: pl.DataFrame) -> None:
     """Write frame as the newest file of a table's partition, renamed into place whole; the caller then
     runs ensure_views (once for many files)."""
-    target, tmp = _new_file(warehouse, table, partition, datetime.now(UTC).replace(tzinfo=None))
+    tmp = _new_file(warehouse, table, partition, datetime.now(UTC).replace(tzinfo=None))
     frame.write_parquet(tmp)
-    _durable_rename(tmp, target)
+    _place(tmp)
 
 
 def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[date]:
     """The run_dates (partition dates) a table has at least one publish for, oldest first."""
     folders = table_dir(warehouse, table).glob(f"{partition_key(table)}=*")
-    return sorted(date.fromisoformat(f.name.split("=", 1)[1]) for f in folders if any(f.glob("*.parquet")))
+    return sorted(date.fromisoformat(f.name.split("=", 1)[1]) for f in folders if any(f.glob("**/*.parquet")))
 
 
 def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
@@ -215,50 +215,82 @@ def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
         return con.execute(load_sql("published_rankings"), {"run_date": run_date}).pl()
 
 
-def _new_file(warehouse: Path, table: str, partition: date | str, published_at: datetime) -> tuple[Path, Path]:
-    """The next file of a table's partition (a run_date; named by publish time) and the hidden name it is
-    written under."""
+def _new_file(warehouse: Path, table: str, partition: date | str, published_at: datetime) -> Path:
+    """The hidden name (in the partition folder of a run_date; named by publish time) the next file of a
+    table's partition is written under; _place then moves it into its schema folder."""
     value = partition.isoformat() if isinstance(partition, date) else partition
     folder = table_dir(warehouse, table) / f"{partition_key(table)}={value}"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a writer killed mid-write; never visible to readers
         stale.unlink()
-    target = folder / f"{published_at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-    return target, folder / f".{target.name}.tmp"  # hidden: the views' glob never matches it
+    return folder / f".{published_at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet.tmp"  # the views never match it
+
+
+def _place(tmp: Path) -> Path:
+    """Rename a written file (.<name>.tmp in its partition folder) whole into the folder of its columns."""
+    target = tmp.parent / _schema_folder(tmp) / tmp.name.removeprefix(".").removesuffix(".tmp")
+    if not target.parent.exists():
+        target.parent.mkdir()
+        _fsync_directory(tmp.parent)
+    _durable_rename(tmp, target)
+    return target
+
+
+def _schema_folder(path: Path) -> str:
+    """schema-<hash of the file's column names and types, in order>: DuckDB reads a glob without
+    union_by_name only if every file has the first file's columns, so each folder is one view scan."""
+    columns = "\n".join(f"{field.name}: {field.type}" for field in pq.read_schema(path))
+    return SCHEMA_FOLDER + hashlib.sha256(columns.encode()).hexdigest()[:12]
 
 
 def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_rankings") -> list[Path]:
-    """Delete publish files whose run_date (partition) has had a newer file for longer than retention."""
-    removed, now = [], datetime.now().timestamp()
+    """Delete publish files whose run_date (partition) has had a newer file for longer than retention. A
+    view over a glob that matches no file fails, so before the last file of a schema folder goes the views
+    stop reading that folder; while warehouse.duckdb is held by another process that file stays."""
+    superseded, now = [], datetime.now().timestamp()
     for folder in sorted(table_dir(warehouse, table).glob(f"{partition_key(table)}=*")):
-        files = sorted(folder.glob("*.parquet"))  # names start with scored_at: oldest first
+        files = sorted(folder.glob("**/*.parquet"), key=lambda path: path.name)  # named by publish time: oldest first
         for older, newer in zip(files, files[1:], strict=False):
             if now - newer.stat().st_mtime > retention.total_seconds():
-                older.unlink()
-                removed.append(older)
-    return removed
+                superseded.append(older)
+    emptied = set(_scan_globs(warehouse, table)) - set(_scan_globs(warehouse, table, removing=frozenset(superseded)))
+    if emptied and not ensure_views(warehouse, removing=frozenset(superseded)):
+        superseded = [path for path in superseded if _scan_glob(table, path) not in emptied]
+    for path in superseded:
+        path.unlink()
+    return superseded
 
 
-def ensure_views(warehouse: Path) -> None:
+def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset()) -> bool:
     """Create the analyst views of every published table in warehouse.duckdb, or recreate those that are
     out of date (missing, lacking a REQUIRED_VIEW_COLUMNS column, from before views found their files
-    wherever the folder is, or before a filter on the date read only its files); warehouse.duckdb is
-    written only then."""
-    stale = _stale_tables(warehouse)
+    wherever the folder is or before a filter on the date read only its files, or not reading exactly the
+    table's schema folders, the files in `removing` left out); warehouse.duckdb is written only then.
+
+    Returns False, with a warning, when the views are out of date but warehouse.duckdb is open in another
+    process: they are left as they were (files of a new schema stay unread until a later publish)."""
+    stale = _stale_tables(warehouse, removing)
     if not stale:
-        return
+        return True
     warehouse.parent.mkdir(parents=True, exist_ok=True)
-    with duckdb.connect(str(warehouse)) as con:
+    try:
+        con = duckdb.connect(str(warehouse))
+    except duckdb.IOException as error:
+        print(f"warning: views of {', '.join(stale)} not updated, {warehouse} is open in another process: {error}")
+        return False
+    with con:
         if "ad_rankings" in stale:
             _move_legacy_table(con, warehouse)
         for table in stale:
+            published = _published_sql(warehouse, table, _scan_globs(warehouse, table, removing))
             for view in VIEWS[table]:
-                con.execute(load_sql(f"views/{view}").format(glob=_files_expression(warehouse, table)))
+                con.execute(load_sql(f"views/{view}").format(published=published))
+    return True
 
 
-def _stale_tables(warehouse: Path) -> list[str]:
+def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> list[str]:
     """The published tables (files on disk) whose views ensure_views must (re)create."""
-    published = [t for t in VIEWS if any(table_dir(warehouse, t).glob(f"{partition_key(t)}=*/*.parquet"))]
+    published = [t for t in VIEWS if _published_files(warehouse, t) - removing]
     if not warehouse.exists():
         return published
     try:
@@ -275,15 +307,58 @@ def _stale_tables(warehouse: Path) -> list[str]:
             set(VIEWS[table]) <= views.keys()
             and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
+            and _globs_in(views[VIEWS[table][0]], table) == set(_scan_globs(warehouse, table, removing))
         )
 
     return [table for table in published if not current(table)]
 
 
-def _files_expression(warehouse: Path, table: str) -> str:
-    """The glob of a table's files as a SQL expression that DuckDB folds to a constant each time a view is
-    queried (a table function takes no subquery, so the view cannot look up its database's path), so the
-    views work wherever the folder is moved or mounted, from any working directory:
+def _published_files(warehouse: Path, table: str) -> set[Path]:
+    return set(table_dir(warehouse, table).glob(f"{partition_key(table)}=*/**/*.parquet"))
+
+
+def _scan_glob(table: str, path: Path) -> str:
+    """The glob, relative to the warehouse folder, of the view scan that reads a published file: its schema
+    folder's, or the partition folders' own for files of adrank before schema folders."""
+    folder = path.parent.name
+    schema = f"{folder}/" if folder.startswith(SCHEMA_FOLDER) else ""
+    return f"{table}/{partition_key(table)}=*/{schema}*.parquet"
+
+
+def _scan_globs(warehouse: Path, table: str, removing: frozenset[Path] = frozenset()) -> list[str]:
+    """The globs of the scans a table's views need: one per schema folder with a file not in `removing`."""
+    return sorted({_scan_glob(table, path) for path in _published_files(warehouse, table) - removing})
+
+
+def _globs_in(view_sql: str, table: str) -> set[str]:
+    """The globs of the files a view's SQL reads (string literals _files_expression wrote)."""
+    prefix = re.escape(f"{table}/{partition_key(table)}=*/")
+    return set(re.findall(rf"'({prefix}(?:{SCHEMA_FOLDER}[0-9a-f]+/)?\*\.parquet)'", view_sql))
+
+
+def _published_sql(warehouse: Path, table: str, globs: list[str]) -> str:
+    """The union of a table's scans (sql/views/published_files.sql): one per schema folder, without
+    union_by_name (files of adrank before schema folders with it); the views select from it."""
+    if table in DATE_PARTITIONED:  # the date from the folder names, typed, so that a filter on it prunes folders
+        hive = f"hive_partitioning = true, hive_types = {{'{partition_key(table)}': date}}"
+    else:
+        hive = "hive_partitioning = false"
+    scans = [
+        load_sql("views/published_files").format(
+            files=_files_expression(warehouse, glob),
+            hive=hive,
+            union_by_name=str(f"/{SCHEMA_FOLDER}" not in glob).lower(),
+        )
+        for glob in globs
+    ]
+    return "\n    union all by name\n    ".join(scans)
+
+
+def _files_expression(warehouse: Path, glob: str) -> str:
+    """A glob of a table's files (relative to the warehouse folder) as a SQL expression that DuckDB folds
+    to a constant each time a view is queried (a table function takes no subquery, so the view cannot look
+    up its database's path), so the views work wherever the folder is moved or mounted, from any working
+    directory:
 
     1. warehouse.duckdb opened itself (CLI, Python, a BI tool on the file): DuckDB's temp directory of a
        database file is <file>.tmp beside it, so that setting names the folder the file is in now;
@@ -291,7 +366,6 @@ def _files_expression(warehouse: Path, table: str) -> str:
        glob is relative, and DuckDB resolves relative paths against it (docs/analysts.md);
     3. else the absolute folder the views were created in, as before.
     """
-    glob = f"{table}/{partition_key(table)}=*/*.parquet"
     temp_directory = "current_setting('temp_directory')"
     return (
         f"case when parse_filename({temp_directory}) = {_string_literal(warehouse.name + '.tmp')} "
@@ -306,15 +380,11 @@ def _move_legacy_table(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
     tables = {row[0] for row in con.execute("select table_name from duckdb_tables() where not temporary").fetchall()}
     if "ad_rankings" not in tables:
         return
-    folder = rankings_dir(warehouse)
-    folder.mkdir(parents=True, exist_ok=True)
     for (run_date,) in con.execute("select distinct run_date from ad_rankings").fetchall():
-        target = folder / f"run_date={run_date.isoformat()}" / "00000000T000000000000-legacy.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = _new_file(warehouse, "ad_rankings", run_date, datetime(1970, 1, 1))  # sorts before every publish
         rows = con.sql("select * from ad_rankings where run_date = $run_date", params={"run_date": run_date})
         rows.write_parquet(str(tmp))
-        _durable_rename(tmp, target)
+        _place(tmp)
     con.execute("drop view if exists latest_ad_rankings")
     con.execute("drop table ad_rankings")
 
@@ -324,7 +394,11 @@ def _durable_rename(tmp: Path, target: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
-    directory = os.open(target.parent, os.O_RDONLY)
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

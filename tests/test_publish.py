@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import DataConfig
+from tasks.logs import count_ad_daily_ctr
 from tasks.publish import (
     VIEWS,
     PublishCheckError,
@@ -211,10 +212,10 @@ def test_superseded_files_are_removed_only_after_the_retention(tmp_path, scores)
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "2", top_n=3)
     folder = tmp_path / "ad_rankings" / "run_date=2026-01-01"
-    assert len(list(folder.glob("*.parquet"))) == 2  # the first is kept for readers still on it
+    assert len(list(folder.glob("schema-*/*.parquet"))) == 2  # the first is kept for readers still on it
     assert {r[5] for r in rows(warehouse)} == {"2"}
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "3", top_n=3, retention=timedelta(0))
-    assert len(list(folder.glob("*.parquet"))) == 1 and {r[5] for r in rows(warehouse)} == {"3"}
+    assert len(list(folder.glob("schema-*/*.parquet"))) == 1 and {r[5] for r in rows(warehouse)} == {"3"}
 
 
 def impressions_of(days: dict[date, list[tuple[str, bool]]]) -> list[dict]:
@@ -235,13 +236,13 @@ def test_ad_daily_ctr_counts_each_day_once_and_republishes_only_changed_days(tmp
     shown = {day1: [("a", True), ("a", False), ("b", False)], day2: [("a", False), ("b", True)], day3: [("a", True)]}
     logs = write_logs(tmp_path / "logs", impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
     data = DataConfig(logs=str(logs))
-    assert publish_ad_daily_ctr(warehouse, data, day3) == [day1, day2]  # only the days before run_date
-    assert publish_ad_daily_ctr(warehouse, data, day3) == []  # a rerun: nothing changed, nothing published
-    assert publish_ad_daily_ctr(warehouse, data, day3 + timedelta(days=1)) == [day3]
+    assert publish_ad_daily_ctr(warehouse, count_ad_daily_ctr(data, day3)) == [day1, day2]  # days before run_date
+    assert publish_ad_daily_ctr(warehouse, count_ad_daily_ctr(data, day3)) == []  # a rerun: nothing changed
+    assert publish_ad_daily_ctr(warehouse, count_ad_daily_ctr(data, day3 + timedelta(days=1))) == [day3]
 
     shown[day1].append(("b", True))  # a late impression of day 1
     write_logs(logs, impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
-    assert publish_ad_daily_ctr(warehouse, data, day3 + timedelta(days=1)) == [day1]
+    assert publish_ad_daily_ctr(warehouse, count_ad_daily_ctr(data, day3 + timedelta(days=1))) == [day1]
     with duckdb.connect(str(warehouse), read_only=True) as con:
         got = con.execute(
             "select impression_date, ad_id, category, impressions, clicks, ctr from ad_daily_ctr order by all"
@@ -264,7 +265,7 @@ def publish_every_table(home) -> dict[str, int]:
     drift = pl.DataFrame({"run_date": [day], "model_version": ["1"], "input": ["pctr"], "psi": [0.01]})
     publish_monitoring(warehouse, day, {"model_daily_metrics": metrics, "input_drift": drift})
     logs = write_logs(home.parent / "logs", impressions_of({day: [("a", True)]}), CTR_ADS, [{"user_id": "u1"}])
-    publish_ad_daily_ctr(warehouse, DataConfig(logs=str(logs)), day + timedelta(days=1))
+    publish_ad_daily_ctr(warehouse, count_ad_daily_ctr(DataConfig(logs=str(logs)), day + timedelta(days=1)))
     versions = pl.DataFrame({"model_name": ["m", "m"], "model_version": ["1", "2"], "is_champion": [True, False]})
     publish_model_versions(warehouse, versions)
     return {view: 2 if view in ("ad_rankings", "latest_ad_rankings", "model_versions") else 1 for view in ALL_VIEWS}
@@ -313,7 +314,7 @@ def test_views_work_when_the_home_is_moved_and_opened_from_anywhere(tmp_path):
 def test_views_from_before_they_were_portable_are_recreated(tmp_path, scores):
     warehouse = tmp_path / "w.duckdb"
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
-    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
+    glob = tmp_path / "ad_rankings" / "run_date=*" / "*" / "*.parquet"
     with duckdb.connect(str(warehouse)) as con:  # the views of adrank before: an absolute glob
         con.execute(f"create or replace view ad_rankings as select * from read_parquet('{glob}')")
     publish_rankings(warehouse, scores(), date(2026, 1, 2), "m", "2", top_n=3)
@@ -354,7 +355,8 @@ def publish_days(warehouse, table: str, days: list[date], version: str) -> None:
         # ad_daily_ctr publishes the days whose counts changed: a click per version changes every day
         shown = {day: [("a", True)] * int(version) + [("b", False)] for day in days}
         logs = write_logs(warehouse.parent / "logs", impressions_of(shown), CTR_ADS, [{"user_id": "u1"}])
-        assert publish_ad_daily_ctr(warehouse, DataConfig(logs=str(logs)), max(days) + timedelta(days=1)) == days
+        counted = count_ad_daily_ctr(DataConfig(logs=str(logs)), max(days) + timedelta(days=1))
+        assert publish_ad_daily_ctr(warehouse, counted) == days
     else:
         for day in days:
             frame = pl.DataFrame({"run_date": [day] * 4, "model_version": [version] * 4, "slice": list("abcd")})
@@ -368,10 +370,12 @@ def test_a_query_for_one_date_reads_only_that_dates_files_and_its_latest_publish
     publish_days(warehouse, table, days, "1")
     publish_days(warehouse, table, days if table == "ad_daily_ctr" else [days[2]], "2")  # a rerun, within retention
     folder = tmp_path / table / f"{key}={days[2]}"
-    assert len(list(folder.glob("*.parquet"))) == 2 and len(list((tmp_path / table).rglob("*.parquet"))) >= 6
+    assert len(list(folder.glob("schema-*/*.parquet"))) == 2 and len(list((tmp_path / table).rglob("*.parquet"))) >= 6
 
     scans = table_scans(warehouse, f"select * from {table} where {key} = date '{days[2]}'")
-    assert scans and all(scan["files_read"] == 2 and {f.parent for f in scan["files"]} == {folder} for scan in scans)
+    assert scans and all(
+        scan["files_read"] == 2 and {f.parent.parent for f in scan["files"]} == {folder} for scan in scans
+    )
     per_day = 2 if table == "ad_daily_ctr" else 4
     assert all(scan["rows"] <= 2 * per_day for scan in scans)  # the two publishes of the date, no other date's rows
 
@@ -390,7 +394,7 @@ def test_views_from_before_they_pruned_by_date_are_recreated(tmp_path, scores):
     warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
     for day in (day1, day2):
         publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
-    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
+    glob = tmp_path / "ad_rankings" / "run_date=*" / "*" / "*.parquet"
     with duckdb.connect(str(warehouse)) as con:  # the portable view of adrank before: it read every file
         con.execute(
             "create or replace view ad_rankings as select * from read_parquet(case when "
@@ -404,5 +408,86 @@ def test_views_from_before_they_pruned_by_date_are_recreated(tmp_path, scores):
         sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
     assert "hive_types" in sql and "temp_directory" in sql
     scans = table_scans(warehouse, one_day)
-    assert all(scan["files_read"] == 1 and scan["files"][0].parent.name == f"run_date={day1}" for scan in scans)
+    assert all(scan["files_read"] == 1 and scan["files"][0].parent.parent.name == f"run_date={day1}" for scan in scans)
     assert {r[0] for r in rows(warehouse)} == {day1, day2, date(2026, 1, 3)}
+
+
+def publish_metrics(warehouse, day: date, retention: timedelta = timedelta(hours=1), **extra: float) -> None:
+    """A model_daily_metrics publish of day (auc, and any extra columns: a new schema)."""
+    frame = pl.DataFrame({"run_date": [day], "model_version": ["1"], "slice": ["overall"], "auc": [0.7], **extra})
+    publish_monitoring(warehouse, day, {"model_daily_metrics": frame}, retention=retention)
+
+
+def metrics(warehouse) -> list[tuple]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute("select run_date, auc, logloss from model_daily_metrics order by run_date").fetchall()
+
+
+def schema_folders(tmp_path) -> dict[str, int]:
+    """Each schema folder of model_daily_metrics and how many files it holds."""
+    folders = [f.parent.name for f in (tmp_path / "model_daily_metrics").glob("run_date=*/schema-*/*.parquet")]
+    return {name: folders.count(name) for name in set(folders)}
+
+
+def opened_files(warehouse, query: str) -> set[Path]:
+    """Every Parquet file DuckDB opens to run query (its FileSystem log), for binding the columns too."""
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        con.execute("call enable_logging('FileSystem')")
+        con.execute(query).fetchall()
+        paths = con.execute(
+            "select distinct json_extract_string(message, '$.path') as path from duckdb_logs "
+            "where type = 'FileSystem' and json_extract_string(message, '$.op') = 'OPEN'"
+        ).fetchall()
+    return {Path(path) for (path,) in paths if path.endswith(".parquet")}
+
+
+def test_files_with_new_columns_get_their_own_schema_folder_and_a_query_opens_one_file_per_folder(tmp_path):
+    warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(6)]
+    for day in days[:5]:
+        publish_metrics(warehouse, day)
+    publish_metrics(warehouse, days[5], logloss=0.3)  # an upgrade that adds a column
+    assert sorted(schema_folders(tmp_path).values()) == [1, 5]
+    assert metrics(warehouse) == [(day, 0.7, None) for day in days[:5]] + [(days[5], 0.7, 0.3)]
+
+    # a view over two folders: to bind, DuckDB opens the first file of each (union_by_name would open all)
+    opened = opened_files(warehouse, f"select * from model_daily_metrics where run_date = date '{days[2]}'")
+    dates = {f.parent.parent.name.removeprefix("run_date=") for f in opened}
+    assert str(days[2]) in dates and dates <= {str(days[0]), str(days[2]), str(days[5])} and len(opened) <= 3
+
+
+HOLDER = """
+import sys
+import duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_last_file_of_a_schema_goes_only_once_the_views_stop_reading_it(tmp_path, capsys):
+    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
+    publish_metrics(warehouse, day1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"  # an analyst holds warehouse.duckdb open
+        publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.3)  # day 1 again, with a new column
+        assert "not updated" in capsys.readouterr().out
+    finally:
+        holder.communicate("", timeout=30)
+    # the views could not change: they still read the old folder, whose only file (superseded) stayed
+    assert sorted(schema_folders(tmp_path).values()) == [1, 1]
+    assert metrics_without_logloss(warehouse) == [(day1, 0.7)]
+
+    publish_metrics(warehouse, day2, retention=timedelta(0))  # the next publish, nobody holding the file
+    assert metrics(warehouse) == [(day1, 0.7, 0.3), (day2, 0.7, None)]  # day 1's newest publish now shows
+    publish_metrics(warehouse, day2, retention=timedelta(0), logloss=0.2)
+    # the old folder held only day 2's superseded file: the views stopped reading it, then it went
+    assert list(schema_folders(tmp_path).values()) == [2]
+    assert metrics(warehouse) == [(day1, 0.7, 0.3), (day2, 0.7, 0.2)]
+
+
+def metrics_without_logloss(warehouse) -> list[tuple]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute("select run_date, auc from model_daily_metrics order by run_date").fetchall()

@@ -19,7 +19,7 @@ import pytest
 
 from flows.cli import main
 from tasks.config import flat_params
-from tasks.logs import LogContractError
+from tasks.logs import LogContractError, count_ad_daily_ctr
 from tasks.object_storage import LogSourceError, S3Access, s3_access_from_env
 from tasks.pairs import SPLITS, build_pairs, build_ranking_inputs
 from tasks.publish import publish_ad_daily_ctr, read_published
@@ -150,7 +150,7 @@ def test_ad_daily_ctr_from_s3_equals_that_from_the_local_folder(aws_env, tmp_pat
     published = {}
     for name, logs in (("local", str(sample_logs)), ("s3", f"s3://{BUCKET}/sample")):
         settings = build_settings(tmp_path / name, NO_MODEL, logs)
-        days = publish_ad_daily_ctr(settings.warehouse, settings.data, date(2026, 10, 8))
+        days = publish_ad_daily_ctr(settings.warehouse, count_ad_daily_ctr(settings.data, date(2026, 10, 8)))
         rows = read_published(settings.warehouse, "ad_daily_ctr").drop("computed_at")
         published[name] = (days, rows.sort("impression_date", "ad_id"))
     assert published["s3"][0] == published["local"][0] and len(published["s3"][0]) > 0

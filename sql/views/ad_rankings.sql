@@ -3,13 +3,12 @@
 -- rewritten: each publish of a run_date adds a new file (tasks/publish.py) and this view keeps, per
 -- run_date, the rows of its latest publish (scored_at), judged on one listing of the files so a query
 -- sees one publish per date, whole. The window is partitioned by run_date only, so DuckDB pushes a
--- filter on run_date below it to the scan, which then opens only that date's folder (docs/analysts.md).
--- DDL takes no bound parameters: {glob} is filled with a SQL expression (tasks/publish.py _files_expression);
--- {{ }}: a brace, doubled for str.format.
+-- filter on run_date below it to the scans, which then open only that date's folders (docs/analysts.md).
+-- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
 create or replace view ad_rankings as
 with published as (
-    -- run_date from the folder names (run_date=<date>): a filter on it reads only those folders' files
-    select * from read_parquet({glob}, hive_partitioning = true, hive_types = {{'run_date': date}}, union_by_name = true)
+    -- every publish: one scan per schema folder (sql/views/published_files.sql)
+    {published}
 ),
 
 final as (

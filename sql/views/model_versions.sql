@@ -1,10 +1,11 @@
 -- model_versions: one row per registered model version: aliases, training data window, offline test
 -- metrics and the promotion decision (tasks/registry.py model_versions). Each retrain, promote and
 -- rollback publishes a snapshot of the registry; the newest (snapshot_at) per model_name wins.
--- DDL takes no bound parameters: {glob} is filled with a SQL expression (tasks/publish.py _files_expression).
+-- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
 create or replace view model_versions as
 with published as (
-    select * from read_parquet({glob}, hive_partitioning = false, union_by_name = true)
+    -- every publish: one scan per schema folder (sql/views/published_files.sql)
+    {published}
 ),
 
 final as (
