@@ -215,13 +215,18 @@ def print_rankings(settings: Settings, user_id: str) -> int:
 
 def print_explanation(settings: Settings, user_id: str, ad_id: str) -> None:
     from tasks.explain import explain_pair, to_text
+    from tasks.publish import ranked_by
     from tasks.score import RankingModel
 
-    version = registry.current_champion(settings)
+    # a published date is explained with the version that ranked it, whatever the champion is now
+    run_date, name = settings.ranking.run_date, settings.tracking.registered_model
+    version = ranked_by(settings.warehouse, run_date, name) if run_date else None
+    which = f"the version that ranked {run_date}" if version else f"the current {registry.CHAMPION}"
+    version = version or registry.current_champion(settings)
     if version is None:
-        raise LookupError(f"no '{registry.CHAMPION}' model in {settings.tracking.registered_model}: run retrain first")
+        raise LookupError(f"no '{registry.CHAMPION}' model in {name}: run retrain first")
     model = RankingModel.from_pyfunc(registry.load_version(settings, version))
-    print(to_text(explain_pair(settings, model, user_id, ad_id), user_id, ad_id, version))
+    print(to_text(explain_pair(settings, model, user_id, ad_id), user_id, ad_id, f"{version} ({which})"))
 
 
 def merge(base: dict, top: dict) -> dict:

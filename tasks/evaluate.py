@@ -36,39 +36,43 @@ def evaluate_models(
 ) -> Evaluation:
     """Score the test split with the fine-tuned model, the base model with a fresh (seeded) head and
     the popularity baseline, plus any given predictions (e.g. the current champion's)."""
-    test = pl.read_parquet(test_path)
-    predictions: dict[str, np.ndarray] = {}
-    for name, path in ((FINE_TUNED, str(checkpoint)), ("base_fresh_head", settings.model.base_model)):
-        seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
-        predictions[name] = score_checkpoint(settings, path, test)
-    train = pl.read_parquet(train_path)
-    predictions["popularity"] = popularity_ctr(train, test)
-    predictions.update(other_predictions or {})
+    test, train = pl.read_parquet(test_path), pl.read_parquet(train_path)
     # as many training pairs as test pairs: enough for a histogram at a fraction of a scoring pass
     train_sample = train.sample(min(train.height, test.height), seed=settings.training.seed)
+    seed_everything(settings.training.seed)
+    fine_tuned, train_pctr = score_checkpoint(settings, checkpoint, test, train_sample)  # one load for both
+    seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
+    (base,) = score_checkpoint(settings, settings.model.base_model, test)
+    predictions = {FINE_TUNED: fine_tuned, "base_fresh_head": base, "popularity": popularity_ctr(train, test)}
+    predictions.update(other_predictions or {})
     return Evaluation(
         table=evaluation_table(test, predictions),
         test=test.select("is_clicked", "is_cold_start"),
         predictions=predictions,
-        train_pctr=score_checkpoint(settings, checkpoint, train_sample),
+        train_pctr=train_pctr,
     )
 
 
-def score_checkpoint(settings: Settings, path: str | Path, pairs: pl.DataFrame) -> np.ndarray:
-    """pCTR of a saved model folder on pairs (ad_id, user_text, ad_text[, user prior counts]), with its
-    calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling says."""
+def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame) -> list[np.ndarray]:
+    """pCTR of a saved model folder on each frame of pairs (ad_id, user_text, ad_text[, user prior counts]),
+    loaded once, with its calibration if it has one; a base model gets a fresh head pooled as
+    settings.model.pooling says."""
     model, tokenizer = load_cross_encoder(str(path), pick_device(), pooling=settings.model.pooling)
-    return predict_ctr(
-        model,
-        tokenizer,
-        pairs["user_text"],
-        pairs["ad_text"],
-        settings.model.max_seq_length,
-        settings.training.eval_batch_size,
-        load_calibration(path),
-        pairs["ad_id"].to_list(),
-        user_history(pairs),
-    )
+    calibration = load_calibration(path)
+    return [
+        predict_ctr(
+            model,
+            tokenizer,
+            pairs["user_text"],
+            pairs["ad_text"],
+            settings.model.max_seq_length,
+            settings.training.eval_batch_size,
+            calibration,
+            pairs["ad_id"].to_list(),
+            user_history(pairs),
+        )
+        for pairs in frames
+    ]
 
 
 def popularity_ctr(train: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:

@@ -215,6 +215,15 @@ def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
         return con.execute(load_sql("published_rankings"), {"run_date": run_date}).pl()
 
 
+def ranked_by(warehouse: Path, run_date: date, model_name: str) -> str | None:
+    """The version of model_name whose published ad_rankings of run_date the views show, or None
+    (sql/ranked_by.sql)."""
+    if run_date not in published_run_dates(warehouse):
+        return None
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute(load_sql("ranked_by"), {"run_date": run_date, "model_name": model_name}).fetchone()[0]
+
+
 def _new_file(warehouse: Path, table: str, partition: date | str, published_at: datetime) -> Path:
     """The hidden name (in the partition folder of a run_date; named by publish time) the next file of a
     table's partition is written under; _place then moves it into its schema folder."""

@@ -240,12 +240,24 @@ def test_bad_logs_fail_the_rerank_before_anything_published_changes(first_retrai
 def test_manual_promotion_and_rollback_are_one_command_each(first_retrain, worse_retrain, monkeypatch, capsys):
     settings, _ = first_retrain
     assert worse_retrain["version"] == "2"
-    for key, value in (("ADRANK_HOME", settings.home), ("ADRANK_TRACKING__MLFLOW_URI", settings.tracking.mlflow_uri)):
+    for key, value in (
+        ("ADRANK_HOME", settings.home),
+        ("ADRANK_TRACKING__MLFLOW_URI", settings.tracking.mlflow_uri),
+        ("ADRANK_DATA__LOGS", settings.data.logs),
+    ):
         monkeypatch.setenv(key, str(value))
     client, name = MlflowClient(), settings.tracking.registered_model
+    ranked = rerank(overrides=settings.model_dump(mode="json") | {"ranking": {"top_n": 2}})  # by version 1
+    user = next(row[1] for row in rankings(settings) if row[0].isoformat() == ranked["run_date"])
     assert main(["promote", "2"]) == 0
     assert client.get_model_version_by_alias(name, CHAMPION).version == 2
     assert "manual promotion" in client.get_model_version(name, "2").tags["champion_since"]
+    capsys.readouterr()
+    # a published date is explained by the version that ranked it; otherwise by the champion
+    assert main(["explain", "--user", user, "--ad", "good1", "--date", ranked["run_date"]]) == 0
+    assert f"model version 1 (the version that ranked {ranked['run_date']})" in capsys.readouterr().out
+    assert main(["explain", "--user", user, "--ad", "good1"]) == 0
+    assert "model version 2 (the current champion)" in capsys.readouterr().out
     assert main(["rollback"]) == 0
     assert client.get_model_version_by_alias(name, CHAMPION).version == 1
     assert "rollback from version 2" in client.get_model_version(name, "1").tags["champion_since"]
