@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -58,8 +59,18 @@ REQUIRED_VIEW_COLUMNS = {"ad_rankings": ("ecpm",)}
 SCHEMA_FOLDER = "schema-"
 
 
+# a writer holds warehouse.duckdb for milliseconds (creating views), an analyst's connection for hours: a
+# publish waits this long for it before giving up on updating the views
+LOCK_WAIT_SECONDS = 10
+
+
 class PublishCheckError(ValueError):
     """Staged rankings failed a key check; nothing was published."""
+
+
+class ViewsNotUpdatedError(RuntimeError):
+    """A file is in place but the views cannot read its schema folder yet: warehouse.duckdb is held by
+    another process. Nothing is lost; the next publish (or read_published) with the file free updates them."""
 
 
 def table_dir(warehouse: Path, table: str) -> Path:
@@ -123,8 +134,7 @@ def publish_rankings(
             raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
         tmp = _new_file(warehouse, "ad_rankings", run_date, params["scored_at"])
         con.table("staged_ad_rankings").order("user_id, rank").write_parquet(str(tmp))
-    _place(tmp)
-    ensure_views(warehouse)
+    _show(warehouse, "ad_rankings", [_place(tmp)])
     remove_superseded(warehouse, retention)
     return rows
 
@@ -138,8 +148,10 @@ def publish_monitoring(
     for table, frame in tables.items():
         if table not in MONITOR_TABLES:
             raise ValueError(f"{table!r} is not a monitoring table ({MONITOR_TABLES})")
-        _publish_frame(warehouse, table, run_date, frame.with_columns(pl.lit(computed_at).alias("computed_at")))
-        ensure_views(warehouse)
+        placed = _publish_frame(
+            warehouse, table, run_date, frame.with_columns(pl.lit(computed_at).alias("computed_at"))
+        )
+        _show(warehouse, table, [placed])
         remove_superseded(warehouse, retention, table)
 
 
@@ -152,11 +164,16 @@ def publish_ad_daily_ctr(
     days published, oldest first."""
     days = changed_days(counted, read_published(warehouse, "ad_daily_ctr"))
     computed_at = datetime.now(UTC).replace(tzinfo=None)
-    for day in days:
-        rows = counted.filter(pl.col("impression_date") == day)
-        _publish_frame(warehouse, "ad_daily_ctr", day, rows.with_columns(pl.lit(computed_at).alias("computed_at")))
-    if days:
-        ensure_views(warehouse)
+    placed = [
+        _publish_frame(
+            warehouse,
+            "ad_daily_ctr",
+            day,
+            counted.filter(pl.col("impression_date") == day).with_columns(pl.lit(computed_at).alias("computed_at")),
+        )
+        for day in days
+    ]
+    _show(warehouse, "ad_daily_ctr", placed)
     remove_superseded(warehouse, retention, "ad_daily_ctr")
     return days
 
@@ -177,12 +194,11 @@ def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: t
     """Publish a snapshot of a registered model's versions (tasks/registry.py model_versions) as one file;
     the view `model_versions` shows each model's newest snapshot."""
     snapshot_at = datetime.now(UTC).replace(tzinfo=None)
-    for (model_name,), rows in versions.group_by("model_name"):
-        _publish_frame(
-            warehouse, "model_versions", model_name, rows.with_columns(pl.lit(snapshot_at).alias("snapshot_at"))
-        )
-    if not versions.is_empty():
-        ensure_views(warehouse)
+    placed = [
+        _publish_frame(warehouse, "model_versions", name, rows.with_columns(pl.lit(snapshot_at).alias("snapshot_at")))
+        for (name,), rows in versions.group_by("model_name")
+    ]
+    _show(warehouse, "model_versions", placed)
     remove_superseded(warehouse, retention, "model_versions")
 
 
@@ -195,12 +211,12 @@ def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
         return con.table(table).pl()
 
 
-def _publish_frame(warehouse: Path, table: str, partition: date | str, frame: pl.DataFrame) -> None:
+def _publish_frame(warehouse: Path, table: str, partition: date | str, frame: pl.DataFrame) -> Path:
     """Write frame as the newest file of a table's partition, renamed into place whole; the caller then
-    runs ensure_views (once for many files)."""
+    runs _show (once for many files)."""
     tmp = _new_file(warehouse, table, partition, datetime.now(UTC).replace(tzinfo=None))
     frame.write_parquet(tmp)
-    _place(tmp)
+    return _place(tmp)
 
 
 def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[date]:
@@ -253,18 +269,18 @@ def _schema_folder(path: Path) -> str:
 
 
 def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_rankings") -> list[Path]:
-    """Delete publish files whose run_date (partition) has had a newer file for longer than retention. A
-    view over a glob that matches no file fails, so before the last file of a schema folder goes the views
-    stop reading that folder; while warehouse.duckdb is held by another process that file stays."""
+    """Delete publish files whose run_date (partition) has had a newer file for longer than retention, once
+    the views read every folder that keeps a file (so each newer file) and no folder left empty (a view over
+    a glob that matches no file fails); while the views cannot be brought there (warehouse.duckdb held by
+    another process), nothing is deleted."""
     superseded, now = [], datetime.now().timestamp()
     for folder in sorted(table_dir(warehouse, table).glob(f"{partition_key(table)}=*")):
         files = sorted(folder.glob("**/*.parquet"), key=lambda path: path.name)  # named by publish time: oldest first
         for older, newer in zip(files, files[1:], strict=False):
             if now - newer.stat().st_mtime > retention.total_seconds():
                 superseded.append(older)
-    emptied = set(_scan_globs(warehouse, table)) - set(_scan_globs(warehouse, table, removing=frozenset(superseded)))
-    if emptied and not ensure_views(warehouse, removing=frozenset(superseded)):
-        superseded = [path for path in superseded if _scan_glob(table, path) not in emptied]
+    if not superseded or not ensure_views(warehouse, removing=frozenset(superseded)):
+        return []
     for path in superseded:
         path.unlink()
     return superseded
@@ -276,16 +292,15 @@ def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset()) -> bo
     wherever the folder is or before a filter on the date read only its files, or not reading exactly the
     table's schema folders, the files in `removing` left out); warehouse.duckdb is written only then.
 
-    Returns False, with a warning, when the views are out of date but warehouse.duckdb is open in another
-    process: they are left as they were (files of a new schema stay unread until a later publish)."""
+    Returns False, with a warning, when the views could not be checked or are out of date, because
+    warehouse.duckdb stayed held by another process for LOCK_WAIT_SECONDS: they are left as they were."""
     stale = _stale_tables(warehouse, removing)
     if not stale:
-        return True
+        return stale is not None
     warehouse.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = duckdb.connect(str(warehouse))
-    except duckdb.IOException as error:
-        print(f"warning: views of {', '.join(stale)} not updated, {warehouse} is open in another process: {error}")
+    con = _connect(warehouse, read_only=False)
+    if con is None:
+        print(f"warning: views of {', '.join(stale)} not updated: {warehouse} is held by another process")
         return False
     with con:
         if "ad_rankings" in stale:
@@ -297,18 +312,19 @@ def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset()) -> bo
     return True
 
 
-def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> list[str]:
-    """The published tables (files on disk) whose views ensure_views must (re)create."""
+def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> list[str] | None:
+    """The published tables (files on disk) whose views ensure_views must (re)create; None when
+    warehouse.duckdb stayed held for writing by another process (the views could not be read)."""
     published = [t for t in VIEWS if _published_files(warehouse, t) - removing]
     if not warehouse.exists():
         return published
-    try:
-        with duckdb.connect(str(warehouse), read_only=True) as con:
-            views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
-            columns = set(con.execute("select table_name, column_name from duckdb_columns()").fetchall())
-    except duckdb.IOException:
-        # another process holds the file for writing; published data is already in place, views predate it
-        return []
+    con = _connect(warehouse, read_only=True)
+    if con is None:
+        print(f"warning: views not checked: {warehouse} is held for writing by another process")
+        return None
+    with con:
+        views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
+        columns = set(con.execute("select table_name, column_name from duckdb_columns()").fetchall())
 
     def current(table: str) -> bool:
         markers = (PORTABLE_VIEW_MARKER, PRUNING_VIEW_MARKER) if table in DATE_PARTITIONED else (PORTABLE_VIEW_MARKER,)
@@ -316,10 +332,50 @@ def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> l
             set(VIEWS[table]) <= views.keys()
             and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
-            and _globs_in(views[VIEWS[table][0]], table) == set(_scan_globs(warehouse, table, removing))
+            and all(
+                _globs_in(views[view], table) == set(_scan_globs(warehouse, table, removing)) for view in VIEWS[table]
+            )
         )
 
     return [table for table in published if not current(table)]
+
+
+def _show(warehouse: Path, table: str, placed: list[Path]) -> None:
+    """Bring the views up to date so that they read the files just placed, or raise ViewsNotUpdatedError
+    (the files stay in place)."""
+    if not placed or ensure_views(warehouse):
+        return
+    unread = {_scan_glob(table, path) for path in placed} - _view_globs(warehouse, table)
+    if unread:
+        raise ViewsNotUpdatedError(
+            f"{', '.join(str(p) for p in placed)} published, but the views of {warehouse} cannot read "
+            f"{', '.join(sorted(unread))} (new columns) yet: another process holds the file. Close other "
+            "connections to it (analysts: open it read-only only when needed) and rerun; the files stay in place"
+        )
+
+
+def _connect(warehouse: Path, read_only: bool) -> duckdb.DuckDBPyConnection | None:
+    """warehouse.duckdb, retried while another process holds it (DuckDB: one writer or many readers), or
+    None if it is still held after LOCK_WAIT_SECONDS."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            return duckdb.connect(str(warehouse), read_only=read_only)
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+
+
+def _view_globs(warehouse: Path, table: str) -> set[str]:
+    """The globs the table's first view reads now (empty if it cannot be read)."""
+    con = _connect(warehouse, read_only=True) if warehouse.exists() else None
+    if con is None:
+        return set()
+    with con:
+        found = con.execute("select sql from duckdb_views() where view_name = $view", {"view": VIEWS[table][0]})
+        row = found.fetchone()
+    return _globs_in(row[0], table) if row else set()
 
 
 def _published_files(warehouse: Path, table: str) -> set[Path]:

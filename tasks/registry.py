@@ -29,7 +29,7 @@ from tasks.config import PromotionConfig, Settings, flat_params, redact
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.pairs import USER_PRIOR_COLUMNS, Pairs
 from tasks.plots import evaluation_figures
-from tasks.publish import publish_model_versions
+from tasks.publish import ViewsNotUpdatedError, publish_model_versions
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 
@@ -405,7 +405,7 @@ def snapshot_model_versions(settings: Settings) -> None:
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
     try:
         publish_model_versions(settings.warehouse, model_versions(settings), retention)
-    except (MlflowException, OSError, duckdb.Error) as error:
+    except (MlflowException, OSError, duckdb.Error, ViewsNotUpdatedError) as error:
         print(f"warning: model_versions not published to {settings.warehouse}: {type(error).__name__}: {error}")
 
 

@@ -13,11 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import publish
 from tasks.config import DataConfig
 from tasks.logs import count_ad_daily_ctr
 from tasks.publish import (
     VIEWS,
     PublishCheckError,
+    ViewsNotUpdatedError,
     publish_ad_daily_ctr,
     publish_model_versions,
     publish_monitoring,
@@ -464,28 +466,64 @@ sys.stdin.read()
 """
 
 
-def test_the_last_file_of_a_schema_goes_only_once_the_views_stop_reading_it(tmp_path, capsys):
+def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_they_show(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(publish, "LOCK_WAIT_SECONDS", 0.5)
     warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
     publish_metrics(warehouse, day1)
+    publish_metrics(warehouse, day2)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "ready"  # an analyst holds warehouse.duckdb open
-        publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.3)  # day 1 again, with a new column
+        with pytest.raises(ViewsNotUpdatedError, match=r"cannot read model_daily_metrics/run_date=\*/schema-"):
+            publish_metrics(warehouse, day2, retention=timedelta(0), logloss=0.3)  # day 2 again, a new column
         assert "not updated" in capsys.readouterr().out
+        # the views could not change: they still show day 2's first publish, and no file went
+        assert metrics_without_logloss(warehouse) == [(day1, 0.7), (day2, 0.7)]
+        assert sorted(schema_folders(tmp_path).values()) == [1, 2]
+        publish_metrics(warehouse, day1, retention=timedelta(0))  # same columns: shows at once
+        assert sorted(schema_folders(tmp_path).values()) == [1, 3]  # superseded, but the views lag: kept
     finally:
         holder.communicate("", timeout=30)
-    # the views could not change: they still read the old folder, whose only file (superseded) stayed
-    assert sorted(schema_folders(tmp_path).values()) == [1, 1]
-    assert metrics_without_logloss(warehouse) == [(day1, 0.7)]
 
-    publish_metrics(warehouse, day2, retention=timedelta(0))  # the next publish, nobody holding the file
-    assert metrics(warehouse) == [(day1, 0.7, 0.3), (day2, 0.7, None)]  # day 1's newest publish now shows
-    publish_metrics(warehouse, day2, retention=timedelta(0), logloss=0.2)
-    # the old folder held only day 2's superseded file: the views stopped reading it, then it went
+    publish_metrics(warehouse, day1, retention=timedelta(0))  # the next publish, nobody holding the file
+    assert metrics(warehouse) == [(day1, 0.7, None), (day2, 0.7, 0.3)]  # day 2's newest publish now shows
+    assert sorted(schema_folders(tmp_path).values()) == [1, 1]  # and every superseded file went
+    publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.2)
+    # the old folder held only day 1's superseded file: the views stopped reading it, then it went
     assert list(schema_folders(tmp_path).values()) == [2]
-    assert metrics(warehouse) == [(day1, 0.7, 0.3), (day2, 0.7, 0.2)]
+    assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
+
+
+WRITER_HOLDER = """
+import sys
+import duckdb
+con = duckdb.connect(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_nothing_is_deleted_while_another_process_holds_the_warehouse_for_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(publish, "LOCK_WAIT_SECONDS", 0.5)
+    warehouse, day1 = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_metrics(warehouse, day1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WRITER_HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ViewsNotUpdatedError):  # the views cannot even be read: the new folder is unread
+            publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.3)
+        assert sorted(schema_folders(tmp_path).values()) == [1, 1]
+    finally:
+        holder.communicate("", timeout=30)
+    assert metrics_without_logloss(warehouse) == [(day1, 0.7)]  # the views still work: their folder kept its file
+    publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.4)
+    assert metrics(warehouse) == [(day1, 0.7, 0.4)] and list(schema_folders(tmp_path).values()) == [1]
 
 
 def metrics_without_logloss(warehouse) -> list[tuple]:

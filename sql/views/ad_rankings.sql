@@ -1,7 +1,7 @@
 -- ad_rankings: one row per run_date x user_id x ad_id; rank 1 is the ad the model expects the user
 -- to click most (ranking.objective = pctr) or expects the most revenue from (ecpm). Files are never
 -- rewritten: each publish of a run_date adds a new file (tasks/publish.py) and this view keeps, per
--- run_date, the rows of its latest publish (scored_at), judged on one listing of the files so a query
+-- run_date, the rows of its latest publish (scored_at) among the files the query lists, so a query
 -- sees one publish per date, whole. The window is partitioned by run_date only, so DuckDB pushes a
 -- filter on run_date below it to the scans, which then open only that date's folders (docs/analysts.md).
 -- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
