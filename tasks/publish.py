@@ -55,7 +55,7 @@ DATE_PARTITIONED = ("ad_rankings", "model_daily_metrics", "input_drift", "ad_dai
 # a warehouse whose view lacks one of these columns predates it: its views are recreated
 REQUIRED_VIEW_COLUMNS = {"ad_rankings": ("ecpm",)}
 # a partition's files sit in a folder named by their columns (_schema_folder); files of older adrank, in the
-# partition folder itself, may differ in columns and are read with union_by_name
+# partition folder itself, move there when the views are next recreated (read with union_by_name until then)
 SCHEMA_FOLDER = "schema-"
 
 
@@ -252,7 +252,8 @@ def _new_file(warehouse: Path, table: str, partition: date | str, published_at: 
 
 
 def _place(tmp: Path) -> Path:
-    """Rename a written file (.<name>.tmp in its partition folder) whole into the folder of its columns."""
+    """Rename a file of a partition folder (written as .<name>.tmp: renamed <name>) whole into the folder of
+    its columns there."""
     target = tmp.parent / _schema_folder(tmp) / tmp.name.removeprefix(".").removesuffix(".tmp")
     if not target.parent.exists():
         target.parent.mkdir()
@@ -302,14 +303,24 @@ def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset()) -> bo
     if con is None:
         print(f"warning: views of {', '.join(stale)} not updated: {warehouse} is held by another process")
         return False
-    with con:
+    with con:  # no reader has the file open now (DuckDB: one writer or readers), so no query is running
         if "ad_rankings" in stale:
             _move_legacy_table(con, warehouse)
         for table in stale:
+            _move_into_schema_folders(warehouse, table, removing)
             published = _published_sql(warehouse, table, _scan_globs(warehouse, table, removing))
             for view in VIEWS[table]:
                 con.execute(load_sql(f"views/{view}").format(published=published))
     return True
+
+
+def _move_into_schema_folders(warehouse: Path, table: str, removing: frozenset[Path]) -> None:
+    """Files of adrank before schema folders (directly in a partition folder) move into their schema
+    folder, so their dates are read without union_by_name too. Called only while warehouse.duckdb is open
+    for writing, just before the views are recreated: no query runs through the views meanwhile."""
+    for path in table_dir(warehouse, table).glob(f"{partition_key(table)}=*/*.parquet"):
+        if path not in removing:
+            _place(path)
 
 
 def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> list[str] | None:

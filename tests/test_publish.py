@@ -498,6 +498,32 @@ def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_
     assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
 
 
+def test_a_warehouse_from_before_schema_folders_moves_its_files_in_when_the_views_are_recreated(tmp_path, scores):
+    warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(4)]
+    for day in days[:3]:  # as adrank wrote them before schema folders: files in the date folders, one view
+        publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    for path in list((tmp_path / "ad_rankings").rglob("*.parquet")):
+        path.rename(path.parent.parent / path.name)
+        path.parent.rmdir()
+    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
+    with duckdb.connect(str(warehouse)) as con:
+        for view in ("ad_rankings", "latest_ad_rankings"):
+            con.execute(
+                f"create or replace view {view} as select * from read_parquet(case when current_setting("
+                f"'temp_directory') = '' then '' else '' end || '{glob}', hive_partitioning = true, "
+                "hive_types = {'run_date': date}, union_by_name = true)"
+            )
+    before = rows(warehouse)
+    assert len(opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")) == 3
+
+    publish_rankings(warehouse, scores(), days[3], "m", "2", top_n=3)  # the first publish after the upgrade
+    assert not list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))  # every file in a schema folder
+    assert len(list((tmp_path / "ad_rankings").glob("run_date=*/schema-*/*.parquet"))) == 4
+    assert [r for r in rows(warehouse) if r[0] < days[3]] == before
+    opened = opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")
+    assert {f.parent.parent.name for f in opened} <= {f"run_date={days[0]}", f"run_date={days[1]}"}
+
+
 WRITER_HOLDER = """
 import sys
 import duckdb
