@@ -20,6 +20,7 @@ from tasks import registry
 from tasks.config import Settings, cli_overrides, load_settings
 from tasks.logs import LogContractError
 from tasks.object_storage import LogSourceError, is_s3_url
+from tasks.publish import ViewsNotUpdatedError
 
 COMMANDS = {
     "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
@@ -30,6 +31,7 @@ COMMANDS = {
     "models": "registered versions: aliases, trained window, test metrics, promotion decision and gates",
     "rankings": "a user's published top ads (latest date, or --date)",
     "explain": "why an ad scores what it does for a user: texts, output-layer terms, each history title left out",
+    "views": "bring warehouse.duckdb's analyst views up to date with the published files (after ViewsNotUpdatedError)",
     "config": "print the resolved config as JSON",
     "promote": "make a registered version the champion (logged on the version)",
     "rollback": "give the champion alias back to the previous champion",
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(command, settings, overrides, args)
     except LogContractError as error:
         print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
-    except (registry.PromotionError, MlflowException, LookupError, LogSourceError) as error:
+    except (registry.PromotionError, MlflowException, LookupError, LogSourceError, ViewsNotUpdatedError) as error:
         print(f"adrank {command}: {error}", file=sys.stderr)
     return EXIT_FAILED
 
@@ -148,6 +150,8 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
         registry.snapshot_model_versions(settings)
     elif command == "config":
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    elif command == "views":
+        return update_views(settings)
     elif command == "sample-data":
         write_sample_logs(settings)
     elif command == "retrain":
@@ -172,6 +176,16 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
         print_explanation(settings, args["user"], args["ad"])
     else:
         run_demo(settings, overrides)
+    return EXIT_OK
+
+
+def update_views(settings: Settings) -> int:
+    from tasks.publish import ensure_views
+
+    if not ensure_views(settings.warehouse):
+        print(f"adrank views: {settings.warehouse} is held by another process; close it and rerun", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"the views of {settings.warehouse} read every published file")
     return EXIT_OK
 
 

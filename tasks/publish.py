@@ -360,8 +360,8 @@ def _show(warehouse: Path, table: str, placed: list[Path]) -> None:
     if unread:
         raise ViewsNotUpdatedError(
             f"{', '.join(str(p) for p in placed)} published, but the views of {warehouse} cannot read "
-            f"{', '.join(sorted(unread))} (new columns) yet: another process holds the file. Close other "
-            "connections to it (analysts: open it read-only only when needed) and rerun; the files stay in place"
+            f"{', '.join(sorted(unread))} (new columns) yet: another process holds the file. The files stay in "
+            "place: close other connections to it, then run `adrank views` (or the next publish updates them)"
         )
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from flows.cli import main
 from tasks import publish
 from tasks.config import DataConfig
 from tasks.logs import count_ad_daily_ctr
@@ -486,11 +487,13 @@ def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_
         assert sorted(schema_folders(tmp_path).values()) == [1, 2]
         publish_metrics(warehouse, day1, retention=timedelta(0))  # same columns: shows at once
         assert sorted(schema_folders(tmp_path).values()) == [1, 3]  # superseded, but the views lag: kept
+        assert main(["views", "--warehouse", str(warehouse)]) == 1  # still held
     finally:
         holder.communicate("", timeout=30)
 
-    publish_metrics(warehouse, day1, retention=timedelta(0))  # the next publish, nobody holding the file
+    assert main(["views", "--warehouse", str(warehouse)]) == 0  # the remedy the error names
     assert metrics(warehouse) == [(day1, 0.7, None), (day2, 0.7, 0.3)]  # day 2's newest publish now shows
+    publish_metrics(warehouse, day1, retention=timedelta(0))  # the next publish deletes what was superseded
     assert sorted(schema_folders(tmp_path).values()) == [1, 1]  # and every superseded file went
     publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.2)
     # the old folder held only day 1's superseded file: the views stopped reading it, then it went
