@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.config import load_settings, packaged_model_path  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
-from tasks.publish import publish_rankings, table_dir  # noqa: E402
+from tasks.publish import publish_rankings  # noqa: E402
 from tasks.sql_files import load_sql  # noqa: E402
+from tasks.warehouse import table_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 START = date(2026, 1, 1)

@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.evaluate import to_markdown  # noqa: E402
-from tasks.publish import publish_rankings, rankings_dir  # noqa: E402
+from tasks.publish import publish_rankings  # noqa: E402
+from tasks.warehouse import rankings_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 START = date(2026, 1, 1)

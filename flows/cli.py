@@ -20,7 +20,7 @@ from tasks import registry
 from tasks.config import Settings, cli_overrides, load_settings
 from tasks.logs import LogContractError
 from tasks.object_storage import LogSourceError, is_s3_url
-from tasks.publish import ViewsNotUpdatedError
+from tasks.warehouse import ViewsNotUpdatedError
 
 COMMANDS = {
     "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
@@ -180,7 +180,7 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
 
 
 def update_views(settings: Settings) -> int:
-    from tasks.publish import ensure_views
+    from tasks.warehouse import ensure_views
 
     if not ensure_views(settings.warehouse):
         print(f"adrank views: {settings.warehouse} is held by another process; close it and rerun", file=sys.stderr)

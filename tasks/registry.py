@@ -29,9 +29,10 @@ from tasks.config import PromotionConfig, Settings, flat_params, redact
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.pairs import USER_PRIOR_COLUMNS, Pairs
 from tasks.plots import evaluation_figures
-from tasks.publish import ViewsNotUpdatedError, publish_model_versions
+from tasks.publish import publish_model_versions
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
+from tasks.warehouse import ViewsNotUpdatedError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"

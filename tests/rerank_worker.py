@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from tasks import publish
+from tasks import publish, warehouse
 from tasks.config import RankingConfig
 from tasks.model import Calibration, load_cross_encoder
 from tasks.pairs import RankingInputs
@@ -45,14 +45,14 @@ def main(model_dir: str, work: Path, version: str, pause: bool) -> None:
     scores = work / "staging" / "scores.parquet"
     score_candidates(ranker, inputs(), RankingConfig(top_n=TOP_N, user_chunk_size=8, candidates_k=None), scores)
     if pause:
-        rename = publish._durable_rename
+        rename = warehouse._durable_rename
 
         def pause_then_rename(tmp: Path, target: Path) -> None:
             print("committing", flush=True)
             time.sleep(600)
             rename(tmp, target)
 
-        publish._durable_rename = pause_then_rename
+        warehouse._durable_rename = pause_then_rename
     publish.publish_rankings(work / "warehouse.duckdb", scores, RUN_DATE, "m", version, top_n=TOP_N)
     print("published", flush=True)
 

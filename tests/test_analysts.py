@@ -14,8 +14,8 @@ import pytest
 from flows.cli import main
 from flows.monitor import monitor
 from flows.rerank import rerank
-from tasks.publish import VIEWS
 from tasks.registry import snapshot_model_versions
+from tasks.warehouse import VIEWS
 from tests.conftest import build_settings
 
 REPO = Path(__file__).resolve().parents[1]

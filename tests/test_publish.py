@@ -14,18 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks import publish
+from tasks import warehouse as warehouse_module
 from tasks.config import DataConfig
 from tasks.logs import count_ad_daily_ctr
 from tasks.publish import (
-    VIEWS,
     PublishCheckError,
-    ViewsNotUpdatedError,
     publish_ad_daily_ctr,
     publish_model_versions,
     publish_monitoring,
     publish_rankings,
 )
+from tasks.warehouse import VIEWS, ViewsNotUpdatedError
 from tests.conftest import write_logs
 
 
@@ -470,7 +469,7 @@ sys.stdin.read()
 def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_they_show(
     tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(publish, "LOCK_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
     warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
     publish_metrics(warehouse, day1)
     publish_metrics(warehouse, day2)
@@ -537,7 +536,7 @@ sys.stdin.read()
 
 
 def test_nothing_is_deleted_while_another_process_holds_the_warehouse_for_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(publish, "LOCK_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
     warehouse, day1 = tmp_path / "w.duckdb", date(2026, 1, 1)
     publish_metrics(warehouse, day1)
     holder = subprocess.Popen(

@@ -4,7 +4,7 @@
 -- run_date, the rows of its latest publish (scored_at) among the files the query lists, so a query
 -- sees one publish per date, whole. The window is partitioned by run_date only, so DuckDB pushes a
 -- filter on run_date below it to the scans, which then open only that date's folders (docs/analysts.md).
--- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
+-- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/warehouse.py _published_sql).
 create or replace view ad_rankings as
 with published as (
     -- every publish: one scan per schema folder (sql/views/published_files.sql)

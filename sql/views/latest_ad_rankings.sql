@@ -5,7 +5,7 @@
 -- published in between is one ad_rankings has not seen, so the newest date is chosen again among the rows
 -- ad_rankings read (a whole publish, never a mix; empty only if such a date comes more than 7 days after
 -- the one before, while the query runs).
--- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
+-- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/warehouse.py _published_sql).
 create or replace view latest_ad_rankings as
 with published as (
     -- every publish: one scan per schema folder (sql/views/published_files.sql)

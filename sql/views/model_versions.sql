@@ -1,7 +1,7 @@
 -- model_versions: one row per registered model version: aliases, training data window, offline test
 -- metrics and the promotion decision (tasks/registry.py model_versions). Each retrain, promote and
 -- rollback publishes a snapshot of the registry; the newest (snapshot_at) per model_name wins.
--- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/publish.py _published_sql).
+-- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/warehouse.py _published_sql).
 create or replace view model_versions as
 with published as (
     -- every publish: one scan per schema folder (sql/views/published_files.sql)
