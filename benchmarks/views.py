@@ -1,6 +1,6 @@
 """Analyst views as dates accumulate: what a query for one run_date reads, and how long it takes.
 
-    python benchmarks/views.py                      # 30 and 365 dates of 20k users x 20 ads, ~3 min on 2 cores
+    python benchmarks/views.py                      # 30 and 365 dates of 20k users x 20 ads, ~1 min on 2 cores
     python benchmarks/views.py --ads 50 --runs 3    # 1 M rows a date (~4 GB of Parquet for 365 dates)
 
 For each number of dates, a home whose ad_rankings holds one publish a date (the first by

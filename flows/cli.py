@@ -47,7 +47,7 @@ ARGUMENTS = {
 }
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # scripts can rely on these: ok, a run failed, bad usage or config
 SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_ad_rankings order by user_id, rank"
-# `adrank demo`'s own scale: every stage runs for real on the sample market, in about 3 minutes on 2 CPU cores.
+# `adrank demo`'s own scale: every stage runs for real on the sample market, in about 2 minutes on 2 CPU cores.
 # `adrank demo --full` runs the configured scale instead; flags override either.
 DEMO_SCALE = {
     "training": {"epochs": 1, "sample_pairs": 800, "eval_every_steps": 25, "learning_rate": 2e-4},
@@ -288,7 +288,7 @@ adrank demo finished
 ({"promoted to champion" if trained["promoted"] else "not promoted"}: {trained["reason"]})
   test AUC     {", ".join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == "overall")}
   rankings     {ranked["rows"]} rows for {ranked["users"]} users x {ranked["ads"]} ads, run_date {ranked["run_date"]}
-  warehouse    {settings.warehouse}  (views ad_rankings, latest_ad_rankings; open it read-only)
+  warehouse    {settings.warehouse}  (views ad_rankings, latest_ad_rankings, ad_daily_ctr, …; open read-only)
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
   query        {query_command}

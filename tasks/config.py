@@ -235,7 +235,10 @@ class RankingConfig(BaseModel):
         "with ADRANK_RANKING__USER_ID_SALT; it is never logged.",
     )
     superseded_retention_minutes: float = Field(
-        60, ge=0, description="Keep a run_date's replaced rankings file this long for queries already reading it."
+        60,
+        ge=0,
+        description="Keep a replaced published file (rankings, monitoring, daily CTR, model versions) this long "
+        "after its replacement, for queries already reading it.",
     )
     quantize_int8: bool = Field(
         False, description="CPU: int8 dynamic quantisation of the cross-encoder's linear layers (faster, see docs)."
@@ -390,7 +393,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(DEFAULT_HOME, description="Folder holding all state (ADRANK_HOME).")
     warehouse: Path | None = Field(
-        None, description="DuckDB file with the score tables. Default: <home>/warehouse.duckdb."
+        None,
+        description="DuckDB file with the analysts' views (the rows are Parquet files beside it). Default: "
+        "<home>/warehouse.duckdb.",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -1,6 +1,7 @@
 """Publish for analysts: rankings, monitoring tables, each ad's daily CTR and the registry's versions, each
 publish one new Parquet file per partition (tasks/warehouse.py places it and keeps the views reading it), so
-a run_date appears whole or not at all and readers never block the writer. Files are never rewritten;
+a run_date appears whole or not at all and readers never block the writer (but for the moment the views
+must change: tasks/warehouse.py). Files are never rewritten;
 superseded ones are deleted once superseded for `retention`, longer than any reader's query. Also the
 reads the CLI and the flows make of what was published.
 """

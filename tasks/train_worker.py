@@ -100,6 +100,9 @@ def main(argv: list[str]) -> None:
             result = fine_tune(settings, Path(train_path), Path(valid_path), Path(out_dir))
         if rank == 0:
             write_result(result, Path(result_dir))
+        # leave together: a rank that tears gloo down while another still works can abort that one
+        # ("terminate called without an active exception", seen once under load)
+        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -181,13 +181,13 @@ def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> l
 
     def current(table: str) -> bool:
         markers = (PORTABLE_VIEW_MARKER, PRUNING_VIEW_MARKER) if table in DATE_PARTITIONED else (PORTABLE_VIEW_MARKER,)
+        globs = set(_scan_globs(warehouse, table, removing))
         return (
             set(VIEWS[table]) <= views.keys()
             and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
-            and all(
-                _globs_in(views[view], table) == set(_scan_globs(warehouse, table, removing)) for view in VIEWS[table]
-            )
+            and all(_globs_in(views[view], table) == globs for view in VIEWS[table])
+            and _partition_folders_glob(table) not in globs  # files of adrank before schema folders: move them
         )
 
     return [table for table in published if not current(table)]
@@ -195,15 +195,21 @@ def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> l
 
 def show_placed(warehouse: Path, table: str, placed: list[Path]) -> None:
     """Bring the views up to date so that they read the files just placed, or raise ViewsNotUpdatedError
-    (the files stay in place)."""
+    (the files stay in place). Views of adrank before schema folders read the partition folders themselves
+    with union_by_name: while they cannot be recreated, the files go there, where those views read them."""
     if not placed or ensure_views(warehouse):
         return
-    unread = {_scan_glob(table, path) for path in placed} - _view_globs(warehouse, table)
-    if unread:
+    view_sql = _view_sql(warehouse, table) or ""
+    unread = [path for path in placed if _scan_glob(table, path) not in _globs_in(view_sql, table)]
+    if unread and _reads_partition_folders(view_sql, table):
+        for path in unread:
+            _durable_rename(path, path.parent.parent / path.name)
+    elif unread:
         raise ViewsNotUpdatedError(
-            f"{', '.join(str(p) for p in placed)} published, but the views of {warehouse} cannot read "
-            f"{', '.join(sorted(unread))} (new columns) yet: another process holds the file. The files stay in "
-            "place: close other connections to it, then run `adrank views` (or the next publish updates them)"
+            f"{', '.join(str(p) for p in unread)} published, but the views of {warehouse} cannot read "
+            f"{', '.join(sorted({_scan_glob(table, p) for p in unread}))} (a new schema folder) yet: another "
+            "process holds the file. The files stay in place: close other connections to it, then run "
+            "`adrank views` (or the next publish updates them)"
         )
 
 
@@ -220,19 +226,32 @@ def _connect(warehouse: Path, read_only: bool) -> duckdb.DuckDBPyConnection | No
             time.sleep(0.2)
 
 
-def _view_globs(warehouse: Path, table: str) -> set[str]:
-    """The globs the table's first view reads now (empty if it cannot be read)."""
+def _view_sql(warehouse: Path, table: str) -> str | None:
+    """The SQL of the table's first view now (None if there is none or it cannot be read)."""
     con = _connect(warehouse, read_only=True) if warehouse.exists() else None
     if con is None:
-        return set()
+        return None
     with con:
         found = con.execute("select sql from duckdb_views() where view_name = $view", {"view": VIEWS[table][0]})
         row = found.fetchone()
-    return _globs_in(row[0], table) if row else set()
+    return row[0] if row else None
+
+
+def _reads_partition_folders(view_sql: str, table: str) -> bool:
+    """Whether a view reads the files in the partition folders themselves with union_by_name (as views of
+    adrank before schema folders did), so it shows a file there whatever its columns."""
+    root = re.escape(f"'{_partition_folders_glob(table)}'")
+    scan = re.search(rf"{root}(.*?)(?:read_parquet|$)", view_sql, re.S | re.I)
+    return bool(scan) and re.search(r"union_by_name\s*=\s*(?:true|cast\('t')", scan.group(1), re.I) is not None
 
 
 def published_files(warehouse: Path, table: str) -> set[Path]:
     return set(table_dir(warehouse, table).glob(f"{partition_key(table)}=*/**/*.parquet"))
+
+
+def _partition_folders_glob(table: str) -> str:
+    """The glob of files directly in the partition folders (written by adrank before schema folders)."""
+    return f"{table}/{partition_key(table)}=*/*.parquet"
 
 
 def _scan_glob(table: str, path: Path) -> str:

@@ -500,28 +500,42 @@ def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_
     assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
 
 
-def test_a_warehouse_from_before_schema_folders_moves_its_files_in_when_the_views_are_recreated(tmp_path, scores):
+def test_a_warehouse_from_before_schema_folders_keeps_publishing_then_moves_its_files_in(tmp_path, scores, monkeypatch):
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
     warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(4)]
     for day in days[:3]:  # as adrank wrote them before schema folders: files in the date folders, one view
         publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
     for path in list((tmp_path / "ad_rankings").rglob("*.parquet")):
         path.rename(path.parent.parent / path.name)
         path.parent.rmdir()
-    glob = tmp_path / "ad_rankings" / "run_date=*" / "*.parquet"
-    with duckdb.connect(str(warehouse)) as con:
+    with duckdb.connect(str(warehouse)) as con:  # the views as adrank wrote them then (relative glob literal)
         for view in ("ad_rankings", "latest_ad_rankings"):
             con.execute(
                 f"create or replace view {view} as select * from read_parquet(case when current_setting("
-                f"'temp_directory') = '' then '' else '' end || '{glob}', hive_partitioning = true, "
-                "hive_types = {'run_date': date}, union_by_name = true)"
+                f"'temp_directory') = '' then '' else '{tmp_path}/' end || 'ad_rankings/run_date=*/*.parquet', "
+                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
             )
     before = rows(warehouse)
     assert len(opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")) == 3
 
-    publish_rankings(warehouse, scores(), days[3], "m", "2", top_n=3)  # the first publish after the upgrade
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:  # the first publish after the upgrade, an analyst holding the file: the old views must show it
+        assert holder.stdout.readline().strip() == "ready"
+        publish_rankings(warehouse, scores(), days[3], "m", "2", top_n=3)
+        assert {r[0] for r in rows(warehouse)} == set(days)
+        assert len(list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))) == 4  # beside the old files
+    finally:
+        holder.communicate("", timeout=30)
+
+    assert main(["views", "--warehouse", str(warehouse)]) == 0  # nobody holding it: files moved, views recreated
     assert not list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))  # every file in a schema folder
-    assert len(list((tmp_path / "ad_rankings").glob("run_date=*/schema-*/*.parquet"))) == 4
+    assert {r[0] for r in rows(warehouse)} == set(days)
+    publish_rankings(warehouse, scores(), days[3], "m", "3", top_n=3)
+    assert len(list((tmp_path / "ad_rankings").glob("run_date=*/schema-*/*.parquet"))) == 5
     assert [r for r in rows(warehouse) if r[0] < days[3]] == before
+    assert {r[5] for r in rows(warehouse) if r[0] == days[3]} == {"3"}
     opened = opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")
     assert {f.parent.parent.name for f in opened} <= {f"run_date={days[0]}", f"run_date={days[1]}"}
 
