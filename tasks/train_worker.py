@@ -27,6 +27,7 @@ from tasks.train import TrainResult, fine_tune
 
 # ranks wait here while rank 0 validates and saves (NCCL's default is 10 minutes)
 COLLECTIVE_TIMEOUT = timedelta(hours=1)
+RESULT_FILE = "result.json"  # rank 0 writes it last: training finished on every rank
 
 
 def train_model(settings: Settings, train_path: Path, valid_path: Path, out_dir: Path) -> TrainResult:
@@ -51,8 +52,11 @@ def launch_fine_tune(settings: Settings, train_path: Path, valid_path: Path, out
         with subprocess.Popen(command, env=rank_environment(), **output) as process:
             for line in process.stdout:
                 print(line, end="")
-        if process.returncode != 0:
+        done = Path(result_dir) / RESULT_FILE
+        if process.returncode != 0 and not done.exists():
             raise RuntimeError(f"distributed fine-tuning failed (torchrun exit code {process.returncode})")
+        if process.returncode != 0:  # rank 0 wrote its result last, after every step had run on every rank
+            print(f"warning: torchrun exited {process.returncode} while the ranks shut down; training finished")
         return read_result(Path(result_dir))
 
 
@@ -76,15 +80,17 @@ def process_group() -> Iterator[int]:
 
 
 def write_result(result: TrainResult, folder: Path) -> None:
-    """result.json (all but valid_pctr) and valid_pctr.npy."""
-    scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "valid_pctr"}
-    (folder / "result.json").write_text(json.dumps(scalars | {"checkpoint": str(result.checkpoint)}))
+    """valid_pctr.npy, then RESULT_FILE (all but valid_pctr), renamed into place last: its presence says
+    training finished."""
     if result.valid_pctr is not None:
         np.save(folder / "valid_pctr.npy", result.valid_pctr)
+    scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "valid_pctr"}
+    (folder / "result.tmp").write_text(json.dumps(scalars | {"checkpoint": str(result.checkpoint)}))
+    os.replace(folder / "result.tmp", folder / RESULT_FILE)
 
 
 def read_result(folder: Path) -> TrainResult:
-    scalars = json.loads((folder / "result.json").read_text())
+    scalars = json.loads((folder / RESULT_FILE).read_text())
     pctr = folder / "valid_pctr.npy"
     return TrainResult(
         **scalars | {"checkpoint": Path(scalars["checkpoint"])},
