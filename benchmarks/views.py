@@ -15,7 +15,8 @@ union_by_name, the date read from the folder names).
 Prints, per view: the Parquet files the scans read (EXPLAIN (ANALYZE, FORMAT json)) and all files DuckDB
 opened (its FileSystem log: union_by_name opens every file's footer to bind the schema), the rows the
 scans returned and DuckDB's rows_scanned, and the median time of --runs queries, each on a fresh
-read-only connection; the same for latest_ad_rankings. Writes docs/benchmarks/views.json.
+read-only connection; the same for latest_ad_rankings; and the time DuckDB takes to list the files of the
+glob alone. Writes docs/benchmarks/views.json.
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ def measure(warehouse: Path, dates: int, runs: int) -> list[dict]:
             print(json.dumps(results[-1]), flush=True)
         assert answers["before"] == answers["after"], answers  # the same rows: the rerun's, whole
         assert [row[0] for row in answers["after"]] == ["2"], answers["after"]
+    # what still grows with the dates: DuckDB listing the date folders to expand the views' glob
+    listing = f"select count(*) from glob('{rankings_dir(warehouse)}/run_date=*/schema-*/*.parquet')"
+    seconds, _ = median_seconds(warehouse, listing, runs)
+    results.append({"dates": dates, "files": files, "view": "glob listing only", "median_ms": round(seconds * 1000, 1)})
+    print(json.dumps(results[-1]), flush=True)
     return results
 
 
