@@ -182,7 +182,7 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
 def update_views(settings: Settings) -> int:
     from tasks.warehouse import ensure_views
 
-    if not ensure_views(settings.warehouse):
+    if not ensure_views(settings.warehouse, move_old_files=True):
         print(f"adrank views: {settings.warehouse} is held by another process; close it and rerun", file=sys.stderr)
         return EXIT_FAILED
     print(f"the views of {settings.warehouse} read every published file")

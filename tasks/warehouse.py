@@ -19,6 +19,7 @@ cannot read raises ViewsNotUpdatedError; its file stays in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -129,26 +130,31 @@ def remove_superseded(warehouse: Path, retention: timedelta, table: str = "ad_ra
     return superseded
 
 
-def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset()) -> bool:
+def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset(), move_old_files: bool = False) -> bool:
     """Create the analyst views of every published table in warehouse.duckdb, or recreate those that are
     out of date (missing, lacking a REQUIRED_VIEW_COLUMNS column, from before views found their files
     wherever the folder is or before a filter on the date read only its files, or not reading exactly the
-    table's schema folders, the files in `removing` left out); warehouse.duckdb is written only then.
+    table's schema folders, the files in `removing` left out); warehouse.duckdb is written only then. Files
+    of adrank before schema folders move into theirs whenever it is written (move_old_files: they are a
+    reason to write it).
 
     Returns False, with a warning, when the views could not be checked or are out of date, because
     warehouse.duckdb stayed held by another process for LOCK_WAIT_SECONDS: they are left as they were."""
     stale = _stale_tables(warehouse, removing)
-    if not stale:
-        return stale is not None
+    if stale is None:
+        return False
+    old_files = {table for table in VIEWS if _partition_folders_glob(table) in _scan_globs(warehouse, table, removing)}
+    if not stale and not (move_old_files and old_files):
+        return True
     warehouse.parent.mkdir(parents=True, exist_ok=True)
     con = _connect(warehouse, read_only=False)
     if con is None:
-        print(f"warning: views of {', '.join(stale)} not updated: {warehouse} is held by another process")
+        print(f"warning: views of {', '.join(stale or old_files)} not updated: {warehouse} is held by another process")
         return False
     with con:  # no reader has the file open now (DuckDB: one writer or readers), so no query is running
         if "ad_rankings" in stale:
             _move_legacy_table(con, warehouse)
-        for table in stale:
+        for table in sorted(set(stale) | old_files):
             _move_into_schema_folders(warehouse, table, removing)
             published = _published_sql(warehouse, table, _scan_globs(warehouse, table, removing))
             for view in VIEWS[table]:
@@ -187,7 +193,6 @@ def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> l
             and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
             and all(_globs_in(views[view], table) == globs for view in VIEWS[table])
-            and _partition_folders_glob(table) not in globs  # files of adrank before schema folders: move them
         )
 
     return [table for table in published if not current(table)]
@@ -199,12 +204,17 @@ def show_placed(warehouse: Path, table: str, placed: list[Path]) -> None:
     with union_by_name: while they cannot be recreated, the files go there, where those views read them."""
     if not placed or ensure_views(warehouse):
         return
-    view_sql = _view_sql(warehouse, table) or ""
-    unread = [path for path in placed if _scan_glob(table, path) not in _globs_in(view_sql, table)]
-    if unread and _reads_partition_folders(view_sql, table):
-        for path in unread:
-            _durable_rename(path, path.parent.parent / path.name)
-    elif unread:
+    con = _connect(warehouse, read_only=True) if warehouse.exists() else None
+    with con or contextlib.nullcontext():  # held while files move: no writer recreates the views meanwhile
+        query = "select sql from duckdb_views() where view_name = $view"
+        row = con.execute(query, {"view": VIEWS[table][0]}).fetchone() if con else None
+        view_sql = row[0] if row else ""
+        unread = [path for path in placed if _scan_glob(table, path) not in _globs_in(view_sql, table)]
+        if unread and _reads_partition_folders(view_sql, table):
+            for path in unread:
+                _durable_rename(path, path.parent.parent / path.name)
+            return
+    if unread:
         raise ViewsNotUpdatedError(
             f"{', '.join(str(p) for p in unread)} published, but the views of {warehouse} cannot read "
             f"{', '.join(sorted({_scan_glob(table, p) for p in unread}))} (a new schema folder) yet: another "
@@ -224,17 +234,6 @@ def _connect(warehouse: Path, read_only: bool) -> duckdb.DuckDBPyConnection | No
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.2)
-
-
-def _view_sql(warehouse: Path, table: str) -> str | None:
-    """The SQL of the table's first view now (None if there is none or it cannot be read)."""
-    con = _connect(warehouse, read_only=True) if warehouse.exists() else None
-    if con is None:
-        return None
-    with con:
-        found = con.execute("select sql from duckdb_views() where view_name = $view", {"view": VIEWS[table][0]})
-        row = found.fetchone()
-    return row[0] if row else None
 
 
 def _reads_partition_folders(view_sql: str, table: str) -> bool:

@@ -540,6 +540,41 @@ def test_a_warehouse_from_before_schema_folders_keeps_publishing_then_moves_its_
     assert {f.parent.parent.name for f in opened} <= {f"run_date={days[0]}", f"run_date={days[1]}"}
 
 
+def test_old_files_of_one_table_do_not_hold_up_the_others_while_the_warehouse_is_held(
+    tmp_path, scores, monkeypatch, capsys
+):
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    publish_metrics(warehouse, day)
+    (path,) = (tmp_path / "ad_rankings").rglob("*.parquet")  # ad_rankings as adrank wrote it before schema folders
+    path.rename(path.parent.parent / path.name)
+    path.parent.rmdir()
+    with duckdb.connect(str(warehouse)) as con:
+        for view in ("ad_rankings", "latest_ad_rankings"):
+            con.execute(
+                f"create or replace view {view} as select * from read_parquet(case when current_setting("
+                f"'temp_directory') = '' then '' else '{tmp_path}/' end || 'ad_rankings/run_date=*/*.parquet', "
+                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
+            )
+    before = rows(warehouse)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        capsys.readouterr()
+        publish_metrics(warehouse, day, retention=timedelta(0))  # same columns: nothing to recreate
+        assert "not updated" not in capsys.readouterr().out  # no wait for the lock, no warning
+        assert list(schema_folders(tmp_path).values()) == [1]  # and the superseded file went
+        assert main(["views", "--warehouse", str(warehouse)]) == 1  # moving the old files needs the lock
+    finally:
+        holder.communicate("", timeout=30)
+    assert main(["views", "--warehouse", str(warehouse)]) == 0
+    assert not list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))
+    assert rows(warehouse) == before and len(before) == 6  # the old publish, read from its schema folder now
+
+
 WRITER_HOLDER = """
 import sys
 import duckdb
