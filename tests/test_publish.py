@@ -24,7 +24,7 @@ from tasks.publish import (
     publish_monitoring,
     publish_rankings,
 )
-from tasks.warehouse import VIEWS, ViewsNotUpdatedError
+from tasks.warehouse import VIEWS, ViewsNotUpdatedError, rankings_dir
 from tests.conftest import write_logs
 
 
@@ -500,21 +500,27 @@ def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_
     assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
 
 
+def as_before_schema_folders(warehouse) -> None:
+    """ad_rankings as adrank wrote it before schema folders: files in the date folders, read by views over
+    them with union_by_name (a relative glob literal after the home's folder, as _files_expression wrote)."""
+    for path in list(rankings_dir(warehouse).rglob("*.parquet")):
+        path.rename(path.parent.parent / path.name)
+        path.parent.rmdir()
+    with duckdb.connect(str(warehouse)) as con:
+        for view in ("ad_rankings", "latest_ad_rankings"):
+            con.execute(
+                f"create or replace view {view} as select * from read_parquet(case when current_setting("
+                f"'temp_directory') = '' then '' else '{warehouse.parent}/' end || 'ad_rankings/run_date=*/*.parquet', "
+                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
+            )
+
+
 def test_a_warehouse_from_before_schema_folders_keeps_publishing_then_moves_its_files_in(tmp_path, scores, monkeypatch):
     monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
     warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(4)]
     for day in days[:3]:  # as adrank wrote them before schema folders: files in the date folders, one view
         publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
-    for path in list((tmp_path / "ad_rankings").rglob("*.parquet")):
-        path.rename(path.parent.parent / path.name)
-        path.parent.rmdir()
-    with duckdb.connect(str(warehouse)) as con:  # the views as adrank wrote them then (relative glob literal)
-        for view in ("ad_rankings", "latest_ad_rankings"):
-            con.execute(
-                f"create or replace view {view} as select * from read_parquet(case when current_setting("
-                f"'temp_directory') = '' then '' else '{tmp_path}/' end || 'ad_rankings/run_date=*/*.parquet', "
-                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
-            )
+    as_before_schema_folders(warehouse)
     before = rows(warehouse)
     assert len(opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")) == 3
 
@@ -547,16 +553,7 @@ def test_old_files_of_one_table_do_not_hold_up_the_others_while_the_warehouse_is
     warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
     publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
     publish_metrics(warehouse, day)
-    (path,) = (tmp_path / "ad_rankings").rglob("*.parquet")  # ad_rankings as adrank wrote it before schema folders
-    path.rename(path.parent.parent / path.name)
-    path.parent.rmdir()
-    with duckdb.connect(str(warehouse)) as con:
-        for view in ("ad_rankings", "latest_ad_rankings"):
-            con.execute(
-                f"create or replace view {view} as select * from read_parquet(case when current_setting("
-                f"'temp_directory') = '' then '' else '{tmp_path}/' end || 'ad_rankings/run_date=*/*.parquet', "
-                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
-            )
+    as_before_schema_folders(warehouse)
     before = rows(warehouse)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
