@@ -140,10 +140,11 @@ def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset(), move_
 
     Returns False, with a warning, when the views could not be checked or are out of date, because
     warehouse.duckdb stayed held by another process for LOCK_WAIT_SECONDS: they are left as they were."""
-    stale = _stale_tables(warehouse, removing)
+    globs = {table: _scan_globs(warehouse, table, removing) for table in VIEWS}  # one listing of the files
+    stale = _stale_tables(warehouse, globs)
     if stale is None:
         return False
-    old_files = {table for table in VIEWS if _partition_folders_glob(table) in _scan_globs(warehouse, table, removing)}
+    old_files = {table for table in VIEWS if _partition_folders_glob(table) in globs[table]}
     if not stale and not (move_old_files and old_files):
         return True
     warehouse.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def ensure_views(warehouse: Path, removing: frozenset[Path] = frozenset(), move_
         if "ad_rankings" in stale:
             _move_legacy_table(con, warehouse)
         for table in sorted(set(stale) | old_files):
-            _move_into_schema_folders(warehouse, table, removing)
+            _move_into_schema_folders(warehouse, table, removing)  # the files moved: list them again
             published = _published_sql(warehouse, table, _scan_globs(warehouse, table, removing))
             for view in VIEWS[table]:
                 con.execute(load_sql(f"views/{view}").format(published=published))
@@ -171,10 +172,11 @@ def _move_into_schema_folders(warehouse: Path, table: str, removing: frozenset[P
             place(path)
 
 
-def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> list[str] | None:
-    """The published tables (files on disk) whose views ensure_views must (re)create; None when
-    warehouse.duckdb stayed held for writing by another process (the views could not be read)."""
-    published = [t for t in VIEWS if published_files(warehouse, t) - removing]
+def _stale_tables(warehouse: Path, globs: dict[str, list[str]]) -> list[str] | None:
+    """The published tables (with files on disk: the globs their views need, _scan_globs) whose views
+    ensure_views must (re)create; None when warehouse.duckdb stayed held for writing by another process
+    (the views could not be read)."""
+    published = [table for table in VIEWS if globs[table]]
     if not warehouse.exists():
         return published
     con = _connect(warehouse, read_only=True)
@@ -187,12 +189,11 @@ def _stale_tables(warehouse: Path, removing: frozenset[Path] = frozenset()) -> l
 
     def current(table: str) -> bool:
         markers = (PORTABLE_VIEW_MARKER, PRUNING_VIEW_MARKER) if table in DATE_PARTITIONED else (PORTABLE_VIEW_MARKER,)
-        globs = set(_scan_globs(warehouse, table, removing))
         return (
             set(VIEWS[table]) <= views.keys()
             and all(marker in views[VIEWS[table][0]] for marker in markers)
             and all((table, column) in columns for column in REQUIRED_VIEW_COLUMNS.get(table, ()))
-            and all(_globs_in(views[view], table) == globs for view in VIEWS[table])
+            and all(_globs_in(views[view], table) == set(globs[table]) for view in VIEWS[table])
         )
 
     return [table for table in published if not current(table)]
@@ -257,8 +258,9 @@ def _scan_glob(table: str, path: Path) -> str:
     """The glob, relative to the warehouse folder, of the view scan that reads a published file: its schema
     folder's, or the partition folders' own for files of adrank before schema folders."""
     folder = path.parent.name
-    schema = f"{folder}/" if folder.startswith(SCHEMA_FOLDER) else ""
-    return f"{table}/{partition_key(table)}=*/{schema}*.parquet"
+    if not folder.startswith(SCHEMA_FOLDER):
+        return _partition_folders_glob(table)
+    return f"{table}/{partition_key(table)}=*/{folder}/*.parquet"
 
 
 def _scan_globs(warehouse: Path, table: str, removing: frozenset[Path] = frozenset()) -> list[str]:
