@@ -1,6 +1,7 @@
 """CTR peers on the same pairs: logistic regression on one-hot ids and side features, gradient-boosted
 trees (LightGBM) and FuxiCTR's DeepFM, given the same information as adrank (content_features): ids,
-profile, every genre, year, the user's point-in-time click counts and the genres of their history."""
+profile, every genre, year, the user's and the ad's point-in-time click counts and the genres of the user's
+history."""
 
 from __future__ import annotations
 
@@ -45,21 +46,29 @@ def side_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -
     return frame.to_pandas()
 
 
-def with_user_history(features: pd.DataFrame, pairs: pl.DataFrame) -> pd.DataFrame:
-    """features + the user's impressions, clicks and click rate before each pair (point-in-time, as
-    build_pairs counts them for adrank's user prior); the rate is missing for a user with no impressions."""
+def with_prior_counts(features: pd.DataFrame, pairs: pl.DataFrame) -> pd.DataFrame:
+    """features + the user's and the ad's impressions, clicks and click rate before each pair (point-in-time,
+    as build_pairs counts them for adrank's priors); a rate is missing without impressions."""
     counts = pairs.select(
-        "user_prior_impressions",
-        "user_prior_clicks",
-        (pl.col("user_prior_clicks") / pl.col("user_prior_impressions").replace(0, None)).alias("user_prior_ctr"),
+        *[
+            column
+            for who in ("user", "ad")
+            for column in (
+                pl.col(f"{who}_prior_impressions"),
+                pl.col(f"{who}_prior_clicks"),
+                (pl.col(f"{who}_prior_clicks") / pl.col(f"{who}_prior_impressions").replace(0, None)).alias(
+                    f"{who}_prior_ctr"
+                ),
+            )
+        ]
     )
     return pd.concat([features.reset_index(drop=True), counts.to_pandas()], axis=1)
 
 
 def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -> pd.DataFrame:
     """side_features + the ad's genres (multi-hot; the ads' `genres` list, else its category) and year, the
-    user's click counts before the pair (as adrank's user prior) and the genre counts of the ads in the
-    user's history (history_ad_ids, as adrank's user text names them): the information adrank's texts
+    user's and the ad's click counts before the pair (as adrank's priors) and the genre counts of the ads in
+    the user's history (history_ad_ids, as adrank's user text names them): the information adrank's texts
     and priors carry, as of the same moment."""
     genres = ads["genres"] if "genres" in ads.columns else ads["category"].map_elements(lambda c: [c] if c else [])
     vocabulary = sorted({g for row in genres.to_list() for g in row or []})
@@ -77,7 +86,7 @@ def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame
         year = pairs.select("ad_id").join(ads.select("ad_id", "year"), on="ad_id", how="left", maintain_order="left")
         columns["year"] = year["year"].cast(pl.Float64)
     extra = pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
-    return with_user_history(pd.concat([side_features(pairs, users, ads), extra], axis=1), pairs)
+    return with_prior_counts(pd.concat([side_features(pairs, users, ads), extra], axis=1), pairs)
 
 
 def logistic_regression(train: pd.DataFrame, labels: np.ndarray, test: pd.DataFrame, seed: int) -> np.ndarray:
@@ -181,7 +190,7 @@ def deepfm(
             return {"y_pred": self.output_activation(y_pred)}
 
     seed_everything(seed)
-    counts = [c for c in train.columns if c.startswith("user_prior_")]  # with_user_history's counts and rate
+    counts = [c for c in train.columns if c.startswith(("user_prior_", "ad_prior_"))]  # with_prior_counts' columns
     train, valid, test = (_bucketed(frame, counts) for frame in (train, valid, test))
     columns = list(train.columns)
     with tempfile.TemporaryDirectory() as root:  # FeatureProcessor saves its vocabularies, BaseModel its best epoch

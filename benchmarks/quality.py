@@ -1,16 +1,18 @@
-"""Ranking quality on real data, as the nightly job serves it: adrank's cross-encoder against content-aware peers.
+"""Ranking quality on real data, as the nightly job serves it: adrank's default against content-aware peers.
 
-    python benchmarks/quality.py --data ../shared/datasets/ml-100k --quick   # ~40 min a seed on 2 idle CPU cores
+    python benchmarks/quality.py --data ../shared/datasets/ml-100k --quick   # ~35 min a seed on 2 idle CPU cores
     python benchmarks/quality.py --data ../shared/datasets/ml-100k           # full: meant for a GPU
     python benchmarks/quality.py --logs /path/to/contract/logs --name mydata  # any data in the log contract
 
-Protocol (benchmarks/protocol.py): for each seed, a seeded 10% of the items is removed from the logs before
-the test window, then adrank's own build_pairs builds every feature as of the start of each impression's day
-(data.features_as_of, what rerank knows), split at the full logs' time cutoffs (last 10% test, 10% before
-validation). Cold slice: test impressions of ads with no train or validation pair. Every model and lever is
-chosen on validation; the test split is scored once per run. Peers get the same information at the same
-moment (benchmarks/baselines.py::content_features). Intervals: paired user-level bootstrap of the default
-minus the best peer, averaged over seeds.
+What is measured is adrank's default config (tasks/config.py), with --quick's scale overrides only (QUICK),
+at the recorded commit. Protocol (benchmarks/protocol.py): for each seed, a seeded 10% of the items is removed
+from the logs before the test window, then adrank's own build_pairs builds every feature as of the start of
+each impression's day (what rerank knows: user and ad counts, histories), split at the full logs' time
+cutoffs (last 10% test, 10% before validation). Slices (tasks/evaluate.py): ranked_users (the users rerank
+ranks that day: the headline), cold_start (ads never shown before the day), new_ads (no train or validation
+pair), users_without_history. Every model and lever is chosen on validation; the test split is scored once
+per run. Peers get the same information at the same moment (benchmarks/baselines.py::content_features).
+Intervals: paired user-level bootstrap, averaged over seeds (tasks/intervals.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import pickle
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,53 +31,47 @@ import mlflow
 import numpy as np
 import polars as pl
 import torch
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import baselines, protocol  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
-from tasks.config import Settings, load_settings  # noqa: E402
-from tasks.evaluate import evaluation_table, popularity_ctr  # noqa: E402
+from tasks.config import Settings, flat_params, load_settings  # noqa: E402
+from tasks.evaluate import SLICE_COLUMNS, SLICES, evaluation_table, popularity_ctr, slice_masks  # noqa: E402
+from tasks.intervals import INTERVAL_METRICS, Scored, paired_interval  # noqa: E402
 from tasks.logs import open_logs  # noqa: E402
-from tasks.metrics import metrics  # noqa: E402
-from tasks.model import Calibration, load_calibration, load_cross_encoder, pick_device, predict_logits  # noqa: E402
-from tasks.pairs import build_ranking_inputs, split_fractions, user_history  # noqa: E402
-from tasks.registry import configure_tracking  # noqa: E402
-from tasks.score import RankingModel, ScoringStats, prepare_stage1, project_users, stage1_scores  # noqa: E402
+from tasks.metrics import expected_calibration_error_equal_mass, metrics, ranking_lists  # noqa: E402
+from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa: E402
+from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
+from tasks.pairs import split_fractions  # noqa: E402
+from tasks.registry import configure_tracking, git_commit  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
 from tasks.train import calibrate, fine_tune  # noqa: E402
-from tasks.two_tower import distill_two_tower, load_two_tower  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
-# --quick: the cross-encoders fine-tune 1 epoch on a seeded sample of the train split and validate on a
-# sample of validation; peers fit all of train; every model scores the full test split.
-QUICK = {"train_pairs": 10000, "valid_pairs": 2000, "epochs": 1, "eval_every_steps": 200}
-DEFAULT, HEAD_ONLY = "fine_tuned", "base_trained_head"
+# --quick: the cross-encoder fine-tunes 1 epoch on a seeded sample of the train split and validates on a seeded
+# sample of validation holding at least valid_clicks clicks (and valid_pairs pairs); peers fit all of train;
+# every model scores the full test split.
+QUICK = {"train_pairs": 10000, "valid_pairs": 2000, "valid_clicks": 500, "epochs": 1, "eval_every_steps": 200}
+DEFAULT = "fine_tuned"
 TEXT_ONLY, PRIORS_ONLY = "fine_tuned_text_only", "priors_only"  # the default's output layer without priors / text
 PEERS = ["popularity", "lightgbm", "deepfm"]
+HEADLINE = "ranked_users"  # the users the nightly rerank ranks
 # levers (config overrides) tried with --levers on the first seed against the default, judged on validation only
 HISTORY_WITH_GENRES = {"history_length": 5, "history_item_template": "{title} {description}"}
-LEVERS = {  # the first two were run when the default was mean pooling: its row is "pooling_mean" today
-    "pooling_cls": {"model": {"pooling": "cls"}},
+LEVERS = {
+    "pooling_mean": {"model": {"pooling": "mean"}},
     "history_5_with_genres": {"data": HISTORY_WITH_GENRES},
     "user_prior_offset": {"training": {"user_prior_offset": True}},
-    # greedy: on top of the best so far
-    "history_5_with_genres+ranking_loss": {"data": HISTORY_WITH_GENRES, "training": {"ranking_loss_weight": 1.0}},
-    "history_5_with_genres+prior_offsets": {
-        "data": HISTORY_WITH_GENRES,
-        "training": {"user_prior_offset": True, "ad_prior_offset": True},
-    },
+    "ranking_loss": {"training": {"ranking_loss_weight": 1.0}},
+    "prior_offsets": {"training": {"user_prior_offset": True, "ad_prior_offset": True}},
 }
-# the reported default: adrank's default config with what --levers chose on validation
-# (docs/benchmarks/levers-ml100k-quick.json), and mean pooling, which the reported run used (mean and
-# [CLS] pooling were within noise of each other on validation; adrank's own default is [CLS])
-CHOSEN = {"data": HISTORY_WITH_GENRES, "model": {"pooling": "mean"}}
-TWO_STAGE_USERS, TWO_STAGE_KS = 16, (50, 100, 200)
+LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000
-SLICES = ("overall", "cold_start")
+ECE_NOISE_DRAWS = 200  # label draws from the model's own pCTR: the ECE a perfectly calibrated model would show
 REPORTED = ("gauc", "auc", "ndcg@10", "logloss", "ece_equal_mass", "calibration_ratio", "ece", "hit_rate@10")
+CONTRIBUTION_METRICS = ("gauc", "auc", "ndcg@10")
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,15 +84,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--levers", action="store_true", help="only compare LEVERS on validation (first seed)")
     parser.add_argument("--only", nargs="+", help="with --levers: just these (the default is fine_tuned)")
-    parser.add_argument("--resume", action="store_true", help="reuse seeds already scored in --work")
-    parser.add_argument(
-        "--two-stage-only",
-        action="store_true",
-        help="only the two-stage measurement (pCTR and eCPM) on the first seed's model already trained in --work",
-    )
+    parser.add_argument("--resume", action="store_true", help="reuse seeds scored in --work by the same commit")
     parser.add_argument("--work", type=Path, default=Path("adrank_home/benchmarks"), help="scratch folder")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs", help="where benchmarks.md lives")
     return parser.parse_args()
+
+
+def quick_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides --quick makes (scale only); nothing else departs from adrank's defaults."""
+    if not args.quick:
+        return {}
+    training = {
+        "epochs": QUICK["epochs"],
+        "sample_pairs": QUICK["train_pairs"],
+        "eval_every_steps": QUICK["eval_every_steps"],
+    }
+    return {"training": training}
 
 
 def bench_settings(args: argparse.Namespace, logs: Path, seed: int, **sections) -> Settings:
@@ -106,15 +110,18 @@ def bench_settings(args: argparse.Namespace, logs: Path, seed: int, **sections) 
         "training": {"seed": seed},
         "stage1": {"seed": seed},
     }
-    if args.quick:
-        overrides["training"] |= {
-            "epochs": QUICK["epochs"],
-            "sample_pairs": QUICK["train_pairs"],
-            "eval_every_steps": QUICK["eval_every_steps"],
-        }
+    for section, values in (quick_overrides(args) | {}).items():
+        overrides[section] = overrides.get(section, {}) | values
     for section, values in sections.items():
         overrides[section] = overrides.get(section, {}) | values
     return load_settings(overrides)
+
+
+def departures_from_defaults(settings: Settings) -> dict[str, str]:
+    """Every config value (data, model, training, ranking, promotion) that is not adrank's default."""
+    defaults, ours = flat_params(load_settings()), flat_params(settings)
+    sections = ("data.", "model.", "training.", "ranking.", "promotion.")
+    return {key: value for key, value in ours.items() if key.startswith(sections) and value != defaults.get(key)}
 
 
 def cutoffs(settings: Settings):
@@ -124,28 +131,51 @@ def cutoffs(settings: Settings):
     return con.execute("select valid_from, test_from from int_split_cutoffs").fetchone()
 
 
-def fine_tuned(settings: Settings, paths: dict[str, Path], out_dir: Path, splits: dict[str, pl.DataFrame]) -> dict:
-    """adrank's fine_tune; its validation and test logits; the kept step and its validation scores."""
+def fine_tuned(
+    settings: Settings,
+    paths: dict[str, Path],
+    out_dir: Path,
+    splits: dict[str, pl.DataFrame],
+    scored: tuple[str, ...] = ("valid", "test"),
+) -> dict:
+    """adrank's fine_tune; its logits on the scored splits, its output layer as saved (what ships: the priors
+    alone when no trained step beat them), the kept step and the selection decision's intervals."""
     result = fine_tune(settings, paths["train"], paths["valid"], out_dir)
     model, tokenizer = load_cross_encoder(str(out_dir), pick_device())
     args = settings.model.max_seq_length, settings.training.eval_batch_size
     logits = {
         name: predict_logits(model, tokenizer, splits[name]["user_text"], splits[name]["ad_text"], *args)
-        for name in ("valid", "test")
+        for name in scored
     }
     kept = next(row for row in result.history if row["step"] == result.best_step)
-    if result.best_step == 0:
-        print(f"WARNING: {out_dir.name} kept step 0: the untrained model", flush=True)
-    return {"logits": logits, "kept_step": result.best_step, "valid": kept, "checkpoint": out_dir}
+    return {
+        "logits": logits,
+        "layer": load_calibration(out_dir),
+        "kept_step": result.best_step,
+        "valid": kept,
+        "text_gain": {metric: gain.as_dict() for metric, gain in result.text_gain.items()},
+        "best_trained_step": result.best_trained_step,
+        "checkpoint": out_dir,
+    }
 
 
-def output_layer(settings: Settings, method: str, splits: dict, valid_logits: np.ndarray) -> Calibration:
+def output_layer(settings: Settings, method: str, splits: dict, valid_logits: np.ndarray | None) -> Calibration:
     config = settings.model_copy(update={"model": settings.model.model_copy(update={"calibration": method})})
     return calibrate(config, splits["train"], splits["valid"], valid_logits)
 
 
-def served(layer: Calibration, test: pl.DataFrame, logits: np.ndarray) -> np.ndarray:
-    return layer.apply(logits, test["ad_id"].to_list(), user_history(test))
+def served(layer: Calibration, pairs: pl.DataFrame, logits: np.ndarray | None) -> np.ndarray:
+    return layer.apply(np.zeros(pairs.height) if logits is None else logits, PairPriors.of(pairs))
+
+
+def validation_sample(valid: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """A seeded sample of validation with at least QUICK's valid_clicks clicks and valid_pairs pairs (all of
+    it if it holds fewer), in time order: choices made on fewer clicks are noise (an AUC's standard error is
+    ~0.03 at 65 clicks)."""
+    shuffled = valid.sample(fraction=1.0, shuffle=True, seed=seed)
+    clicks = shuffled["is_clicked"].cast(pl.Int64).cum_sum()
+    enough = clicks.search_sorted(QUICK["valid_clicks"], side="left") + 1
+    return shuffled.head(max(QUICK["valid_pairs"], enough)).sort("shown_at", "impression_id")
 
 
 def prepare_seed(args: argparse.Namespace, logs: Path, seed: int, **overrides) -> tuple:
@@ -157,7 +187,7 @@ def prepare_seed(args: argparse.Namespace, logs: Path, seed: int, **overrides) -
     settings = bench_settings(args, seed_logs, seed, **overrides)
     splits = protocol.time_split_pairs(settings, valid_from, test_from)
     if args.quick:
-        splits["valid"] = splits["valid"].sample(min(QUICK["valid_pairs"], splits["valid"].height), seed=seed)
+        splits["valid"] = validation_sample(splits["valid"], seed)
     paths = {}
     for name, frame in splits.items():
         paths[name] = settings.pairs_dir / f"bench-{name}.parquet"
@@ -165,20 +195,11 @@ def prepare_seed(args: argparse.Namespace, logs: Path, seed: int, **overrides) -
     return settings, splits, paths, {"test_from": test_from, "cold_items": cold_items, "logs": seed_logs}
 
 
-def merged(*overrides: dict) -> dict:
-    """Config overrides merged section by section."""
-    out: dict = {}
-    for override in overrides:
-        for section, values in override.items():
-            out[section] = out.get(section, {}) | values
-    return out
-
-
-def run_seed(args: argparse.Namespace, logs: Path, seed: int, first: bool, timings: dict) -> dict:
+def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> dict:
     """One seed: hold out items, build pairs as of day start, fit every model, score the test split once."""
-    settings, splits, paths, held_out = prepare_seed(args, logs, seed, **CHOSEN)
-    seed_logs, test_from, cold_items = held_out["logs"], held_out["test_from"], held_out["cold_items"]
-    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    settings, splits, paths, held_out = prepare_seed(args, logs, seed)
+    seed_logs, cold_items = held_out["logs"], held_out["cold_items"]
+    train, test = splits["train"], splits["test"]
 
     def timed(name: str, fn, *fn_args):
         start = time.monotonic()
@@ -198,131 +219,95 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, first: bool, timin
         fit_args = features["train"], labels["train"], features["valid"], labels["valid"], features["test"], seed
         predictions[name] = timed(name, fit, *fit_args)
 
-    # adrank's default; its output layer without text (priors only) and without priors (text only)
-    work = args.work.resolve() / args.name
-    default = timed(DEFAULT, fine_tuned, settings, paths, work / f"tuned-{seed}", splits)
-    method = settings.model.calibration
-    layer = output_layer(settings, method, splits, default["logits"]["valid"])
-    predictions[DEFAULT] = served(layer, test, default["logits"]["test"])
+    # adrank's default as it ships (its saved output layer); that layer without priors (text only) and
+    # without text (priors only)
+    default = timed(DEFAULT, fine_tuned, settings, paths, args.work.resolve() / args.name / f"tuned-{seed}", splits)
+    kept_logits = None if default["kept_step"] == 0 else default["logits"]["test"]
+    predictions[DEFAULT] = served(default["layer"], test, kept_logits)
     text_only = output_layer(settings, "platt", splits, default["logits"]["valid"])
     predictions[TEXT_ONLY] = served(text_only, test, default["logits"]["test"])
-    priors = output_layer(settings, method, splits, np.zeros(valid.height, np.float32))
-    predictions[PRIORS_ONLY] = served(priors, test, np.zeros(test.height, np.float32))
-    kept_step = {DEFAULT: default["kept_step"]}
-    validation = {DEFAULT: default["valid"]}
-
-    extra: dict = {}
-    if first:  # the head-only peer and the two-stage measurement on one seed
-        head = bench_settings(args, seed_logs, seed, **merged(CHOSEN, {"training": {"trainable_layers": 0}}))
-        head_only = timed(HEAD_ONLY, fine_tuned, head, paths, work / f"head-only-{seed}", splits)
-        head_layer = output_layer(head, method, splits, head_only["logits"]["valid"])
-        predictions[HEAD_ONLY] = served(head_layer, test, head_only["logits"]["test"])
-        kept_step[HEAD_ONLY], validation[HEAD_ONLY] = head_only["kept_step"], head_only["valid"]
-        extra["two_stage"] = timed("two_stage", two_stage_recall, settings, default["checkpoint"], paths, test_from)
+    priors = output_layer(settings, settings.model.calibration, splits, None)
+    predictions[PRIORS_ONLY] = served(priors, test, None)
 
     return {
         "seed": seed,
-        "test": test.select("user_id", "is_clicked", "is_cold_start"),
+        "commit": git_commit(),
+        "test": test.select(SLICE_COLUMNS),
         "predictions": predictions,
         "table": evaluation_table(test, predictions),
-        "kept_step": kept_step,
-        "validation": validation,
+        "kept_step": {DEFAULT: default["kept_step"]},
+        "validation": {DEFAULT: default["valid"]},
+        "selection": {"best_trained_step": default["best_trained_step"], "text_gain": default["text_gain"]},
+        "cold_fit": default["layer"].cold_fit,
+        "valid_clicks": int(labels["valid"].sum()),
         "cold_items": len(cold_items),
         "pairs": {name: frame.height for name, frame in splits.items()},
-        **extra,
     }
 
 
 def run_levers(args: argparse.Namespace, logs: Path) -> dict:
     """The default and each lever on the first seed, judged on validation only (the test split is not read):
-    the served score at the kept step (output layer fitted on validation) and its per-user ranking."""
+    the served score at the kept step (output layer fitted on validation), with paired intervals of each
+    lever minus the default on the same validation pairs."""
     seed, results = args.seeds[0], {}
     out = args.out_dir / "benchmarks" / f"levers-{args.name}{'-quick' if args.quick else ''}.json"
+    work = args.work.resolve() / args.name
     for name, overrides in {DEFAULT: {}, **LEVERS}.items():
         if args.only and name not in args.only:
             continue
         started = time.monotonic()
         settings, splits, paths, _ = prepare_seed(args, logs, seed, **overrides)
-        tuned = fine_tuned(settings, paths, args.work.resolve() / args.name / f"lever-{name}", splits)
-        layer = output_layer(settings, settings.model.calibration, splits, tuned["logits"]["valid"])
+        tuned = fine_tuned(settings, paths, work / f"lever-{name}", splits, scored=("valid",))
         valid = splits["valid"]
-        pctr = served(layer, valid, tuned["logits"]["valid"])
+        pctr = served(tuned["layer"], valid, None if tuned["kept_step"] == 0 else tuned["logits"]["valid"])
+        valid.select("impression_id", "user_id", "shown_at", "is_clicked").with_columns(pctr=pctr).write_parquet(
+            work / f"lever-{name}-valid.parquet"
+        )
         labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
-        scores = metrics(labels, pctr, valid["user_id"].to_numpy())
+        scores = metrics(labels, pctr, ranking_lists(valid["user_id"], valid["shown_at"]))
         results[name] = {"overrides": overrides, "kept_step": tuned["kept_step"]} | {
             k: scores[k] for k in ("logloss", "auc", "gauc", "ndcg@10")
         }
+        results[name] |= {"valid_pairs": valid.height, "valid_clicks": int(labels.sum())}
         results[name]["seconds"] = round(time.monotonic() - started, 1)
         print(f"lever {name}: {results[name]}", flush=True)
     earlier = json.loads(out.read_text())["levers"] if out.exists() and args.only else {}
-    out.write_text(json.dumps({"seed": seed, "split": "validation", "levers": earlier | results}, indent=2) + "\n")
-    return results
+    levers = earlier | results
+    for name, lever in levers.items():
+        if name != DEFAULT and (work / f"lever-{name}-valid.parquet").exists():
+            lever["vs_default"] = lever_interval(work, name)
+    record = {"seed": seed, "split": "validation", "git_commit": git_commit(), "levers": levers}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return levers
 
 
-ECPM_BID_SIGMA = 0.5  # synthetic bids for the eCPM recall: log-normal, a ~2.7x spread between +-1 sigma
-
-
-def two_stage_recall(settings: Settings, checkpoint: Path, paths: dict[str, Path], test_from) -> dict:
-    """Stage 1 against exhaustive cross-encoder scoring over every active ad, for a seeded sample of the users
-    rerank ranks on the first test day: recall@10 of the two-stage top 10 at each K, and stage 1's
-    within-user Spearman correlation with the served log-odds."""
-    distill_two_tower(settings, checkpoint, paths["train"])
-    ranked = settings.model_copy(update={"ranking": settings.ranking.model_copy(update={"run_date": test_from.date()})})
-    inputs = build_ranking_inputs(ranked)
-    users = inputs.users.sample(min(TWO_STAGE_USERS, inputs.users.height), seed=settings.training.seed)
-    ads = inputs.ads
-    cross_encoder, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
-    model = RankingModel(
-        cross_encoder,
-        tokenizer,
-        load_calibration(checkpoint),
-        load_two_tower(checkpoint),
-        settings.model.max_seq_length,
-        settings.training.eval_batch_size,
+def lever_interval(work: Path, name: str) -> dict:
+    """lever - default on the validation pairs both scored (joined by impression), per LEVER_METRICS."""
+    default = pl.read_parquet(work / f"lever-{DEFAULT}-valid.parquet")
+    lever = pl.read_parquet(work / f"lever-{name}-valid.parquet").select("impression_id", pctr_lever="pctr")
+    both = default.join(lever, on="impression_id")
+    scored = Scored(
+        both["user_id"].cast(pl.String).to_numpy(),
+        both["is_clicked"].cast(pl.Int8).to_numpy(),
+        {"lever": both["pctr_lever"].to_numpy(), DEFAULT: both["pctr"].to_numpy()},
+        ranking_lists(both["user_id"], both["shown_at"]),
     )
-    stage1 = stage1_scores(model, users, project_users(model, users), prepare_stage1(model, ads, ScoringStats()))
-    repeated = users.select(pl.all().repeat_by(ads.height).explode())
-    ad_texts = np.tile(ads["ad_text"].to_numpy(), users.height)
-    logits = predict_logits(
-        cross_encoder, tokenizer, repeated["user_text"], ad_texts, model.max_length, model.batch_size
-    )
-    ad_ids = np.tile(ads["ad_id"].to_numpy(), users.height).tolist()
-    exhaustive = model.calibration.log_odds(logits, ad_ids, user_history(repeated)).reshape(users.height, ads.height)
-    best10 = [set(np.argsort(-row, kind="stable")[:10]) for row in exhaustive]
-    recall = {}
-    for k in TWO_STAGE_KS:
-        candidates = np.argsort(-stage1, axis=1, kind="stable")[:, :k]
-        hits = [
-            len(best & set(cands[np.argsort(-row[cands], kind="stable")[:10]]))
-            for best, cands, row in zip(best10, candidates, exhaustive, strict=True)
-        ]
-        recall[str(k)] = float(np.mean(hits) / 10)
-    spearman = [spearmanr(a, b).statistic for a, b in zip(stage1, exhaustive, strict=True)]
-    # ranking.objective = ecpm: MovieLens has no bids, so each ad gets a seeded log-normal one; the served
-    # order is sigmoid(log-odds) x bid, stage 1's is log sigmoid(stage-1 log-odds) + log bid (tasks/score.py)
-    log_bids = np.random.default_rng(settings.training.seed).normal(0.0, ECPM_BID_SIGMA, ads.height)
-    ecpm = -np.logaddexp(0.0, -exhaustive) + log_bids
-    best10_ecpm = [set(np.argsort(-row, kind="stable")[:10]) for row in ecpm]
-    candidates = np.argsort(-(-np.logaddexp(0.0, -stage1) + log_bids), axis=1, kind="stable")[
-        :, : settings.ranking.candidates_k
-    ]
-    hits = [
-        len(best & set(cands[np.argsort(-row[cands], kind="stable")[:10]]))
-        for best, cands, row in zip(best10_ecpm, candidates, ecpm, strict=True)
-    ]
-    return {
-        "users": users.height,
-        "ads": ads.height,
-        "run_date": str(test_from.date()),
-        "recall_at_10": recall,
-        "recall_at_10_ecpm": float(np.mean(hits) / 10),
-        "default_k": settings.ranking.candidates_k,
-        "within_user_spearman": float(np.mean(spearman)),
-    }
+    return {m: paired_interval([scored], "lever", DEFAULT, m, BOOTSTRAP_REPLICATES).as_dict() for m in LEVER_METRICS}
 
 
-def summarize(runs: list[dict]) -> tuple[dict, dict, dict]:
-    """Means over seeds per model and slice; the best peer and the paired interval per metric and slice."""
+def ece_noise_floor(pctr: np.ndarray, seed: int) -> float:
+    """The equal-mass ECE a perfectly calibrated model with these predictions would show on this many pairs:
+    the mean over label draws from pctr itself. An ECE near it is calibration within the noise."""
+    if len(pctr) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    draws = [expected_calibration_error_equal_mass(rng.random(len(pctr)) < pctr, pctr) for _ in range(ECE_NOISE_DRAWS)]
+    return float(np.mean(draws))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Means over seeds per model and slice; per slice and metric, the default minus the best peer and minus
+    priors_only (the text's contribution), with paired intervals; the default's ECE noise floor per slice."""
     models = list(dict.fromkeys(m for run in runs for m in run["predictions"]))
     means: dict = {}
     for model in models:
@@ -331,16 +316,39 @@ def summarize(runs: list[dict]) -> tuple[dict, dict, dict]:
             row["slice"]: {k: row[k] for k in (*REPORTED, "pairs", "clicks")}
             for row in rows.group_by("slice").agg(pl.all().exclude("model").mean()).iter_rows(named=True)
         }
-    best, intervals = {}, {}
-    for metric in protocol.INTERVAL_METRICS:
-        best[metric], intervals[metric] = {}, {}
+    versus_peer: dict = {}
+    for metric in INTERVAL_METRICS:
+        versus_peer[metric] = {}
         for slice_name in SLICES:
             peer = protocol.best_peer(means, PEERS, metric, slice_name)
-            best[metric][slice_name] = peer
-            intervals[metric][slice_name] = list(
-                protocol.paired_bootstrap(runs, DEFAULT, peer, slice_name, metric, BOOTSTRAP_REPLICATES, seed=0)
+            interval = protocol.paired_bootstrap(runs, DEFAULT, peer, slice_name, metric, BOOTSTRAP_REPLICATES, 0)
+            versus_peer[metric][slice_name] = {"peer": peer} | interval.as_dict()
+    contribution = {
+        slice_name: {
+            metric: protocol.paired_bootstrap(
+                runs, DEFAULT, PRIORS_ONLY, slice_name, metric, BOOTSTRAP_REPLICATES, 0
+            ).as_dict()
+            for metric in CONTRIBUTION_METRICS
+        }
+        for slice_name in SLICES
+    }
+    noise = {
+        slice_name: float(
+            np.mean(
+                [
+                    ece_noise_floor(run["predictions"][DEFAULT][slice_masks(run["test"])[slice_name]], run["seed"])
+                    for run in runs
+                ]
             )
-    return means, best, intervals
+        )
+        for slice_name in SLICES
+    }
+    return {
+        "models": means,
+        "versus_best_peer": versus_peer,
+        "text_contribution": contribution,
+        "ece_noise_floor": noise,
+    }
 
 
 def reliability_diagram(runs: list[dict], path: Path) -> None:
@@ -377,36 +385,34 @@ def run(args: argparse.Namespace) -> dict:
         logs, data_checksum = args.logs.resolve(), "n/a (--logs)"
     if args.levers:
         return run_levers(args, logs)
-    if args.two_stage_only:
-        settings, _, paths, held_out = prepare_seed(args, logs, args.seeds[0], **CHOSEN)
-        checkpoint = work / args.name / f"tuned-{args.seeds[0]}"
-        result = two_stage_recall(settings, checkpoint, paths, held_out["test_from"])
-        print(json.dumps(result, indent=2))
-        return result
     timings: dict[str, float] = {}
-    runs = []
-    for i, seed in enumerate(args.seeds):
+    runs, commit = [], git_commit()
+    for seed in args.seeds:
         saved = work / args.name / f"run-{seed}.pkl"  # scratch: a crash in the summary keeps the trained seeds
         if args.resume and saved.exists():
-            runs.append(pickle.loads(saved.read_bytes()))
-            continue
-        runs.append(run_seed(args, logs, seed, i == 0, timings))
+            run = pickle.loads(saved.read_bytes())
+            if run.get("commit") == commit:
+                runs.append(run)
+                continue
+            print(f"seed {seed}: not resumed, scored by commit {run.get('commit')} (this is {commit})", flush=True)
+        runs.append(run_seed(args, logs, seed, timings))
+        saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_bytes(pickle.dumps(runs[-1]))
-    means, best, intervals = summarize(runs)
-    settings = bench_settings(args, logs, args.seeds[0], **CHOSEN)
+    summary = summarize(runs)
+    settings = bench_settings(args, logs, args.seeds[0])
     stem = f"quality-{args.name}" + ("-quick" if args.quick else "")
-    result = {
-        "models": means,
+    result = summary | {
         "default_model": DEFAULT,
         "peers": PEERS,
-        "best_peer": best,
-        "intervals": intervals,
+        "headline_slice": HEADLINE,
+        "slices": list(SLICES),
         "features_as_of": settings.data.features_as_of,
         "seeds": list(args.seeds),
-        "kept_step": {m: [run["kept_step"].get(m) for run in runs] for m in runs[0]["kept_step"]},
-        "validation_at_kept_step": {m: runs[0]["validation"][m] for m in runs[0]["validation"]},
-        "two_stage": runs[0]["two_stage"],
-        "two_stage_recall_at_10": runs[0]["two_stage"]["recall_at_10"][str(settings.ranking.candidates_k)],
+        "kept_step": {DEFAULT: [run["kept_step"][DEFAULT] for run in runs]},
+        "validation_at_kept_step": {run["seed"]: run["validation"][DEFAULT] for run in runs},
+        "selection": {run["seed"]: run["selection"] for run in runs},
+        "cold_fit": {run["seed"]: run["cold_fit"] for run in runs},
+        "valid_clicks": [run["valid_clicks"] for run in runs],
         "per_seed": {run["seed"]: run["table"].to_dicts() for run in runs},
         "mode": "quick" if args.quick else "full",
         "data": args.name,
@@ -415,8 +421,10 @@ def run(args: argparse.Namespace) -> dict:
         "cold_items": runs[0]["cold_items"],
         "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-        "config": settings.model_dump(mode="json", include={"data", "model", "training"}),
-        "chosen_levers": CHOSEN,
+        "config": settings.model_dump(mode="json", include={"data", "model", "training", "ranking", "promotion"}),
+        "departures_from_defaults": departures_from_defaults(settings),
+        "git_commit": commit,
+        "git_dirty": git_dirty(),
         "seconds": timings | {"total": round(time.monotonic() - started, 1)},
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
@@ -428,48 +436,74 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def markdown_table(result: dict) -> str:
+def git_dirty() -> bool:
+    """Whether the checkout has uncommitted changes to tracked files (the commit then does not name the code)."""
+    found = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    )
+    return bool(found.stdout.strip()) if found.returncode == 0 else True
+
+
+def _interval(entry: dict) -> str:
+    low, high = entry["interval"]
+    return "n/a" if entry["mean"] != entry["mean"] else f"{entry['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def markdown_tables(result: dict) -> str:
+    """The headline (ranked_users) table, what the text adds and the default against the best peer per slice,
+    then every model on every slice; all from the result's JSON."""
     columns = ("gauc", "auc", "ndcg@10", "logloss", "ece_equal_mass", "calibration_ratio")
-    lines = [
-        "| model | slice | " + " | ".join(columns) + " | kept step |",
-        "|---|---|" + "---|" * (len(columns) + 1),
+    header = "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
+    headline = result["headline_slice"]
+    rows = [
+        f"| {m} | " + " | ".join(f"{v[headline][c]:.4f}" for c in columns) + " |" for m, v in result["models"].items()
     ]
+    contribution = ["| slice | pairs (clicks) | gAUC | AUC | NDCG@10 |", "|---|---|---|---|---|"]
+    versus = ["| slice | metric | best peer | default − peer [95% interval] |", "|---|---|---|---|"]
+    default = result["models"][result["default_model"]]
+    for slice_name in result["slices"]:
+        size = f"{default[slice_name]['pairs']:.0f} ({default[slice_name]['clicks']:.0f})"
+        gains = result["text_contribution"][slice_name]
+        contribution.append(
+            f"| {slice_name} | {size} | " + " | ".join(_interval(gains[m]) for m in CONTRIBUTION_METRICS) + " |"
+        )
+        for metric in INTERVAL_METRICS:
+            entry = result["versus_best_peer"][metric][slice_name]
+            versus.append(f"| {slice_name} | {metric} | {entry['peer']} | {_interval(entry)} |")
+    full = ["| model | slice | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for model, slices in result["models"].items():
-        steps = result["kept_step"].get(model)
-        kept = ", ".join("—" if s is None else str(s) for s in steps) if steps else ""
-        for slice_name in SLICES:
-            values = " | ".join(f"{slices[slice_name][c]:.4f}" for c in columns)
-            lines.append(f"| {model} | {slice_name} | {values} | {kept if slice_name == 'overall' else ''} |")
-    intervals = []
-    for metric, by_slice in result["intervals"].items():
-        for slice_name, (low, high) in by_slice.items():
-            peer = result["best_peer"][metric][slice_name]
-            ours, theirs = (result["models"][m][slice_name][metric] for m in (DEFAULT, peer))
-            if metric == "calibration_ratio":
-                ours, theirs = abs(ours - 1), abs(theirs - 1)
-            intervals.append(f"| {metric} | {slice_name} | {peer} | {ours - theirs:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+        for slice_name in result["slices"]:
+            full.append(
+                f"| {model} | {slice_name} | " + " | ".join(f"{slices[slice_name][c]:.4f}" for c in columns) + " |"
+            )
+    noise = ", ".join(f"{name} {value:.3f}" for name, value in result["ece_noise_floor"].items())
     return (
-        "\n".join(lines)
-        + "\n\nDefault minus the best peer (mean over seeds; 95% paired user bootstrap; calibration ratio: "
-        "difference of |ratio − 1|):\n\n"
-        "| metric | slice | best peer | difference | 95% interval |\n|---|---|---|---|---|\n"
-        + "\n".join(intervals)
-        + "\n"
+        f"**{headline}** (the users rerank ranks that day), mean over seeds:\n\n{header}\n"
+        + "\n".join(rows)
+        + "\n\nWhat the text adds: the default minus its output layer without text (`priors_only`), mean over seeds "
+        "[95% paired user bootstrap]:\n\n"
+        + "\n".join(contribution)
+        + "\n\nThe default minus the best peer per slice and metric (calibration ratio: difference of |ratio − 1|; "
+        "logloss and ECE: below 0 is better):\n\n"
+        + "\n".join(versus)
+        + "\n\nEvery model on every slice:\n\n"
+        + "\n".join(full)
+        + f"\n\nECE (equal mass) a perfectly calibrated default would show on these pairs (label draws from its own "
+        f"pCTR): {noise}.\n"
     )
 
 
 def write_outputs(out_dir: Path, stem: str, result: dict) -> None:
     (out_dir / "benchmarks" / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    two_stage = result["two_stage"]
+    kept = ", ".join(str(step) for step in result["kept_step"][result["default_model"]])
     section = (
-        f"Command: `{result['command']}`  \n"
-        f"Mode: {result['mode']} · features as of {result['features_as_of']} · seeds {result['seeds']} · "
+        f"Command: `{result['command']}` at commit `{result['git_commit'][:12]}`"
+        + (" (with uncommitted changes)" if result["git_dirty"] else "")
+        + f"  \nMode: {result['mode']} · features as of {result['features_as_of']} · seeds {result['seeds']} · "
         f"data sha256 `{result['data_checksum_sha256'][:16]}…` · {result['hardware']} · "
-        f"wall time {result['seconds']['total'] / 60:.1f} min · pairs (first seed) {result['pairs']}\n\n"
-        + markdown_table(result)
-        + f"\nTwo-stage ranking ({two_stage['users']} users × {two_stage['ads']} ads, {two_stage['run_date']}): "
-        f"recall@10 against exhaustive scoring {two_stage['recall_at_10']} (K: recall), within-user Spearman of "
-        f"stage 1 with the served log-odds {two_stage['within_user_spearman']:.3f}.\n"
+        f"wall time {result['seconds']['total'] / 60:.1f} min · pairs (first seed) {result['pairs']} · "
+        f"validation clicks {result['valid_clicks']} · kept steps {kept} · config: adrank's defaults except "
+        f"{result['departures_from_defaults'] or 'nothing'}\n\n" + markdown_tables(result)
     )
     doc = out_dir / "benchmarks.md"
     start, end = f"<!-- {stem}:start -->", f"<!-- {stem}:end -->"
@@ -492,6 +526,7 @@ def log_to_mlflow(settings: Settings, result: dict, image: Path) -> None:
                 "seeds": result["seeds"],
                 "features_as_of": result["features_as_of"],
                 "data_checksum": result["data_checksum_sha256"],
+                "git_commit": result["git_commit"],
             }
         )
         for model, slices in result["models"].items():

@@ -240,6 +240,7 @@ def print_explanation(settings: Settings, user_id: str, ad_id: str) -> None:
     if version is None:
         raise LookupError(f"no '{registry.CHAMPION}' model in {name}: run retrain first")
     model = RankingModel.from_pyfunc(registry.load_version(settings, version))
+    settings = registry.served_settings(settings, version)
     print(to_text(explain_pair(settings, model, user_id, ad_id), user_id, ad_id, f"{version} ({which})"))
 
 
@@ -276,7 +277,6 @@ def run_demo(settings: Settings, overrides: dict) -> None:
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
         preview = con.sql(SAMPLE_QUERY).limit(6)
         preview_text, (user, _, ad, _) = str(preview), preview.fetchone()
-    evaluation = {(r["model"], r["slice"]): r for r in trained["evaluation"]}
     query_command = (
         f"python -c \"import duckdb; duckdb.connect('{settings.warehouse}', read_only=True)"
         f".sql('{SAMPLE_QUERY}').show()\""
@@ -284,10 +284,11 @@ def run_demo(settings: Settings, overrides: dict) -> None:
     print(
         f"""
 adrank demo finished
-  model        {settings.tracking.registered_model} version {trained["version"]} \
-({"promoted to champion" if trained["promoted"] else "not promoted"}: {trained["reason"]})
-  test AUC     {", ".join(f"{m} {evaluation[(m, 'overall')]['auc']:.4f}" for m, _ in evaluation if _ == "overall")}
-  rankings     {ranked["rows"]} rows for {ranked["users"]} users x {ranked["ads"]} ads, run_date {ranked["run_date"]}
+  model        {settings.tracking.registered_model} version {trained["version"]}: {promotion_line(trained)}
+  fine-tuning  {kept_step_line(trained["kept_step"])}
+{test_lines(trained["evaluation"])}
+  rankings     {ranked["rows"]} rows for {ranked["users"]} users x {ranked["ads"]} ads, run_date {ranked["run_date"]}, \
+by version {ranked["model_version"]} (the champion)
   warehouse    {settings.warehouse}  (views ad_rankings, latest_ad_rankings, ad_daily_ctr, …; open read-only)
   MLflow       {settings.tracking.mlflow_uri}  (experiment '{settings.tracking.experiment}')
                mlflow ui --backend-store-uri {settings.tracking.mlflow_uri}
@@ -297,6 +298,33 @@ adrank demo finished
                (with ADRANK_HOME={settings.home})"""
     )
 
+
+def promotion_line(trained: dict) -> str:
+    """Promoted, or which gates held the version and why."""
+    if trained["promoted"]:
+        return "promoted to champion (every gate passed: adrank models lists them)"
+    held = [gate for gate in trained["gates"] if not gate["passed"]]
+    return "not promoted, held by " + "; ".join(f"the {g['name']} gate ({g['detail']})" for g in held)
+
+
+def kept_step_line(kept_step: int) -> str:
+    if kept_step == 0:
+        return (
+            "kept step 0: no trained step beat the priors alone on validation, so this version serves them without text"
+        )
+    return f"kept step {kept_step} (its served validation score beat the priors alone)"
+
+
+def test_lines(rows: list[dict]) -> str:
+    """The test split's AUC and gAUC per model, on the users rerank ranks and overall."""
+    lines = []
+    for slice_name, label in (("ranked_users", "test"), ("overall", "")):
+        scores = [r for r in rows if r["slice"] == slice_name]
+        if scores:
+            figures = ", ".join(f"{r['model']} {r['auc']:.4f} / {r['gauc']:.4f}" for r in scores)
+            name = slice_name.replace("_", " ")
+            lines.append(f"  {label:<13}{name} ({scores[0]['pairs']} pairs), AUC / gAUC: {figures}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,6 +17,7 @@ from tasks.config import Settings, load_settings
 
 current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE)
 load_version = task(registry.load_version, name="load_champion", cache_policy=NO_CACHE)
+served_settings = task(registry.served_settings, name="served_settings", cache_policy=NO_CACHE)
 build_ranking_inputs = task(pairs.build_ranking_inputs, name="build_ranking_inputs", cache_policy=NO_CACHE)
 ranking_model = task(score.RankingModel.from_pyfunc, name="ranking_model", cache_policy=NO_CACHE)
 score_candidates = task(score.score_candidates, name="score_candidates", cache_policy=NO_CACHE)
@@ -63,6 +64,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
             "run the retrain flow first"
         )
     model = None if settings.ranking.sharded else load_version.with_options(**io)(settings, version)
+    settings = served_settings.with_options(**io)(settings, version)  # texts rendered as the version was trained
 
     # build texts
     inputs = build_ranking_inputs(settings)

@@ -65,7 +65,9 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
     # register and promote
     version = register_model.with_options(**io)(settings, run_id, checkpoint)
-    decision = promote_if_better.with_options(**io)(settings, run_id, version, champion, table, built.data_until)
+    decision = promote_if_better.with_options(**io)(
+        settings, run_id, version, champion, evaluation, built.data_until, result.best_step
+    )
 
     # publish the registry's versions for analysts (model_versions)
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
@@ -79,6 +81,8 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "version": version,
         "promoted": decision.promoted,
         "reason": decision.reason,
+        "gates": [{"name": g.name, "passed": g.passed, "detail": g.detail} for g in decision.gates],
+        "kept_step": result.best_step,
         "champion_problem": champion.problem if champion else None,
         "evaluation": table.to_dicts(),
         "pairs": built.rows,

@@ -102,9 +102,16 @@ class ModelConfig(BaseModel):
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
     calibration: Literal["platt+ad_prior+user_prior", "platt+ad_prior", "platt", "none"] = Field(
         "platt+ad_prior+user_prior",
-        description="Output layer fitted on validation: Platt scaling of the logit, plus (a hybrid text + ID model) "
-        "weighted log-odds of the ad's click rate in training (ad_prior; ads unseen in training get weights fitted "
-        "without it) and of the user's click rate before the request (user_prior).",
+        description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
+        "(a hybrid text + ID model) weighted log-odds of the ad's click rate (ad_prior) and the user's (user_prior), "
+        "each counted over the logs before the request's day, as rerank counts them; cold ads (never shown before) "
+        "get weights of their own, fitted without the ad prior. 'none': the raw logit.",
+    )
+    cold_fit_min_clicks: int = Field(
+        100,
+        ge=1,
+        description="Cold ads' weights are fitted on the validation pairs of cold ads, or, when those hold fewer "
+        "clicks than this, of the ads shown the fewest times before (tasks/output_layer.py cold_fit_rows).",
     )
     ad_prior_strength: float = Field(
         5.0, gt=0, description="Pseudo-impressions at the global CTR added to each ad's counts in the ad prior."
@@ -159,14 +166,14 @@ class TrainingConfig(BaseModel):
     )
     ad_prior_offset: bool = Field(
         False,
-        description="Fine-tune on logit + the ad's training click log-odds (leave-one-out, a fixed offset), so "
-        "the text model learns what the ad's click rate does not already say.",
+        description="Fine-tune on logit + the ad's click log-odds before the pair's day (a fixed offset), so the "
+        "text model learns what the ad's click rate does not already say.",
     )
     ad_prior_offset_dropout: float = Field(
         0.5,
         ge=0,
         le=1,
-        description="With ad_prior_offset: share of training pairs without the offset (as cold-start ads are), "
+        description="With ad_prior_offset: share of training pairs without the offset (as cold ads are), "
         "so the text still learns ad quality.",
     )
     ranking_loss_weight: float = Field(
@@ -176,14 +183,29 @@ class TrainingConfig(BaseModel):
         "binary cross-entropy; batches then hold whole user-days (0: off).",
     )
     eval_batch_size: int = Field(64, ge=1, description="Pairs per inference batch.")
+    min_valid_clicks: int = Field(
+        500,
+        ge=1,
+        description="Fine-tuning warns when validation holds fewer clicks: the kept step and the output layer are "
+        "then noisy (an AUC's standard error is ~0.03 at 65 clicks). Raise data.valid_fraction, or accept it.",
+    )
     seed: int = Field(42, description="Seed for the head, dropout and the data order.")
 
 
 class PromotionConfig(BaseModel):
-    """Gates a new version must pass, all of them, to become champion (tasks/registry.py)."""
+    """Gates a new version must pass, all of them, to become champion (tasks/gates.py)."""
 
-    min_auc_gain: float = Field(
-        0.0, ge=0, description="Test AUC must exceed the champion's AUC on the same test split by this margin."
+    min_gain: float = Field(
+        0.0,
+        ge=0,
+        description="Against a champion: the lower end of the 95% interval of (challenger - champion) test AUC or "
+        "gAUC must exceed this (better beyond the noise), and neither interval may lie wholly below 0.",
+    )
+    bootstrap_replicates: int = Field(
+        1000,
+        ge=50,
+        description="Draws of the paired user-level bootstrap behind every interval adrank reports (the gates, "
+        "the kept step's gain on validation).",
     )
     max_logloss_gap: float = Field(
         0.02, ge=0, description="Test logloss may exceed the popularity baseline's by at most this much."
@@ -296,7 +318,7 @@ class MonitorConfig(BaseModel):
         30, ge=1, description="Most ranked days monitored in one run (the latest not yet monitored first)."
     )
     reference_pairs: int = Field(
-        2000, ge=10, description="Impressions of the model's training window scored as the drift reference."
+        2000, ge=10, description="Impressions of the model's validation and test windows scored as the drift reference."
     )
     max_group_values: int = Field(
         12, ge=1, description="Profile columns with more groups than this (e.g. a city) get no per-group slices."
@@ -449,6 +471,44 @@ class Settings(BaseSettings):
     @property
     def staging_dir(self) -> Path:
         return self.home / "staging"
+
+
+# every setting that shapes a pair's text or tensor: stored with each registered version, which rerank, the
+# monitor, explain and the shards then render texts with (tasks/registry.py: served_settings)
+TEXT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "features_as_of",
+        "history_length",
+        "history_item_template",
+        "user_template",
+        "ad_template",
+        "max_text_chars",
+    ),
+    "model": ("pooling", "max_seq_length"),
+}
+
+
+def text_settings(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The TEXT_SETTINGS of settings, as JSON-ready values."""
+    dumped = settings.model_dump(mode="json")
+    return {section: {name: dumped[section][name] for name in names} for section, names in TEXT_SETTINGS.items()}
+
+
+def with_text_settings(settings: Settings, stored: dict[str, dict[str, Any]]) -> tuple[Settings, list[str]]:
+    """settings with the stored text settings (a version's) in place of its own, and what differed, e.g.
+    ['data.history_length 5 -> 3']. Unknown names in stored are ignored (a newer adrank's)."""
+    mine, sections, changed = text_settings(settings), {}, []
+    for section, names in TEXT_SETTINGS.items():
+        differs = {
+            n: stored[section][n]
+            for n in names
+            if n in stored.get(section, {}) and stored[section][n] != mine[section][n]
+        }
+        if differs:
+            current = getattr(settings, section)
+            sections[section] = type(current).model_validate(current.model_dump() | differs)
+            changed += [f"{section}.{n} {mine[section][n]!r} -> {v!r}" for n, v in differs.items()]
+    return settings.model_copy(update=sections), changed
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:

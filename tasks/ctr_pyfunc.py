@@ -1,9 +1,11 @@
 """The registered MLflow model, logged as code (no pickle):
-DataFrame(user_text, ad_text[, ad_id][, user_prior_impressions, user_prior_clicks]) -> pCTR.
+DataFrame(user_text, ad_text[, ad_id][, user_prior_impressions, user_prior_clicks][, ad_prior_impressions,
+ad_prior_clicks]) -> pCTR.
 
-Without an ad_id (the column, or null in a row), or for ids the model never saw in training, ads are
-scored as cold-start: by their text alone. Without the user's impressions and clicks before the request
-(the columns, or null in a row), users are scored as having none yet.
+The counts are the user's and the ad's impressions and clicks before the request (adrank counts them up to
+the start of the day it ranks). Without the ad's (the columns, or null in a row) the ad is scored as cold:
+by its text, with the cold-ad weights. Without the user's, users are scored as having none yet. ad_id is
+read only by versions registered before adrank counted ads per request (a frozen table of ad ids).
 
 MLflow executes this file when the model is loaded; the weights come from the `checkpoint`
 artifact (safetensors + tokenizer files), the settings from the logged model_config. The modules it
@@ -16,10 +18,9 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr
+from tasks.model import load_cross_encoder, pick_device, predict_ctr
+from tasks.output_layer import PairPriors, load_calibration
 from tasks.two_tower import load_two_tower
-
-USER_PRIOR_COLUMNS = ("user_prior_clicks", "user_prior_impressions")
 
 
 class CrossEncoderCTR(PythonModel):
@@ -45,29 +46,14 @@ class CrossEncoderCTR(PythonModel):
             self.max_length,
             self.batch_size,
             self.calibration,
-            ad_ids(model_input),
-            user_history(model_input),
+            PairPriors.of(numeric_counts(model_input)),
         )
 
 
-def ad_ids(frame: pd.DataFrame) -> list[str | None] | None:
-    """Each row's ad id as a string, None where it is null (a cold-start ad); None without the column."""
-    if "ad_id" not in frame:
-        return None
-    return [None if pd.isna(ad) else str(ad) for ad in frame["ad_id"]]
-
-
-def user_history(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each row's (clicks, impressions) before the request, (0, 0) where either is null (no history known);
-    None without the columns."""
-    present = [column for column in USER_PRIOR_COLUMNS if column in frame]
-    if not present:
-        return None
-    if len(present) < len(USER_PRIOR_COLUMNS):
-        raise ValueError(f"the user prior needs both {USER_PRIOR_COLUMNS}; only {present} given")
-    counts = frame[list(USER_PRIOR_COLUMNS)].apply(pd.to_numeric, errors="coerce")
-    counts = counts.where(counts.notna().all(axis=1), 0)  # (rows, 2)
-    return counts["user_prior_clicks"].to_numpy(np.int64), counts["user_prior_impressions"].to_numpy(np.int64)
+def numeric_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with its count columns as numbers (JSON may carry them as strings); unparseable -> null."""
+    counts = [column for column in frame.columns if column.endswith(("_prior_impressions", "_prior_clicks"))]
+    return frame.assign(**{column: pd.to_numeric(frame[column], errors="coerce") for column in counts})
 
 
 mlflow.models.set_model(CrossEncoderCTR())

@@ -1,4 +1,5 @@
-"""Evaluate a fine-tuned model against baselines on the test split, overall and on cold-start ads."""
+"""Evaluate a fine-tuned model against baselines on the test split, overall and on the slices that matter:
+the users rerank ranks that day, cold ads, ads new since training and users without history."""
 
 from __future__ import annotations
 
@@ -10,19 +11,28 @@ import numpy as np
 import polars as pl
 
 from tasks.config import Settings
-from tasks.metrics import metrics
-from tasks.model import load_calibration, load_cross_encoder, pick_device, predict_ctr, seed_everything
-from tasks.pairs import user_history
+from tasks.metrics import metrics, ranking_lists
+from tasks.model import load_cross_encoder, pick_device, predict_ctr, seed_everything
+from tasks.output_layer import PairPriors, load_calibration
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
 POPULARITY_PRIOR_IMPRESSIONS = 20.0
 FINE_TUNED = "fine_tuned"
+# what each slice holds (columns of sql/int_user_ad_pairs.sql): ranked_users, the users the nightly rerank ranks
+# that day (the product's population); cold_start, ads never shown before the day (no count, no history
+# mention, no training pair); new_ads, ads first shown after the training window (the fine-tuned model never
+# saw them, but rerank may have counted their first days); users_without_history, no impression before the day
+SLICES = ("overall", "ranked_users", "cold_start", "new_ads", "users_without_history")
+SLICE_COLUMNS = (
+    *("user_id", "shown_at", "is_clicked"),
+    *("is_ranked_user", "is_cold_start", "is_new_ad", "user_prior_impressions"),
+)
 
 
 @dataclass
 class Evaluation:
     table: pl.DataFrame  # one row per (model, slice): see evaluation_table
-    test: pl.DataFrame  # the test pairs' labels and slice: is_clicked, is_cold_start
+    test: pl.DataFrame  # the test pairs' users, labels and slices: SLICE_COLUMNS
     predictions: dict[str, np.ndarray]  # model -> test pCTR, shape (test pairs,)
     train_pctr: np.ndarray  # the fine-tuned model's pCTR on a sample of training pairs (the train histogram)
 
@@ -47,16 +57,16 @@ def evaluate_models(
     predictions.update(other_predictions or {})
     return Evaluation(
         table=evaluation_table(test, predictions),
-        test=test.select("is_clicked", "is_cold_start"),
+        test=test.select(SLICE_COLUMNS),
         predictions=predictions,
         train_pctr=train_pctr,
     )
 
 
 def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame) -> list[np.ndarray]:
-    """pCTR of a saved model folder on each frame of pairs (ad_id, user_text, ad_text[, user prior counts]),
-    loaded once, with its calibration if it has one; a base model gets a fresh head pooled as
-    settings.model.pooling says."""
+    """pCTR of a saved model folder on each frame of pairs (user_text, ad_text[, prior counts]), loaded
+    once, with its calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling
+    says."""
     model, tokenizer = load_cross_encoder(str(path), pick_device(), pooling=settings.model.pooling)
     calibration = load_calibration(path)
     return [
@@ -68,31 +78,36 @@ def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame
             settings.model.max_seq_length,
             settings.training.eval_batch_size,
             calibration,
-            pairs["ad_id"].to_list(),
-            user_history(pairs),
+            PairPriors.of(pairs),
         )
         for pairs in frames
     ]
 
 
-def popularity_ctr(train: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:
-    """Per-ad CTR over the training window, shrunk towards the global CTR; unseen ads get the global CTR."""
-    global_ctr = train["is_clicked"].mean()
-    per_ad = train.group_by("ad_id").agg(
-        (
-            (pl.col("is_clicked").sum() + POPULARITY_PRIOR_IMPRESSIONS * global_ctr)
-            / (pl.len() + POPULARITY_PRIOR_IMPRESSIONS)
-        ).alias("pctr")
-    )
-    scored = test.select("ad_id").join(per_ad, on="ad_id", how="left", maintain_order="left")
-    return scored["pctr"].fill_null(global_ctr).to_numpy()
+def popularity_ctr(train: pl.DataFrame, pairs: pl.DataFrame) -> np.ndarray:
+    """Each pair's ad CTR over the logs before the pair's day (its point-in-time counts: what a nightly
+    popularity ranker knows), shrunk towards train's CTR; cold ads get train's CTR."""
+    global_ctr = train["is_clicked"].cast(pl.Float64).mean()
+    clicks, impressions = (pairs[c].cast(pl.Float64).to_numpy() for c in ("ad_prior_clicks", "ad_prior_impressions"))
+    return (clicks + POPULARITY_PRIOR_IMPRESSIONS * global_ctr) / (impressions + POPULARITY_PRIOR_IMPRESSIONS)
+
+
+def slice_masks(test: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Slice name (SLICES) -> boolean mask over the test pairs."""
+    return {
+        "overall": np.ones(test.height, dtype=bool),
+        "ranked_users": test["is_ranked_user"].to_numpy(),
+        "cold_start": test["is_cold_start"].to_numpy(),
+        "new_ads": test["is_new_ad"].to_numpy(),
+        "users_without_history": (test["user_prior_impressions"] == 0).to_numpy(),
+    }
 
 
 def evaluation_table(test: pl.DataFrame, predictions: Mapping[str, np.ndarray]) -> pl.DataFrame:
-    """One row per (model, slice) with every metric; slices: overall and cold-start ads."""
+    """One row per (model, slice) with every metric; slices: SLICES."""
     labels = test["is_clicked"].cast(pl.Int8).to_numpy()
-    users = test["user_id"].to_numpy()
-    masks = {"overall": np.ones(len(labels), dtype=bool), "cold_start": test["is_cold_start"].to_numpy()}
+    lists = ranking_lists(test["user_id"], test["shown_at"])  # gAUC and NDCG within each user's day
+    masks = slice_masks(test)
     rows = []
     for model_name, pctr in predictions.items():
         for slice_name, mask in masks.items():
@@ -102,7 +117,7 @@ def evaluation_table(test: pl.DataFrame, predictions: Mapping[str, np.ndarray]) 
                 "pairs": int(mask.sum()),
                 "clicks": int(labels[mask].sum()),
             }
-            rows.append(row | metrics(labels[mask], pctr[mask], users[mask]))
+            rows.append(row | metrics(labels[mask], pctr[mask], lists[mask]))
     return pl.DataFrame(rows)
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
+import numpy as np
 import polars as pl
 
 from tasks.config import Settings
 from tasks.model import predict_logits
+from tasks.output_layer import PairPriors
 from tasks.pairs import history_ablations
 from tasks.score import RankingModel
 
@@ -21,8 +23,10 @@ class Explanation:
     ad_text: str
     pctr: float
     log_odds: dict[str, float]  # text, intercept, ad_prior, user_prior: they sum to logit(pctr)
-    ad_seen: bool  # the ad was in the training split (else cold-start: its own weights, no ad prior)
+    ad_cold: bool  # the ad was never shown before run_date: the cold-ad weights, no ad prior
+    ad_counts: tuple[int, int]  # the ad's impressions and clicks before run_date
     left_out: pl.DataFrame  # one row per history item: left_out_ad_id, left_out_text, pctr, pctr_change
+    uses_text: bool  # False: the version serves the priors alone (its fine-tuning never beat them)
 
 
 def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: str) -> Explanation:
@@ -31,18 +35,27 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
     logits = predict_logits(
         model.cross_encoder, model.tokenizer, rows["user_text"], rows["ad_text"], model.max_length, model.batch_size
     )
-    history = tuple(rows[column].to_numpy() for column in ("user_prior_clicks", "user_prior_impressions"))
-    pctr = model.calibration.apply(logits, rows["ad_id"].to_list(), history)
+    priors = PairPriors.of(rows)
+    pctr = model.calibration.apply(logits, priors)
     first = rows.row(0, named=True)
-    terms = model.calibration.contributions(
-        logits[0], ad_id, ([first["user_prior_clicks"]], [first["user_prior_impressions"]])
-    )
+    terms = model.calibration.contributions(logits[0], priors.take(np.arange(1)))
     left_out = rows.slice(1).select("left_out_ad_id", "left_out_text")
     left_out = left_out.with_columns(pl.Series("pctr", pctr[1:]), pl.Series("pctr_change", pctr[1:] - pctr[0])).sort(
         "pctr_change"
     )
-    ad_seen = ad_id in model.calibration.ad_log_odds
-    return Explanation(run_date, first["user_text"], first["ad_text"], float(pctr[0]), terms, ad_seen, left_out)
+    counts = (int(first["ad_prior_impressions"]), int(first["ad_prior_clicks"]))
+    cold = bool(model.calibration.is_cold(priors.take(np.arange(1)))[0])
+    return Explanation(
+        run_date,
+        first["user_text"],
+        first["ad_text"],
+        float(pctr[0]),
+        terms,
+        cold,
+        counts,
+        left_out,
+        model.calibration.uses_text,
+    )
 
 
 def to_text(explanation: Explanation, user_id: str, ad_id: str, version: str) -> str:
@@ -52,8 +65,15 @@ def to_text(explanation: Explanation, user_id: str, ad_id: str, version: str) ->
     lines.append(f"  user text  {e.user_text}")
     lines.append(f"  ad text    {e.ad_text}")
     lines.append(f"  pCTR       {e.pctr:.4f}  (log-odds {sum(e.log_odds.values()):+.3f})")
-    seen = "seen in training" if e.ad_seen else "unseen in training: cold-start weights, no ad prior"
+    impressions, clicks = e.ad_counts
+    seen = (
+        "cold: never shown before, so the cold-ad weights and no ad prior"
+        if e.ad_cold
+        else f"shown {impressions} times before, clicked {clicks}"
+    )
     lines.append(f"  output layer, log-odds by term (ad {seen}):")
+    if not e.uses_text:
+        lines.append("    (this version serves the priors alone: its fine-tuning never beat them, so text weighs 0)")
     lines += [f"    {term:<10} {value:+.3f}" for term, value in e.log_odds.items()]
     if e.left_out.is_empty():
         lines.append("  history: none (nothing to leave out)")

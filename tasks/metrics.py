@@ -95,8 +95,17 @@ def per_group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> d
     return {group: (float(auc), int(n)) for group, auc, n in stats.select("group", "auc", "n").iter_rows()}
 
 
+def ranking_lists(user_ids, shown_at) -> np.ndarray:
+    """The ranked list each pair belongs to: its user on its UTC day ('u17 2026-10-21'), as the nightly rerank
+    ranks each user once a day. The per-list metrics (gAUC, NDCG@10, hit rate@10) group pairs by it: a user's
+    impressions on different days were never ranked against each other."""
+    days = np.asarray(shown_at, dtype="datetime64[D]").astype(str)
+    return np.char.add(np.char.add(np.asarray(user_ids).astype(str), " "), days)
+
+
 def group_auc(groups: np.ndarray, labels: np.ndarray, pctr: np.ndarray) -> float:
-    """gAUC: per-user AUC averaged over users with both classes, weighted by their impressions."""
+    """gAUC: AUC within each group (a user's list of a day, ranking_lists) averaged over groups with both
+    classes, weighted by their impressions."""
     per_group = per_group_auc(np.asarray(groups), np.asarray(labels), np.asarray(pctr))
     if not per_group:
         return math.nan

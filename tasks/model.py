@@ -1,7 +1,8 @@
 """The cross-encoder: [CLS] user text [SEP] ad text [SEP] -> transformer -> one click logit.
 
-Loading, tokenising and batched inference live here; train.py, evaluate.py, the registered MLflow
-model and rerank all use these functions, so a pair is scored the same way everywhere.
+Loading, tokenising and batched inference live here (the output layer that turns logits into pCTR in
+tasks/output_layer.py); train.py, evaluate.py, the registered MLflow model and rerank all use these
+functions, so a pair is scored the same way everywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,177 +27,15 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
+# load_calibration: the served code of versions registered before tasks/output_layer.py imports it from here
+from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: F401
+
 # config attribute names that hold dropout probabilities, across encoder families
 DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
-CALIBRATION_FILE = "calibration.json"
 # how a saved cross-encoder pools its tokens ({"pooling": "cls" | "mean"}); a folder without it is a plain
 # Hugging Face model: a sequence classifier, or a bare encoder that gets a fresh head
 POOLING_FILE = "pooling.json"
 MEAN_HEAD_FILE = "mean_pooled_head.safetensors"
-# a (nearly) unregularised logistic fit: Platt scaling has two parameters and plenty of data
-PLATT_INVERSE_REGULARISATION = 1e6
-# keeps log-odds finite for ads (or a training split) with all or no clicks
-PROBABILITY_BOUNDS = (1e-4, 1 - 1e-4)
-# a user's (clicks, impressions) strictly before each request, one entry per pair
-UserHistory = tuple[Sequence[int], Sequence[int]]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The output layer fitted on validation after fine-tuning (identity by default):
-
-        pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds[ad] + user_weight * user_log_odds)
-
-    With the ad prior (hybrid text + ID), ad_log_odds holds each training ad's click rate as log-odds,
-    shrunk towards the global rate. Ads unseen in training use a second set of weights fitted without
-    the ad prior (unseen_*; the ad-ID dropout of this layer), so a cold-start ad is ranked by its text.
-    With the user prior, user_log_odds is the user's click rate over the ads shown to them before the
-    request, shrunk towards the global rate with user_prior_strength pseudo-impressions.
-    """
-
-    slope: float = 1.0
-    intercept: float = 0.0
-    ad_weight: float = 0.0
-    default_ad_log_odds: float = 0.0
-    ad_log_odds: dict[str, float] = field(default_factory=dict)
-    user_weight: float = 0.0
-    user_prior_strength: float = 1.0
-    global_log_odds: float = 0.0
-    # weights for ads unseen in training; None: the ones above, with default_ad_log_odds as the ad prior
-    unseen_slope: float | None = None
-    unseen_intercept: float | None = None
-    unseen_user_weight: float | None = None
-
-    def ad_prior(self, ad_ids: Sequence[str] | None, n: int) -> np.ndarray:
-        """Each pair's ad log-odds, shape (n,); no ad ids means every ad is treated as unseen."""
-        if ad_ids is None:
-            return np.full(n, self.default_ad_log_odds)
-        return np.array([self.ad_log_odds.get(str(a), self.default_ad_log_odds) for a in ad_ids], dtype=np.float64)
-
-    def user_prior(self, history: UserHistory | None, n: int) -> np.ndarray:
-        """Each pair's user log-odds, shape (n,); no history means users with no impressions yet."""
-        if history is None:
-            return np.full(n, self.global_log_odds)
-        clicks, impressions = (np.asarray(h, dtype=np.float64) for h in history)
-        rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
-        return probability_log_odds(
-            (clicks + self.user_prior_strength * rate) / (impressions + self.user_prior_strength)
-        )
-
-    def terms(self, ad_ids: Sequence[str] | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per pair: the logit's slope, the offset (intercept + ad prior term) and the user prior's weight."""
-        slope, offset = np.full(n, self.slope), self.intercept + self.ad_weight * self.ad_prior(ad_ids, n)
-        user_weight = np.full(n, self.user_weight)
-        if self.unseen_slope is not None:
-            unseen = np.array(
-                [True] * n if ad_ids is None else [str(a) not in self.ad_log_odds for a in ad_ids], dtype=bool
-            )
-            slope[unseen], offset[unseen], user_weight[unseen] = (
-                self.unseen_slope,
-                self.unseen_intercept,
-                self.unseen_user_weight or 0.0,
-            )
-        return slope, offset, user_weight
-
-    def log_odds(
-        self, logits: np.ndarray, ad_ids: Sequence[str] | None = None, history: UserHistory | None = None
-    ) -> np.ndarray:
-        slope, offset, user_weight = self.terms(ad_ids, len(logits))
-        z = slope * logits.astype(np.float64) + offset
-        if self.user_weight or self.unseen_user_weight:
-            z += user_weight * self.user_prior(history, len(logits))
-        return z
-
-    def contributions(self, logit: float, ad_id: str | None, history: UserHistory | None) -> dict[str, float]:
-        """One pair's log-odds, term by term: text (slope x logit), intercept, ad prior, user prior; their
-        sum is log_odds() of the pair."""
-        ids = None if ad_id is None else [ad_id]
-        slope, offset, user_weight = (float(t[0]) for t in self.terms(ids, 1))
-        seen = ad_id is not None and str(ad_id) in self.ad_log_odds
-        intercept = self.intercept if seen or self.unseen_slope is None else float(self.unseen_intercept)
-        uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
-        return {
-            "text": slope * float(logit),
-            "intercept": intercept,
-            "ad_prior": offset - intercept,
-            "user_prior": user_weight * float(self.user_prior(history, 1)[0]) if uses_user_prior else 0.0,
-        }
-
-    def apply(
-        self, logits: np.ndarray, ad_ids: Sequence[str] | None = None, history: UserHistory | None = None
-    ) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.log_odds(logits, ad_ids, history)))
-
-
-def probability_log_odds(p: np.ndarray | float) -> np.ndarray:
-    """log(p / (1 - p)), with p kept inside PROBABILITY_BOUNDS so that all-or-no clicks stay finite."""
-    p = np.clip(p, *PROBABILITY_BOUNDS)
-    return np.log(p / (1 - p))
-
-
-def ad_click_log_odds(ad_ids: Sequence[str], clicks: np.ndarray, strength: float) -> tuple[dict[str, float], float]:
-    """Per-ad click log-odds with `strength` pseudo-impressions at the global rate, and the global log-odds."""
-    ads, index = np.unique(np.array([str(a) for a in ad_ids]), return_inverse=True)
-    rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
-    shrunk = (np.bincount(index, weights=clicks) + strength * rate) / (np.bincount(index) + strength)
-    return dict(zip(ads.tolist(), probability_log_odds(shrunk).tolist(), strict=True)), float(
-        probability_log_odds(rate)
-    )
-
-
-def fit_calibration(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    ad_ids: Sequence[str] | None = None,
-    prior: Calibration | None = None,
-    history: UserHistory | None = None,
-) -> Calibration:
-    """Fit the output layer on held-out logits (validation), never on training data.
-
-    Platt scaling (slope, intercept) alone, or with the weights of the priors `prior` carries: the ad
-    prior when it has ad_log_odds from the training split, the user prior when `history` is given.
-    With the ad prior, the weights for unseen ads are fitted on the same pairs without it.
-    """
-    if labels.min() == labels.max():
-        return Calibration()
-    if prior is None:
-        return Calibration(**_logistic_fit(logits, labels))
-    user = prior.user_prior(history, len(logits)) if history is not None else None
-    without_ad = _logistic_fit(logits, labels, user=user)
-    if not prior.ad_log_odds:
-        return replace(prior, **without_ad)
-    with_ad = _logistic_fit(logits, labels, ad=prior.ad_prior(ad_ids, len(logits)), user=user)
-    unseen = {f"unseen_{name}": value for name, value in without_ad.items()}
-    return replace(prior, **with_ad, **unseen)
-
-
-def _logistic_fit(
-    logits: np.ndarray, labels: np.ndarray, ad: np.ndarray | None = None, user: np.ndarray | None = None
-) -> dict[str, float]:
-    """slope, intercept and the weights of the given priors, by a (nearly) unregularised logistic fit."""
-    from sklearn.linear_model import LogisticRegression
-
-    features = {"slope": logits, "ad_weight": ad, "user_weight": user}
-    features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
-    x = np.column_stack(list(features.values()))
-    # standardised, so that the solver's tolerance means the same at any logit scale (a fresh head's logits
-    # can spread by 1e-4), then mapped back to the features' own units
-    center, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
-    fit = LogisticRegression(C=PLATT_INVERSE_REGULARISATION).fit((x - center) / scale, labels)
-    coef = fit.coef_[0] / scale
-    intercept = float(fit.intercept_[0] - coef @ center)
-    return dict(zip(features, coef.tolist(), strict=True)) | {"intercept": intercept}
-
-
-def save_calibration(calibration: Calibration, model_dir: Path) -> None:
-    (Path(model_dir) / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration)))
-
-
-def load_calibration(model_dir: str | Path) -> Calibration:
-    """The calibration saved beside a fine-tuned model; identity for a model without one."""
-    path = Path(model_dir) / CALIBRATION_FILE
-    return Calibration(**json.loads(path.read_text())) if path.exists() else Calibration()
 
 
 def seed_everything(seed: int) -> None:
@@ -415,11 +253,17 @@ def predict_ctr(
     ad_texts: Sequence[str],
     max_length: int,
     batch_size: int,
-    calibration: Calibration = Calibration(),
-    ad_ids: Sequence[str] | None = None,
-    history: UserHistory | None = None,
+    calibration: Calibration | None = None,
+    priors: PairPriors | None = None,
+    legacy_user_counts: tuple | None = None,
 ) -> np.ndarray:
-    """Predicted click-through rates in (0, 1), shape (pairs,). Without ad_ids every ad counts as unseen,
-    without history every user as one with no impressions yet."""
+    """Predicted click-through rates in (0, 1), shape (pairs,). Without priors every ad counts as cold and
+    every user as one with no impressions yet; without a calibration the logit's sigmoid. The served code of
+    versions registered before tasks/output_layer.py passes (ad ids, (user clicks, impressions)) instead of
+    priors: read as such."""
+    if priors is not None and not isinstance(priors, PairPriors):
+        priors = PairPriors(len(user_texts), legacy_user_counts, None, list(priors))
+    elif priors is None and legacy_user_counts is not None:
+        priors = PairPriors(len(user_texts), legacy_user_counts)
     logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
-    return calibration.apply(logits, ad_ids, history)
+    return (calibration or Calibration()).apply(logits, priors)

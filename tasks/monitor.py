@@ -22,7 +22,7 @@ from tasks.config import MonitorConfig, Settings
 from tasks.metrics import calibration_ratio, group_auc, logloss, roc_auc
 from tasks.pairs import build_window_pairs
 from tasks.publish import read_rankings
-from tasks.registry import load_version, predict_pctr, version_run
+from tasks.registry import load_version, predict_pctr, served_settings, version_run
 from tasks.sql_files import load_sql
 from tasks.warehouse import published_run_dates
 
@@ -65,23 +65,32 @@ class MonitoredVersion:
 
     model: Any  # the MLflow pyfunc model
     run: Any  # its retrain run (metrics, data-window tags)
-    seen_ads: set[str]  # ads in its training data
-    reference: pl.DataFrame | None  # a scored sample of its training window: the drift reference
+    settings: Settings  # the run's settings with the version's text settings (registry.served_settings)
+    trained_until: datetime | None  # where its training window ended: later ads are new to it (None: untagged)
+    reference: pl.DataFrame | None  # a scored sample of its validation and test windows: the drift reference
 
 
 def load_monitored_version(settings: Settings, con: duckdb.DuckDBPyConnection, version: str) -> MonitoredVersion:
-    """The version's model and run, and a fixed sample of its training window scored by it (None for
-    versions registered before adrank tagged their data window, or logs that no longer reach it)."""
-    model, run = load_version(settings, version), version_run(settings, version)
-    seen_ads = set(model.unwrap_python_model().calibration.ad_log_odds)
-    tags, reference = run.data.tags, None
-    if "data.train_from" in tags and "data.valid_from" in tags:
-        window = [datetime.fromisoformat(tags[f"data.{k}"]) for k in ("train_from", "valid_from")]
-        reference = build_window_pairs(con, settings.data, *window, max_rows=settings.monitor.reference_pairs)
+    """The version's model, run and text settings, and the drift reference: a fixed sample of its validation
+    and test windows scored by it, as rerank would have (None for versions registered before adrank tagged
+    their data window, or logs that no longer reach it). Not its training window: the model was fitted
+    there, and its counts were younger there (every ad and user has fewer impressions early in the logs),
+    so its scores drift from there by construction."""
+    model, run, served = (
+        load_version(settings, version),
+        version_run(settings, version),
+        served_settings(settings, version),
+    )
+    tags, reference, trained_until = run.data.tags, None, None
+    if "data.valid_from" in tags and "data.until" in tags:
+        trained_until, until = (datetime.fromisoformat(tags[f"data.{k}"]) for k in ("valid_from", "until"))
+        window = trained_until, until + timedelta(microseconds=1)  # through the last impression
+        active = served.ranking.active_window_days
+        reference = build_window_pairs(con, served.data, *window, active, max_rows=settings.monitor.reference_pairs)
         reference = reference.with_columns(pctr=pl.Series(predict_pctr(model, reference))) if reference.height else None
     if reference is None:
         print(f"warning: no drift reference for version {version} (no data-window tags, or logs too short)")
-    return MonitoredVersion(model, run, seen_ads, reference)
+    return MonitoredVersion(model, run, served, trained_until, reference)
 
 
 def monitor_day(
@@ -101,7 +110,8 @@ def monitor_day(
         versions[version] = load_monitored_version(settings, con, version)
     loaded = versions[version]
     start = datetime.combine(run_date, datetime.min.time())
-    day = build_window_pairs(con, settings.data, start, start + timedelta(days=1))
+    served = loaded.settings
+    day = build_window_pairs(con, served.data, start, start + timedelta(days=1), served.ranking.active_window_days)
     if day.is_empty():
         raise ValueError(f"{settings.data.logs}: no impressions on {run_date} to monitor")
     pctr = pl.Series(predict_pctr(loaded.model, day))
@@ -110,10 +120,10 @@ def monitor_day(
     users = con.table("stg_users").pl()
     profile_columns = [c for c in users.columns if c != "user_id" and c not in day.columns]
     day = day.join(users.select("user_id", *profile_columns), on="user_id", how="left")
-    masks = slices(day, loaded.seen_ads, ["category", *profile_columns], settings.monitor.max_group_values)
+    masks = slices(day, loaded.trained_until, ["category", *profile_columns], settings.monitor.max_group_values)
     metrics = daily_metrics(day, masks, run_date, version)
     reference = loaded.reference if loaded.reference is not None else day.head(0)
-    drift = input_drift(reference, day, loaded.seen_ads, run_date, version)
+    drift = input_drift(reference, day, loaded.trained_until, run_date, version)
     found = breaches(metrics, drift, offline_metrics(loaded.run.data.metrics), settings.monitor)
     return DayReport(run_date, version, loaded.run.info.run_id, metrics, drift, found)
 
@@ -159,19 +169,22 @@ def binary_entropy(ctr: float) -> float:
     return -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
 
 
-def slices(day: pl.DataFrame, seen_ads: set[str], group_columns: list[str], max_group_values: int) -> dict:
-    """Slice name -> boolean mask over day's rows: overall; ads seen in training or not; users with or
-    without history; one per value of each group column (the ad category and the user's profile
-    columns, numeric ones in bands, for a bias audit), e.g. 'category=travel', 'age=30-39'."""
-    seen = day["ad_id"].is_in(list(seen_ads)).to_numpy()
+def slices(day: pl.DataFrame, trained_until: datetime | None, group_columns: list[str], max_group_values: int) -> dict:
+    """Slice name -> boolean mask over day's rows: overall; ranked_users (the users rerank ranked that day);
+    cold_start (ads never shown before the day); ads_seen / ads_unseen (first shown before the version's
+    training window ended or after; not without trained_until); users with or without history; one per
+    value of each group column (the ad category and the user's profile columns, numeric ones in bands, for
+    a bias audit), e.g. 'category=travel', 'age=30-39'."""
     history = (day["user_prior_impressions"] > 0).to_numpy()
     masks = {
         "overall": np.ones(day.height, dtype=bool),
-        "ads_seen": seen,
-        "ads_unseen": ~seen,
-        "users_with_history": history,
-        "users_without_history": ~history,
+        "ranked_users": day["is_ranked_user"].to_numpy(),
+        "cold_start": day["is_cold_start"].to_numpy(),
     }
+    if trained_until is not None:
+        seen = _seen(day, trained_until)
+        masks |= {"ads_seen": seen, "ads_unseen": ~seen}
+    masks |= {"users_with_history": history, "users_without_history": ~history}
     for column in group_columns:
         values = day[column]
         if values.dtype.is_numeric():
@@ -252,18 +265,24 @@ def _psi_from_counts(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def _seen(pairs: pl.DataFrame, trained_until: datetime) -> np.ndarray:
+    """Whether each pair's ad was first shown before the version's training window ended."""
+    return (pairs["ad_first_shown_at"] < trained_until).to_numpy()
+
+
 def input_drift(
-    reference: pl.DataFrame, day: pl.DataFrame, seen_ads: set[str], run_date: date, version: str
+    reference: pl.DataFrame, day: pl.DataFrame, trained_until: datetime | None, run_date: date, version: str
 ) -> pl.DataFrame:
     """One row per input: PSI between the model's training window (reference) and the day; plus the
-    share of the day's impressions on ads the model never saw (value, no PSI)."""
+    share of the day's impressions on ads first shown after the version's training window (value, no PSI;
+    NaN without trained_until)."""
     rows = []
     reference, day = _with_user_prior_ctr(reference), _with_user_prior_ctr(day)
     for name in NUMERIC_INPUTS:
         rows.append((name, psi(reference[name].to_numpy(), day[name].to_numpy()), None))
     for name in CATEGORICAL_INPUTS:
         rows.append((f"{name}_mix", psi_categorical(reference[name].to_list(), day[name].to_list()), None))
-    unseen = float((~day["ad_id"].is_in(list(seen_ads))).mean()) if day.height else math.nan
+    unseen = float((~_seen(day, trained_until)).mean()) if day.height and trained_until is not None else math.nan
     rows.append(("unseen_ad_share", None, unseen))
     return pl.DataFrame(
         {

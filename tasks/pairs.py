@@ -8,20 +8,18 @@ from datetime import date, datetime
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from tasks.config import DataConfig, Settings, template_fields
 from tasks.logs import log_quality, open_logs, stage_candidates
+from tasks.output_layer import AD_PRIOR_COLUMNS, USER_PRIOR_COLUMNS
 from tasks.progress import StageProgress
 from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
 HISTORY_SEPARATOR = " | "
 EMPTY_HISTORY = "nothing yet"
-# the user's impressions and clicks strictly before the request: the user prior of the output layer
-USER_PRIOR_COLUMNS = ("user_prior_impressions", "user_prior_clicks")
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,7 @@ class RankingInputs:
 
     run_date: date
     users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks, history_ad_ids
-    ads: pl.DataFrame  # ad_id, bid (null where none and the objective is pctr), ad_text
+    ads: pl.DataFrame  # ad_id, bid (null where none and the objective is pctr), ad_prior_*, ad_text
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
 
@@ -61,6 +59,8 @@ def build_pairs(settings: Settings) -> Pairs:
         materialize(con, "int_impression_history_requests", as_of, table="history_requests")
         materialize(con, "int_user_histories", {"history_length": data.history_length})
         bar.advance(1, step="user histories")
+        _materialize_ad_counts(con, "int_impression_ad_requests")
+        materialize(con, "int_ranked_user_days", {"window_days": settings.ranking.active_window_days})
         materialize(con, "int_split_cutoffs", split_fractions(data))
         materialize(con, "int_ad_first_shown")
         counts = _split_counts(con)
@@ -153,6 +153,12 @@ class _SplitWriter:
                 tmp.unlink(missing_ok=True)
 
 
+def _materialize_ad_counts(con: duckdb.DuckDBPyConnection, requests: str, params: dict | None = None) -> None:
+    """int_ad_prior_counts: each ad's impressions and clicks before the moments of sql/<requests>.sql."""
+    materialize(con, requests, params, table="ad_requests")
+    materialize(con, "int_ad_prior_counts")
+
+
 def split_fractions(data: DataConfig) -> dict[str, float]:
     """The parameters of sql/int_split_cutoffs.sql."""
     return {"test_fraction": data.test_fraction, "valid_fraction": data.valid_fraction}
@@ -162,6 +168,7 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     """User texts (history as of run_date) of recently active users, and texts of active ads."""
     con, ranking = open_logs(settings.data.logs, settings.data), settings.ranking
     run_date, requests = _ranking_requests(con, settings)
+    _materialize_ad_counts(con, "int_ranking_ad_requests", {"run_date": run_date})
     users = _render_user_texts(con, settings.data, requests)
     users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids")
     active_ads = con.execute(
@@ -190,7 +197,8 @@ def _ranking_requests(con: duckdb.DuckDBPyConnection, settings: Settings) -> tup
 def history_ablations(settings: Settings, user_id: str, ad_id: str) -> tuple[date, pl.DataFrame]:
     """The (user, ad) pair as rerank scores it on run_date, then once per ad in the user's history with
     that ad's titles left out: left_out_ad_id (null: the full history), left_out_text, user_text, ad_id, ad_text and
-    the user prior counts (unchanged: leaving a title out of the text does not change what the user did)."""
+    the user's and the ad's prior counts (unchanged: leaving a title out of the text does not change what the
+    user did)."""
     con = open_logs(settings.data.logs, settings.data)
     run_date, requests = _ranking_requests(con, settings)
     request = requests.filter(pl.col("user_id") == user_id)
@@ -199,7 +207,9 @@ def history_ablations(settings: Settings, user_id: str, ad_id: str) -> tuple[dat
             f"user {user_id!r} has no impressions in the {settings.ranking.active_window_days} days before "
             f"{run_date}: rerank does not rank them that day"
         )
-    ads = render_ad_texts(con, settings.data.ad_template).filter(pl.col("ad_id") == ad_id)
+    _materialize_ad_counts(con, "int_ranking_ad_requests", {"run_date": run_date})
+    counts = con.table("int_ad_prior_counts").select(f"ad_id, {', '.join(AD_PRIOR_COLUMNS)}").pl()
+    ads = render_ad_texts(con, settings.data.ad_template).filter(pl.col("ad_id") == ad_id).join(counts, on="ad_id")
     if ads.is_empty():
         raise LookupError(f"ad {ad_id!r} is not in the ads table of {settings.data.logs}")
     history = request["history_ad_ids"][0].to_list()
@@ -221,33 +231,28 @@ def build_window_pairs(
     data: DataConfig,
     window_from: datetime,
     window_until: datetime,
+    active_window_days: int,
     max_rows: int | None = None,
 ) -> pl.DataFrame:
     """The impressions shown in [window_from, window_until) (at most max_rows, a fixed pseudo-random
-    sample) as pairs with the features rerank had for their day: history and counts as of the start of
-    the day, user and ad texts, and the ad's category and age in days. con: open_logs' connection."""
+    sample) as pairs with the features rerank had for their day: history and the user's and ad's counts as
+    of the start of the day, whether rerank ranked the user that day (the users of
+    ranking.active_window_days), user and ad texts, and the ad's category and age in days. con: open_logs'
+    connection."""
     window = {"window_from": window_from, "window_until": window_until, "max_rows": max_rows}
     materialize(con, "int_window_history_requests", window, table="history_requests")
     materialize(con, "int_user_histories", {"history_length": data.history_length})
+    _materialize_ad_counts(con, "int_impression_ad_requests")
+    materialize(con, "int_ranked_user_days", {"window_days": active_window_days})
     materialize(con, "int_ad_first_shown")
     pairs = con.execute(load_sql("int_window_impressions")).pl()
-    for table in ("history_requests", "int_user_histories", "int_ad_first_shown"):  # the next window makes its own
+    made = ("history_requests", "int_user_histories", "ad_requests", "int_ad_prior_counts", "int_ranked_user_days")
+    for table in (*made, "int_ad_first_shown"):  # the next window makes its own
         con.execute(f"drop table {table}")
     if pairs.is_empty():
         return pairs
     pairs = pairs.join(_user_texts_by_request(con, data, pairs), on="impression_id")
     return pairs.join(render_ad_texts(con, data.ad_template), on="ad_id").sort("shown_at", "impression_id")
-
-
-def user_history(frame) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each row's user clicks and impressions before it (USER_PRIOR_COLUMNS of a polars or pandas frame),
-    or None when the frame has neither column."""
-    present = [c for c in USER_PRIOR_COLUMNS if c in frame.columns]
-    if not present:
-        return None
-    if len(present) < len(USER_PRIOR_COLUMNS):
-        raise ValueError(f"the user prior needs both {USER_PRIOR_COLUMNS}; only {present} given")
-    return np.asarray(frame["user_prior_clicks"]), np.asarray(frame["user_prior_impressions"])
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:

@@ -23,23 +23,26 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.models.model import MODEL_CONFIG
 from mlflow.types import ColSpec, DataType, Schema
 
-from tasks.config import PromotionConfig, Settings, flat_params, redact
+from tasks.config import PromotionConfig, Settings, flat_params, redact, text_settings, with_text_settings
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
-from tasks.pairs import USER_PRIOR_COLUMNS, Pairs
+from tasks.gates import CHAMPION, Gate, promotion_gates
+from tasks.output_layer import PRIOR_COLUMNS
+from tasks.pairs import Pairs
 from tasks.plots import evaluation_figures
 from tasks.publish import publish_model_versions
 from tasks.train import TrainResult
 from tasks.two_tower import DistillResult
 from tasks.warehouse import ViewsNotUpdatedError
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHALLENGER = "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"
 METRICS_PER_BATCH = 1000  # the most metrics MLflow takes in one log_batch call
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 # what ctr_pyfunc.py imports: copied into the model (code_paths) so it serves without adrank installed
-SERVING_MODULES = ("__init__.py", "model.py", "two_tower.py")
+SERVING_MODULES = ("__init__.py", "model.py", "output_layer.py", "two_tower.py")
 # its exact requirements, pinned to the versions that trained it (torch without a local +cpu/+cu tag)
 SERVING_REQUIREMENTS = (
     *("torch", "transformers", "tokenizers", "safetensors", "mlflow", "pandas", "numpy", "polars", "scipy"),
@@ -51,7 +54,7 @@ SIGNATURE = ModelSignature(
             ColSpec("string", "ad_text"),
             ColSpec("string", "ad_id", required=False),
             # double, not long: a JSON null in some rows makes the column float in pandas
-            *[ColSpec("double", column, required=False) for column in USER_PRIOR_COLUMNS],
+            *[ColSpec("double", column, required=False) for column in PRIOR_COLUMNS],
         ]
     ),
     outputs=Schema([ColSpec("double", "pctr")]),
@@ -64,19 +67,14 @@ INPUT_EXAMPLE = pd.DataFrame(
         "ad_id": ["ad-0001"],
         "user_prior_impressions": [12.0],
         "user_prior_clicks": [5.0],
+        "ad_prior_impressions": [340.0],
+        "ad_prior_clicks": [17.0],
     }
 )
 
 
 class PromotionError(ValueError):
     """A champion change that cannot be made; nothing was changed."""
-
-
-@dataclass(frozen=True)
-class Gate:
-    name: str
-    passed: bool
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -150,11 +148,21 @@ def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainRes
                 "best_valid_logloss": result.best_valid_logloss,
                 "train_steps": result.steps,
                 "kept_step": result.best_step,
+                "valid_clicks": result.valid_clicks,
             }
         )
+        # the selection decision: the best trained step's served validation score minus the priors alone
+        gains = {
+            f"selection.text_gain.{metric}{suffix}": value
+            for metric, gain in result.text_gain.items()
+            for suffix, value in (("", gain.mean), ("_low", gain.low), ("_high", gain.high))
+            if not math.isnan(value)
+        }
+        mlflow.log_metrics(gains)
         if result.best_step == 0:
             print(
-                "warning: early stopping kept step 0, the untrained model: fine-tuning did not improve the served score"
+                "warning: early stopping kept step 0: fine-tuning did not beat the priors alone on validation, so "
+                "the model serves the priors without text (text weight 0)"
             )
         mlflow.set_tag("stopped_early", str(result.stopped_early))
 
@@ -206,6 +214,7 @@ def register_model(settings: Settings, run_id: str, checkpoint: Path) -> str:
             model_config={
                 "max_seq_length": settings.model.max_seq_length,
                 "batch_size": settings.training.eval_batch_size,
+                "text_settings": text_settings(settings),  # how its inputs were rendered: served_settings
             },
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,  # MLflow loads the model and scores this once: a smoke test
@@ -250,7 +259,7 @@ def version_card(settings: Settings, run: mlflow.entities.Run) -> tuple[str, dic
         f"adrank CTR cross-encoder fine-tuned from {Path(facts['base_model']).name} on {facts['pairs.train_rows']} "
         f"training pairs of the logs {facts['data.train_from'][:10]} to {facts['data.until'][:10]} "
         f"(run {run.info.run_id}, code {facts['git_commit'][:12]}). Input: user_text, ad_text[, ad_id, "
-        "user_prior_impressions, user_prior_clicks]; output: pCTR."
+        "user_prior_impressions, user_prior_clicks, ad_prior_impressions, ad_prior_clicks]; output: pCTR."
     )
     return description, facts
 
@@ -288,6 +297,30 @@ def load_version(settings: Settings, version: str) -> mlflow.pyfunc.PyFuncModel:
         # for good; processes started later with this sys.path (Dask LocalCluster workers) would import it
         # instead of adrank's tasks. What the model needed is imported by now.
         sys.path[:] = path
+
+
+def served_settings(settings: Settings, version: str) -> Settings:
+    """settings with the text settings the version was trained with (its model_config, tasks/config.py
+    TEXT_SETTINGS): rerank, the monitor and explain render a version's inputs as it was trained, whatever this
+    run's config says, and say so when they differ. Versions registered before adrank stored them keep
+    this run's settings, with a warning."""
+    configure_tracking(settings)
+    uri = f"models:/{settings.tracking.registered_model}/{version}"
+    flavor = mlflow.models.get_model_info(uri).flavors.get("python_function", {})
+    stored = flavor.get(MODEL_CONFIG, {}).get("text_settings")  # the model_config it was logged with
+    if stored is None:
+        print(
+            f"warning: version {version} stores no text settings (registered before adrank kept them); "
+            "its texts are rendered with this run's config"
+        )
+        return settings
+    served, changed = with_text_settings(settings, stored)
+    if changed:
+        print(
+            f"version {version} renders its inputs with the text settings it was trained with, not this run's "
+            f"config: {'; '.join(changed)}"
+        )
+    return served
 
 
 def assess_champion(settings: Settings, version: str, pairs_path: Path) -> Champion:
@@ -441,11 +474,12 @@ def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndar
 
 
 def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
-    """pCTR for each row of a frame with ad_id, user_text and ad_text (and the user prior counts, if present)."""
+    """pCTR for each row of a frame with ad_id, user_text and ad_text (and the prior counts, if present;
+    versions that do not declare a column ignore it)."""
     inputs = {c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")}
     schema = model.metadata.get_input_schema()
     declared = {spec.name: spec.type for spec in schema.inputs} if schema else {}
-    for column in (c for c in USER_PRIOR_COLUMNS if c in frame.columns):
+    for column in (c for c in PRIOR_COLUMNS if c in frame.columns):
         # versions registered before nullable priors declared the counts long; since then double
         dtype = pl.Float64 if declared.get(column) == DataType.double else pl.Int64
         inputs[column] = frame[column].cast(dtype).to_list()
@@ -463,60 +497,13 @@ SMOKE_EXAMPLES = pd.concat(
                 "ad_id": ["never-seen-ad", "ad-0001"],
                 "user_prior_impressions": [0.0, 5000.0],
                 "user_prior_clicks": [0.0, 5000.0],
+                "ad_prior_impressions": [0.0, 100000.0],
+                "ad_prior_clicks": [0.0, 0.0],
             }
         ),
     ],
     ignore_index=True,
 )
-
-
-def promotion_gates(
-    candidate: dict[str, float],
-    popularity: dict[str, float],
-    champion: dict[str, float] | None,
-    smoke_error: str | None,
-    cfg: PromotionConfig,
-    champion_yields: str | None = None,
-) -> list[Gate]:
-    """Every check a new version must pass to become champion. Metric dicts: overall test rows of the
-    evaluation table (auc, logloss, ece, mean_pctr, std_pctr, pairs, clicks), all on the same split.
-    champion_yields (see champion_gives_way) waives beating the champion's AUC."""
-    auc, gates = candidate["auc"], []
-    if math.isnan(auc):
-        gates.append(Gate("auc", False, "candidate AUC is undefined (test split has one class)"))
-    elif champion_yields is not None:
-        gates.append(Gate("auc", True, f"AUC {auc:.4f}; not compared: {champion_yields}"))
-    elif champion is None:
-        gates.append(Gate("auc", True, "no champion yet"))
-    else:
-        better = auc > champion["auc"] + cfg.min_auc_gain
-        verdict = ">" if better else "not above"
-        gates.append(
-            Gate("auc", better, f"AUC {auc:.4f} {verdict} champion {champion['auc']:.4f} + {cfg.min_auc_gain}")
-        )
-    logloss_ok = candidate["logloss"] <= popularity["logloss"] + cfg.max_logloss_gap
-    gates.append(
-        Gate(
-            "logloss",
-            logloss_ok,
-            f"logloss {candidate['logloss']:.4f} vs popularity {popularity['logloss']:.4f} + {cfg.max_logloss_gap}",
-        )
-    )
-    gates.append(Gate("calibration", candidate["ece"] <= cfg.max_ece, f"ECE {candidate['ece']:.4f} <= {cfg.max_ece}?"))
-    spread = candidate["std_pctr"]
-    gates.append(Gate("pctr_spread", spread >= cfg.min_pctr_std, f"pCTR std {spread:.2e} >= {cfg.min_pctr_std:.0e}?"))
-    observed = candidate["clicks"] / candidate["pairs"]
-    error = abs(candidate["mean_pctr"] - observed) / max(observed, 1e-9)
-    gates.append(
-        Gate(
-            "mean_pctr",
-            error <= cfg.max_mean_pctr_error,
-            f"mean pCTR {candidate['mean_pctr']:.4f} vs observed CTR {observed:.4f} "
-            f"(relative error {error:.2f} <= {cfg.max_mean_pctr_error}?)",
-        )
-    )
-    gates.append(Gate("smoke", smoke_error is None, smoke_error or "scores the fixed examples"))
-    return gates
 
 
 def smoke_test(settings: Settings, version: str) -> str | None:
@@ -540,23 +527,25 @@ def promote_if_better(
     run_id: str,
     version: str,
     current: Champion | None,
-    table: pl.DataFrame,
+    evaluation: Evaluation,
     data_until: datetime,
+    kept_step: int,
 ) -> Promotion:
-    """Move `champion` to version only if every gate passes; record the gates on the run and the version.
-    data_until: the last impression of this run's logs, against which the champion's age is judged."""
-    overall = {row["model"]: row for row in table.filter(pl.col("slice") == "overall").iter_rows(named=True)}
-    champion = overall.get(CHAMPION) if current is not None and current.pctr is not None else None
+    """Move `champion` to version only if every gate (tasks/gates.py) passes; record the gates on the run and
+    the version. evaluation: the test split scored by the challenger, popularity and (if it could be loaded)
+    the champion; data_until: the last impression of this run's logs, against which the champion's age is
+    judged; kept_step: the challenger's kept fine-tuning step (0: it serves the priors alone)."""
     yields = champion_gives_way(current, data_until, settings.promotion)
     smoke = smoke_test(settings, version)
-    gates = promotion_gates(overall[FINE_TUNED], overall["popularity"], champion, smoke, settings.promotion, yields)
+    gates = promotion_gates(evaluation, kept_step, smoke, settings.promotion, yields)
     promoted = all(gate.passed for gate in gates)
     reason = "; ".join(g.detail for g in gates if not g.passed) or "; ".join(g.detail for g in gates)
     configure_tracking(settings)
     client, name = MlflowClient(), settings.tracking.registered_model
     if promoted:
-        move_champion(settings, version, reason=f"retrain run {run_id}: {gates[0].detail}")
-    champion_auc = champion["auc"] if champion else None
+        move_champion(settings, version, reason=f"retrain run {run_id}: {gates[1].detail}")
+    overall = {r["model"]: r for r in evaluation.table.filter(pl.col("slice") == "overall").iter_rows(named=True)}
+    champion_auc = overall[CHAMPION]["auc"] if CHAMPION in overall else None
     champion_version = current.version if current else None
     decision = Promotion(
         version, promoted, reason, overall[FINE_TUNED]["auc"], champion_version, champion_auc, tuple(gates)

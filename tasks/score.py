@@ -23,8 +23,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tasks.config import RankingConfig
-from tasks.model import Calibration, embed_texts, predict_logits, quantize_int8
-from tasks.pairs import USER_PRIOR_COLUMNS, RankingInputs, user_history
+from tasks.model import embed_texts, predict_logits, quantize_int8
+from tasks.output_layer import AD_PRIOR_COLUMNS, USER_PRIOR_COLUMNS, Calibration, PairPriors
+from tasks.pairs import RankingInputs
 from tasks.progress import StageProgress
 from tasks.two_tower import TwoTower
 
@@ -133,7 +134,7 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
     """Ad projections and exact per-ad terms: the cross-encoder's mean logit against the reference
     users (see tasks/two_tower.py) and the output layer's per-ad terms."""
     tower, calibration = model.two_tower, model.calibration
-    slope, offset, user_weights = calibration.terms(ads["ad_id"].to_list(), ads.height)
+    slope, offset, user_weights = calibration.terms(PairPriors.of(ads))
     tower_logits = slope / (tower.logit_scale or calibration.slope)  # older towers learned slope * logit
     started = time.perf_counter()
     embeddings = torch.from_numpy(_embed(model, ads["ad_text"]))
@@ -201,7 +202,7 @@ def stage1_scores(
     for the user prior, around the two-tower's estimate of the cross-encoder's logit (users: their
     P(user) and prior counts)."""
     scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
-    user_prior = model.calibration.user_prior(user_history(users), users.height)
+    user_prior = model.calibration.user_prior(PairPriors.of(users))
     return scores + np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
 
 
@@ -233,7 +234,7 @@ def _stage2(
     texts = pairs.select("user_text", "ad_text").unique(maintain_order=True)
     logits = _logits(model, texts["user_text"].to_numpy(), texts["ad_text"].to_numpy())
     scored = pairs.join(texts.with_columns(pl.Series("logit", logits)), on=["user_text", "ad_text"], how="left")
-    pctr = model.calibration.apply(scored["logit"].to_numpy(), scored["ad_id"].to_list(), user_history(scored))
+    pctr = model.calibration.apply(scored["logit"].to_numpy(), PairPriors.of(scored))
     stats.stage2_pairs += pairs.height
     stats.stage2_unique_texts += texts.height
     stats.seconds["stage2"] += time.perf_counter() - started
@@ -266,7 +267,8 @@ def _all_pairs(n_users: int, n_ads: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pairs(chunk: pl.DataFrame, ads: pl.DataFrame, rows: np.ndarray, cols: np.ndarray) -> pl.DataFrame:
-    """(user_id, user_text[, user prior counts], ad_id, ad_text, bid) for the given chunk-row and ad-row indices."""
+    """(user_id, user_text[, user prior counts], ad_id, ad_text[, bid][, ad prior counts]) for the given
+    chunk-row and ad-row indices."""
     user_columns = ["user_id", "user_text", *[c for c in USER_PRIOR_COLUMNS if c in chunk.columns]]
-    ad_columns = ["ad_id", "ad_text", *[c for c in ("bid",) if c in ads.columns]]
+    ad_columns = ["ad_id", "ad_text", *[c for c in ("bid", *AD_PRIOR_COLUMNS) if c in ads.columns]]
     return pl.concat([chunk[rows].select(user_columns), ads[cols].select(ad_columns)], how="horizontal")

@@ -28,6 +28,7 @@ import polars as pl
 
 from tasks import registry
 from tasks.config import RankingConfig, Settings
+from tasks.output_layer import AD_PRIOR_COLUMNS
 from tasks.pairs import RankingInputs
 from tasks.score import RankingModel, ScoringStats, StageOneAds, is_two_stage, prepare_stage1, score_candidates
 
@@ -91,10 +92,11 @@ def cached_model(settings: Settings, version: str) -> RankingModel:
 
 
 def cached_stage1(model: RankingModel, model_key: tuple, inputs: RankingInputs, stats: ScoringStats) -> StageOneAds:
-    """The ads' stage-1 terms, computed once per process for the model, run_date and ad texts (stats count
-    the work only where it is done)."""
+    """The ads' stage-1 terms, computed once per process for the model, run_date, ad texts and prior counts
+    (stats count the work only where it is done)."""
     ads = inputs.ads
-    texts = hashlib.sha256("\x1f".join(ads["ad_id"].to_list() + ads["ad_text"].to_list()).encode()).hexdigest()
+    keyed = ads.select("ad_id", "ad_text", *[c for c in AD_PRIOR_COLUMNS if c in ads.columns])
+    texts = hashlib.sha256(keyed.write_csv().encode()).hexdigest()
     key = (*model_key, inputs.run_date, texts)
     with _CACHE_LOCK:
         if key not in _STAGE1:

@@ -22,26 +22,37 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import Settings
-from tasks.metrics import logloss, roc_auc
+from tasks.intervals import Interval, Scored, paired_interval
+from tasks.metrics import logloss, ranking_lists, roc_auc
 from tasks.model import (
-    PROBABILITY_BOUNDS,
-    Calibration,
-    ad_click_log_odds,
     collate,
-    fit_calibration,
     load_cross_encoder,
     pick_device,
     predict_logits,
-    probability_log_odds,
-    save_calibration,
     save_cross_encoder,
     seed_everything,
     tokenize_pairs,
 )
-from tasks.pairs import USER_PRIOR_COLUMNS, user_history
+from tasks.output_layer import (
+    AD_PRIOR_COLUMNS,
+    PRIOR_COLUMNS,
+    PROBABILITY_BOUNDS,
+    USER_PRIOR_COLUMNS,
+    Calibration,
+    PairPriors,
+    fit_calibration,
+    probability_log_odds,
+    save_calibration,
+)
 from tasks.progress import StageProgress
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+SELECTION_METRICS = ("logloss", "auc", "gauc")  # the selection decision's intervals (text_gain)
+SELECTION_FILE = "selection.json"  # beside the kept weights: the kept step and its text_gain
+LOGIT_STATES = ("best_valid_logits", "best_trained_logits")  # (valid pairs,) arrays of the resume state
+LOGLOSS_TIE = 1e-9  # a step must beat the best by more than rounding (a text term adding nothing ties the priors)
+# validation users split in two for the selection: each half is scored by the output layer fitted on the other
+CROSS_FIT_FOLDS = 2
 
 
 @dataclass
@@ -52,9 +63,14 @@ class TrainResult:
     stopped_early: bool
     # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc (served), valid_raw_logloss
     history: list[dict[str, float]] = field(default_factory=list)
-    best_step: int = 0  # the step whose weights were kept (0: the untrained model)
+    best_step: int = 0  # the step whose weights were kept (0: none beat the priors alone, served without text)
     step_losses: list[float] = field(default_factory=list)  # training loss of each optimizer step, in order
     valid_pctr: np.ndarray | None = None  # (valid pairs,): the served pCTR of the kept step on validation
+    # the selection decision on validation: the best trained step's served score minus the priors alone's
+    # (step 0), per metric (logloss: below 0 is better), with paired user-bootstrap intervals
+    text_gain: dict[str, Interval] = field(default_factory=dict)
+    best_trained_step: int | None = None  # the trained step text_gain is of (None: no step was trained)
+    valid_clicks: int = 0
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
@@ -104,10 +120,11 @@ def fine_tune(
 
     # 2. data: tokenise once; batches are padded per batch
     present = pl.read_parquet_schema(train_path)
-    wanted = ("ad_id", "user_id", "shown_at", "user_text", "ad_text", "is_clicked", *USER_PRIOR_COLUMNS)
+    wanted = ("ad_id", "user_id", "shown_at", "user_text", "ad_text", "is_clicked", *PRIOR_COLUMNS)
     columns = [c for c in wanted if c in present]
     train = pl.read_parquet(train_path, columns=columns)
-    valid = pl.read_parquet(valid_path)  # with the user prior counts, for the output layer
+    valid = pl.read_parquet(valid_path)  # with the prior counts, for the output layer
+    valid_priors = PairPriors.of(valid)
     tuned = (
         train
         if cfg.sample_pairs is None or cfg.sample_pairs >= train.height
@@ -116,6 +133,12 @@ def fine_tune(
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
     labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
     valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    if lead and valid_labels.sum() < cfg.min_valid_clicks:
+        print(
+            f"warning: validation holds {valid_labels.sum()} clicks (< training.min_valid_clicks "
+            f"{cfg.min_valid_clicks}): the kept step and the output layer rest on few clicks (see the selection "
+            "interval at the end)"
+        )
     offsets = user_prior_offsets(settings, train, tuned) + ad_prior_offsets(settings, train, tuned, in_train=True)
     offsets = torch.tensor(offsets, dtype=torch.float32)
     groups = torch.tensor(user_days(tuned)) if cfg.ranking_loss_weight > 0 else None  # (pairs,) user-day ids
@@ -136,18 +159,24 @@ def fine_tune(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray]:
-        """Score validation as it will be served: the output layer fitted on these logits, then logloss
-        and AUC of its pCTR (a raw logloss also punishes base-rate shifts that the output layer removes)."""
-        logits = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], max_length, cfg.eval_batch_size)
-        served = calibrate(settings, train, valid, logits).apply(logits, valid["ad_id"].to_list(), user_history(valid))
+    def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray | None]:
+        """Score validation as it will be served: the output layer fitted on these logits (cross-fitted, see
+        cross_fitted_pctr), then logloss and AUC of its pCTR (a raw logloss also punishes base-rate shifts
+        that the output layer removes). Step 0 is the output layer without text (the priors alone): what is
+        served unless a trained step beats it; an untrained head's logit is a random projection of the text."""
+        logits = None
+        if step > 0:
+            texts = valid["user_text"], valid["ad_text"]
+            logits = predict_logits(model, tokenizer, *texts, max_length, cfg.eval_batch_size)
+        served = cross_fitted_pctr(settings, train, valid, logits)
+        raw = math.nan if logits is None else logloss(valid_labels, Calibration().apply(logits + valid_offsets))
         row = {
             "step": step,
             "epoch": epoch,
             "train_loss": train_loss,
             "valid_logloss": logloss(valid_labels, served),
             "valid_auc": roc_auc(valid_labels, served),
-            "valid_raw_logloss": logloss(valid_labels, Calibration().apply(logits + valid_offsets)),
+            "valid_raw_logloss": raw,
         }
         result.history.append(row)
         print(
@@ -156,10 +185,14 @@ def fine_tune(
         )
         return row["valid_logloss"], logits
 
-    def save_if_best(valid_loss: float, logits: np.ndarray) -> bool:
-        if valid_loss < result.best_valid_logloss:
+    def save_if_best(valid_loss: float, logits: np.ndarray | None) -> bool:
+        if logits is not None and valid_loss < best_trained["loss"]:  # the runner-up of step 0, for text_gain
+            best_trained.update(loss=valid_loss, step=result.steps)
+            best_trained_logits[:] = logits
+        if valid_loss < result.best_valid_logloss - LOGLOSS_TIE:
             result.best_valid_logloss, result.best_step = valid_loss, result.steps
-            best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
+            if logits is not None:
+                best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
             save_cross_encoder(model, tokenizer, out_dir)
             return True
         return False
@@ -167,11 +200,14 @@ def fine_tune(
     # 4. the untrained model is the first candidate, unless a killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
+    best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(valid.height, dtype=np.float32)
     generator = torch.Generator().manual_seed(cfg.seed)
     resume = resume_dir(settings, tuned, valid, world)
     loop = {"epoch": 0, "batch": 0, "misses": 0, "running_loss": 0.0, "running_n": 0}
     if (state := load_resume_state(resume, model, optimizer, schedule, rank)) is not None:
         loop, best_valid_logits[:] = state["loop"], state["best_valid_logits"]
+        best_trained_logits[:] = state["best_trained_logits"]
+        best_trained.update(state["best_trained"])
         result.steps, result.best_valid_logloss, result.history = state["steps"], state["best"], state["history"]
         result.best_step, result.step_losses = state.get("best_step", 0), state.get("step_losses", [])
         generator.set_state(state["epoch_generator"])
@@ -248,19 +284,89 @@ def fine_tune(
                             "best_dir": str(out_dir),
                             "epoch_generator": epoch_generator,
                             "best_valid_logits": best_valid_logits,
+                            "best_trained": best_trained,
+                            "best_trained_logits": best_trained_logits,
                         }
                         save_resume_state(resume, model, optimizer, schedule, state, rank_rngs)
             if result.stopped_early:
                 break
 
-    # 6. fit the output layer on the best model's validation logits, saved beside its weights
+    # 6. fit the output layer on the kept step's validation logits (none at step 0: the priors alone), saved
+    # beside its weights; the selection decision's interval
     if not lead:
         return result
-    calibration = calibrate(settings, train, valid, best_valid_logits)
+    kept_logits = None if result.best_step == 0 else best_valid_logits
+    calibration = calibrate(settings, train, valid, kept_logits)
     save_calibration(calibration, out_dir)
-    result.valid_pctr = calibration.apply(best_valid_logits, valid["ad_id"].to_list(), user_history(valid))
+    result.valid_pctr = served_pctr(calibration, kept_logits, valid_priors)
+    result.valid_clicks = int(valid_labels.sum())
+    if best_trained["step"] is not None:
+        result.best_trained_step = best_trained["step"]
+        result.text_gain = text_gain(settings, train, valid, best_trained_logits)
+    print(selection_summary(result))
+    selection = {"kept_step": result.best_step, "best_trained_step": result.best_trained_step, "steps": result.steps}
+    selection |= {
+        "valid_clicks": result.valid_clicks,
+        "text_gain": {m: g.as_dict() for m, g in result.text_gain.items()},
+    }
+    (out_dir / SELECTION_FILE).write_text(json.dumps(selection))  # travels with the weights into the registry
     shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     return result
+
+
+def served_pctr(calibration: Calibration, logits: np.ndarray | None, priors: PairPriors) -> np.ndarray:
+    """The output layer's pCTR; logits None: the priors alone (a layer fitted without text)."""
+    return calibration.apply(np.zeros(priors.n, dtype=np.float32) if logits is None else logits, priors)
+
+
+def cross_fitted_pctr(
+    settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logits: np.ndarray | None
+) -> np.ndarray:
+    """The served validation pCTR out of sample: validation users are split in CROSS_FIT_FOLDS folds and each
+    fold is scored by the output layer fitted on the others. Fitted and scored on the same pairs, any extra
+    term (a text logit, even a random one) would lower the logloss a little; across folds, text wins the
+    selection only if it predicts users it was not fitted on. logits None: the priors alone."""
+    keys = valid["user_id"] if "user_id" in valid.columns else pl.Series(range(valid.height))
+    folds = (keys.hash(seed=0) % CROSS_FIT_FOLDS).to_numpy()
+    pctr = np.empty(valid.height, dtype=np.float64)
+    for fold in range(CROSS_FIT_FOLDS):
+        held = folds == fold
+        fitted_on = None if logits is None else logits[~held]
+        layer = calibrate(settings, train, valid.filter(pl.Series(~held)), fitted_on)
+        scored = valid.filter(pl.Series(held))
+        pctr[held] = served_pctr(layer, None if logits is None else logits[held], PairPriors.of(scored))
+    return pctr
+
+
+def text_gain(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logits: np.ndarray) -> dict[str, Interval]:
+    """What the text term adds on validation: the served score with these logits minus the priors alone
+    (both cross-fitted: cross_fitted_pctr), per metric, with paired user-bootstrap intervals."""
+    labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    pctr = {
+        "text": cross_fitted_pctr(settings, train, valid, logits),
+        "priors_only": cross_fitted_pctr(settings, train, valid, None),
+    }
+    users = (valid["user_id"] if "user_id" in valid.columns else pl.Series(range(valid.height))).cast(pl.String)
+    lists = ranking_lists(users, valid["shown_at"]) if "shown_at" in valid.columns else None  # a user's day
+    scored = Scored(users.to_numpy(), labels, pctr, lists)
+    replicates = settings.promotion.bootstrap_replicates
+    return {m: paired_interval([scored], "text", "priors_only", m, replicates) for m in SELECTION_METRICS}
+
+
+def selection_summary(result: TrainResult) -> str:
+    """One line: which step was kept and how sure that choice is."""
+    kept = f"kept step {result.best_step}" + (
+        " (no trained step beat the priors alone: the model serves them without text, text weight 0)"
+        if result.best_step == 0
+        else ""
+    )
+    if result.best_trained_step is None:
+        return f"selection on validation ({result.valid_clicks} clicks): {kept}; no step was trained"
+    gains = ", ".join(f"{metric} {gain}" for metric, gain in result.text_gain.items())
+    return (
+        f"selection on validation ({result.valid_clicks} clicks): best trained step {result.best_trained_step} "
+        f"minus the priors alone: {gains} (95% paired user bootstrap); {kept}"
+    )
 
 
 def process_rank() -> tuple[int, int]:
@@ -342,36 +448,38 @@ def pairwise_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
     return torch.nn.functional.softplus(-margins[pairs]).mean()
 
 
+def prior_template(settings: Settings, train: pl.DataFrame) -> Calibration:
+    """An output layer holding only what the priors are shrunk with: the training split's click rate and
+    model.*_prior_strength (what calibrate fits its weights around)."""
+    rate = float(np.clip(train["is_clicked"].cast(pl.Float64).mean(), *PROBABILITY_BOUNDS))
+    return Calibration(
+        global_log_odds=float(probability_log_odds(rate)),
+        ad_prior_strength=settings.model.ad_prior_strength,
+        user_prior_strength=settings.model.user_prior_strength,
+    )
+
+
 def user_prior_offsets(settings: Settings, train: pl.DataFrame, pairs: pl.DataFrame) -> np.ndarray:
     """Each pair's user-prior log-odds (training.user_prior_offset; shrunk towards train's click rate), or zeros."""
     if not settings.training.user_prior_offset:
         return np.zeros(pairs.height)
-    history = _required_user_history(pairs, "training.user_prior_offset = true")
-    global_log_odds = float(probability_log_odds(train["is_clicked"].mean()))
-    prior = Calibration(global_log_odds=global_log_odds, user_prior_strength=settings.model.user_prior_strength)
-    return prior.user_prior(history, pairs.height)
+    _require_columns(pairs, USER_PRIOR_COLUMNS, "training.user_prior_offset = true")
+    return prior_template(settings, train).user_prior(PairPriors.of(pairs))
 
 
 def ad_prior_offsets(
     settings: Settings, train: pl.DataFrame, pairs: pl.DataFrame, in_train: bool = False
 ) -> np.ndarray:
-    """Each pair's ad click log-odds relative to the global rate, from the training split (shrunk by
-    model.ad_prior_strength), or zeros (training.ad_prior_offset off). For training pairs (in_train) the
-    pair's own impression is left out of its ad's counts (no label leak), and a seeded share
-    training.ad_prior_offset_dropout of them gets 0, as an ad unseen in training does: the text must
-    carry ad quality for those, as it must for cold-start ads."""
+    """Each pair's ad click log-odds from its point-in-time counts (before the request, so never its own
+    click), relative to train's click rate, or zeros (training.ad_prior_offset off). A seeded share
+    training.ad_prior_offset_dropout of the training pairs (in_train) gets 0, as a cold ad does: the text
+    must carry ad quality for those, as it must for cold ads."""
     cfg = settings.training
     if not cfg.ad_prior_offset:
         return np.zeros(pairs.height)
-    clicks = train["is_clicked"].cast(pl.Float64)
-    rate = float(np.clip(clicks.mean(), *PROBABILITY_BOUNDS))
-    counts = train.group_by("ad_id").agg(pl.len().alias("n"), pl.col("is_clicked").cast(pl.Float64).sum().alias("c"))
-    joined = pairs.select("ad_id", "is_clicked").join(counts, on="ad_id", how="left", maintain_order="left")
-    n, c = joined["n"].fill_null(0).to_numpy().astype(float), joined["c"].fill_null(0).to_numpy()
-    if in_train:
-        n, c = n - 1, c - joined["is_clicked"].cast(pl.Float64).to_numpy()
-    strength = settings.model.ad_prior_strength
-    offsets = probability_log_odds((c + strength * rate) / (n + strength)) - probability_log_odds(rate)
+    _require_columns(pairs, AD_PRIOR_COLUMNS, "training.ad_prior_offset = true")
+    template = prior_template(settings, train)
+    offsets = template.ad_prior(PairPriors.of(pairs)) - template.global_log_odds
     if in_train:
         offsets[np.random.default_rng(cfg.seed).random(pairs.height) < cfg.ad_prior_offset_dropout] = 0.0
     return offsets
@@ -406,12 +514,12 @@ def save_resume_state(
         "schedule": schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "epoch_generator": state["epoch_generator"],
-        "best_valid_logits": torch.from_numpy(state["best_valid_logits"].copy()),
+        **{name: torch.from_numpy(state[name].copy()) for name in LOGIT_STATES if name in state},
     }
     if rank_rngs is not None:
         tensors["rank_rngs"] = rank_rngs
     torch.save(tensors, tmp / "trainer.pt")
-    scalars = {k: v for k, v in state.items() if k not in ("epoch_generator", "best_valid_logits")}
+    scalars = {k: v for k, v in state.items() if k not in ("epoch_generator", *LOGIT_STATES)}
     (tmp / "state.json").write_text(json.dumps(scalars))
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a kill during the previous swap's clean-up
@@ -436,32 +544,36 @@ def load_resume_state(
     state = json.loads((folder / "state.json").read_text())
     return state | {
         "epoch_generator": tensors["epoch_generator"],
-        "best_valid_logits": tensors["best_valid_logits"].numpy(),
+        **{name: tensors[name].numpy() for name in LOGIT_STATES if name in tensors},
     }
 
 
-def calibrate(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray) -> Calibration:
-    """Platt scaling on validation, plus the priors settings.model.calibration names: each ad's click
-    log-odds from the training split; each validation user's clicks and impressions before the pair."""
+def calibrate(
+    settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray | None
+) -> Calibration:
+    """The output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit (none
+    without logits: the priors alone), plus the priors settings.model.calibration names, each pair's
+    point-in-time counts shrunk towards train's click rate."""
     method, labels = settings.model.calibration, valid["is_clicked"].cast(pl.Int8).to_numpy()
     if method == "none":
         return Calibration()
     if method == "platt":
         return fit_calibration(valid_logits, labels)
-    clicks = train["is_clicked"].cast(pl.Float64).to_numpy()
-    log_odds, global_log_odds = ad_click_log_odds(train["ad_id"].to_list(), clicks, settings.model.ad_prior_strength)
-    prior = Calibration(
-        ad_log_odds=log_odds,
-        default_ad_log_odds=global_log_odds,
-        global_log_odds=global_log_odds,
-        user_prior_strength=settings.model.user_prior_strength,
+    terms = set(method.split("+"))
+    for prior, columns in (("user_prior", USER_PRIOR_COLUMNS), ("ad_prior", AD_PRIOR_COLUMNS)):
+        if prior in terms:
+            _require_columns(valid, columns, f"model.calibration = {method}")
+    return fit_calibration(
+        valid_logits,
+        labels,
+        PairPriors.of(valid),
+        prior_template(settings, train),
+        with_ad_prior="ad_prior" in terms,
+        with_user_prior="user_prior" in terms,
+        min_cold_clicks=settings.model.cold_fit_min_clicks,
     )
-    history = _required_user_history(valid, f"model.calibration = {method}") if method.endswith("+user_prior") else None
-    return fit_calibration(valid_logits, labels, valid["ad_id"].to_list(), prior, history)
 
 
-def _required_user_history(pairs: pl.DataFrame, option: str) -> tuple[np.ndarray, np.ndarray]:
-    history = user_history(pairs)
-    if history is None:
-        raise ValueError(f"{option} needs the columns {USER_PRIOR_COLUMNS} in the pairs")
-    return history
+def _require_columns(pairs: pl.DataFrame, columns: tuple[str, ...], option: str) -> None:
+    if not set(columns) <= set(pairs.columns):
+        raise ValueError(f"{option} needs the columns {columns} in the pairs")

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, redirect_stdout
-from dataclasses import fields
+from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.config import Settings, load_settings
+from tasks.intervals import Interval
 from tasks.train import TrainResult, fine_tune
 
 # ranks wait here while rank 0 validates and saves (NCCL's default is 10 minutes)
@@ -85,6 +86,7 @@ def write_result(result: TrainResult, folder: Path) -> None:
     if result.valid_pctr is not None:
         np.save(folder / "valid_pctr.npy", result.valid_pctr)
     scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "valid_pctr"}
+    scalars["text_gain"] = {metric: asdict(gain) for metric, gain in result.text_gain.items()}
     (folder / "result.tmp").write_text(json.dumps(scalars | {"checkpoint": str(result.checkpoint)}))
     os.replace(folder / "result.tmp", folder / RESULT_FILE)
 
@@ -92,8 +94,9 @@ def write_result(result: TrainResult, folder: Path) -> None:
 def read_result(folder: Path) -> TrainResult:
     scalars = json.loads((folder / RESULT_FILE).read_text())
     pctr = folder / "valid_pctr.npy"
+    gains = {metric: Interval(**gain) for metric, gain in scalars.get("text_gain", {}).items()}
     return TrainResult(
-        **scalars | {"checkpoint": Path(scalars["checkpoint"])},
+        **scalars | {"checkpoint": Path(scalars["checkpoint"]), "text_gain": gains},
         valid_pctr=np.load(pctr) if pctr.exists() else None,
     )
 

@@ -87,31 +87,40 @@ def write_logs(root: Path, impressions: list[dict], ads: list[dict], users: list
     return root
 
 
+# good ads (clicked 70%) sell running gear, bad ones (5%) a tax report; one of each starts every day
+GOOD_ITEMS = ["shoes", "socks", "shorts", "jackets", "caps", "gloves", "bottles", "bags", "vests", "tights"]
+BAD_PERIODS = ["quarterly", "annual", "monthly", "weekly", "interim", "final", "draft", "revised", "audited", "summary"]
 SIGNAL_ADS = [
-    {"ad_id": "good1", "title": "Buy trail running shoes now", "description": "Free delivery."},
-    {"ad_id": "good2", "title": "Buy trail running socks now", "description": "Free returns."},
-    {"ad_id": "bad1", "title": "Read the quarterly tax report", "description": "Forms attached."},
-    {"ad_id": "bad2", "title": "Read the annual tax report", "description": "Forms enclosed."},
+    ad
+    for day, (item, period) in enumerate(zip(GOOD_ITEMS, BAD_PERIODS, strict=True))
+    for ad in (
+        {"ad_id": f"good{day + 1}", "title": f"Buy trail running {item} now", "description": "Free delivery."},
+        {"ad_id": f"bad{day + 1}", "title": f"Read the {period} tax report", "description": "Forms attached."},
+    )
 ]
+SIGNAL_START = datetime(2026, 5, 1)
 
 
 @pytest.fixture(scope="session")
 def signal_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Logs where the ad text decides the click (good* 70%, bad* 5%): any working model learns it."""
+    """Logs where the ad text decides the click (good* 70%, bad* 5%): any working model learns it. A good and
+    a bad ad start each day, so every day (validation and test included) has ads never shown before, which
+    only the text can tell apart: the text adds to the ads' click counts."""
     rng = np.random.default_rng(5)
-    start = datetime(2026, 5, 1)
     users = [
         {"user_id": f"u{u}", "age": int(rng.integers(18, 80)), "city": str(rng.choice(["Leeds", "York"]))}
         for u in range(24)
     ]
     impressions = []
-    for i in range(720):
-        ad = SIGNAL_ADS[int(rng.integers(len(SIGNAL_ADS)))]
+    for i in range(1440):
+        shown_at = SIGNAL_START + timedelta(minutes=10 * i)
+        live = SIGNAL_ADS[: 2 * ((shown_at - SIGNAL_START).days + 1)]
+        ad = live[int(rng.integers(len(live)))]
         p_click = 0.7 if ad["ad_id"].startswith("good") else 0.05
         impressions.append(
             {
                 "impression_id": i,
-                "ts": start + timedelta(minutes=20 * i),
+                "ts": shown_at,
                 "user_id": f"u{int(rng.integers(24))}",
                 "ad_id": ad["ad_id"],
                 "clicked": bool(rng.random() < p_click),

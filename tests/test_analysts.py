@@ -141,11 +141,11 @@ def test_analyses_answer_what_the_flows_did(analyst):
     assert versions.filter(pl.col("is_champion"))["model_version"].to_list() == ["1"]
     first = versions.filter(pl.col("model_version") == "1").row(0, named=True)
     assert first["is_promoted"] and "champion" in first["aliases"] and first["test_auc"] > 0.75
-    assert first["data_until_at"].isoformat() == "2026-05-10T23:40:00"  # the last impression of its logs
+    assert first["data_until_at"].isoformat() == "2026-05-10T23:50:00"  # the last impression of its logs
     assert set(run("offline_vs_online_auc").filter(pl.col("online_auc").is_not_null())["run_date"]) >= set(RANKED_DAYS)
     assert set(run("predicted_vs_observed_ctr")["run_date"]) == {RANKED_DAYS[0]}  # the day ranked and counted
     assert set(run("top_ranked_ads")["run_date"]) == {max(RANKED_DAYS)}
-    assert run("daily_ctr_trend")["impressions"].sum() == 720 - 72  # every impression before 2026-05-10
+    assert run("daily_ctr_trend")["impressions"].sum() == 1440 - 144  # every impression before 2026-05-10
 
 
 def test_docs_hold_each_analysis_verbatim():

@@ -37,9 +37,17 @@ def test_logistic_regression_and_lightgbm_rank_by_ids_and_profile():
     assert 0 < baselines.logistic_regression(features[0], y_train, unseen, seed=0)[0] < 1
 
 
-def test_user_history_features_are_the_pairs_counts_and_a_missing_rate_without_impressions():
-    pairs = pl.DataFrame({"user_prior_impressions": [0, 4, 10], "user_prior_clicks": [0, 1, 10]})
-    features = baselines.with_user_history(pl.DataFrame({"user_id": ["u1", "u2", "u3"]}).to_pandas(), pairs)
+def test_prior_count_features_are_the_pairs_counts_and_a_missing_rate_without_impressions():
+    pairs = pl.DataFrame(
+        {
+            "user_prior_impressions": [0, 4, 10],
+            "user_prior_clicks": [0, 1, 10],
+            "ad_prior_impressions": [8, 0, 2],
+            "ad_prior_clicks": [2, 0, 1],
+        }
+    )
+    features = baselines.with_prior_counts(pl.DataFrame({"user_id": ["u1", "u2", "u3"]}).to_pandas(), pairs)
     assert features["user_id"].tolist() == ["u1", "u2", "u3"]
     assert features["user_prior_impressions"].tolist() == [0, 4, 10]
     assert np.isnan(features["user_prior_ctr"][0]) and features["user_prior_ctr"].tolist()[1:] == [0.25, 1.0]
+    assert features["ad_prior_ctr"][0] == 0.25 and np.isnan(features["ad_prior_ctr"][1])

@@ -9,6 +9,7 @@ import duckdb
 import mlflow
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
@@ -19,7 +20,8 @@ from flows.rerank import rerank
 from flows.retrain import retrain
 from tasks.explain import explain_pair
 from tasks.logs import LogContractError
-from tasks.pairs import history_ablations
+from tasks.output_layer import PRIOR_COLUMNS, PairPriors
+from tasks.pairs import build_ranking_inputs, history_ablations
 from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, load_version, smoke_test
 from tasks.score import RankingModel
 from tests.conftest import SIGNAL_ADS, SIGNAL_PROMOTION, SIGNAL_TRAINING, build_settings
@@ -29,11 +31,12 @@ from tests.conftest import SIGNAL_ADS, SIGNAL_PROMOTION, SIGNAL_TRAINING, build_
 
 @pytest.fixture(scope="module")
 def worse_retrain(first_retrain, constant_model_dir, signal_logs):
-    """Version 2: a useless model (constant text score, no priors), registered after version 1."""
+    """Version 2, registered after version 1 through the default path: a text model that says nothing (the
+    same logit for every pair, lr 0), so no trained step beats the priors alone and it serves them."""
     settings, _ = first_retrain
-    # text only: with the ad prior the constant model would rank like popularity
+    training = {**SIGNAL_TRAINING, "epochs": 1, "learning_rate": 0.0}
     worse = build_settings(
-        settings.home, constant_model_dir, signal_logs, training={"epochs": 0}, model={"calibration": "none"}
+        settings.home, constant_model_dir, signal_logs, training=training, promotion=SIGNAL_PROMOTION
     )
     return retrain(worse.model_dump(mode="json"))
 
@@ -62,7 +65,8 @@ def test_first_retrain_registers_and_promotes(first_retrain):
     assert auc > 0.75  # the ad text decides the click in these logs
     assert auc > run.data.metrics["test.popularity.overall.auc"] - 0.05
     history = client.get_metric_history(result["run_id"], "valid_logloss")
-    assert [m.step for m in history] == [0, 36, 72, 108, 144]  # 576 training pairs, batches of 16
+    steps = int(run.data.metrics["train_steps"])
+    assert [m.step for m in history] == list(range(0, steps + 1, 72))  # 1,152 training pairs, batches of 16
     assert run.data.metrics["stage1.pairs"] > 0 and "stage1.holdout_spearman" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"evaluation.json", "evaluation.md", "config.json", "plots"} <= artifacts
@@ -70,17 +74,24 @@ def test_first_retrain_registers_and_promotes(first_retrain):
     for plot in ("roc_curve", "reliability_diagram", "pctr_histogram", "metrics_table"):
         assert plots[f"plots/{plot}.png"] > 1000  # a rendered PNG, not an empty file
     losses = client.get_metric_history(result["run_id"], "train_step_loss")
-    assert [m.step for m in losses] == list(range(1, 145))  # every optimizer step, a training curve
+    assert [m.step for m in losses] == list(range(1, steps + 1))  # every optimizer step, a training curve
     assert run.info.run_name.startswith("retrain logs to 2026-05-")
 
     # the registered version says what it is: data window, rows, base model, code
     version = client.get_model_version(name, "1")
     assert "fine-tuned from" in version.description and "training pairs" in version.description
     assert version.tags["data.until"] == run.data.tags["data.until"]
-    assert version.tags["pairs.train_rows"] == "576" and version.tags["base_model"] == str(settings.model.base_model)
+    assert version.tags["pairs.train_rows"] == "1152" and version.tags["base_model"] == str(settings.model.base_model)
     assert len(version.tags["git_commit"]) == 40 or version.tags["git_commit"] == "unknown"
     gates = json.loads(version.tags["promotion"])["gates"]
-    assert [g["name"] for g in gates] == ["auc", "logloss", "calibration", "pctr_spread", "mean_pctr", "smoke"]
+    assert [g["name"] for g in gates] == [
+        *("popularity", "champion", "trained", "logloss", "calibration", "pctr_spread", "mean_pctr", "smoke")
+    ]
+    # the text beat the ads' click counts on validation (new ads every day): a trained step serves
+    assert run.data.metrics["kept_step"] > 0 and run.data.metrics["selection.text_gain.logloss"] < 0
+    # the version stores how its texts were rendered
+    model_config = mlflow.pyfunc.load_model(f"models:/{name}/1").model_config
+    assert model_config["text_settings"]["data"]["history_length"] == settings.data.history_length
 
 
 def test_prefect_runs_say_what_and_when_and_show_sample_rankings(first_retrain):
@@ -123,16 +134,19 @@ def test_worse_model_is_registered_but_not_promoted(first_retrain, worse_retrain
     settings, _ = first_retrain
     result = worse_retrain
     table = {(r["model"], r["slice"]): r["auc"] for r in result["evaluation"]}
-    assert table[("fine_tuned", "overall")] == 0.5 < table[(CHAMPION, "overall")]
-    assert result["version"] == "2" and not result["promoted"]
+    assert table[("fine_tuned", "overall")] < table[(CHAMPION, "overall")]
+    assert result["version"] == "2" and not result["promoted"] and result["kept_step"] == 0
+    layer = load_version(settings, "2").unwrap_python_model().calibration
+    assert layer.slope == layer.unseen_slope == 0 and not layer.uses_text  # registered with text weight 0
     client = MlflowClient()
     name = settings.tracking.registered_model
     assert client.get_model_version_by_alias(name, CHAMPION).version == 1
     assert client.get_model_version_by_alias(name, CHALLENGER).version == 2
     tags = client.get_run(result["run_id"]).data.tags
-    assert "not above champion" in tags["promotion.reason"]
+    assert "never replaces a champion" in tags["promotion.reason"]
     failed = {gate["name"] for gate in json.loads(tags["promotion.gates"]) if not gate["passed"]}
-    assert {"auc", "pctr_spread"} <= failed and "smoke" not in failed  # it loads and scores; it is just useless
+    assert {"champion", "trained"} <= failed  # the priors alone: not better than version 1, and kept step 0
+    assert "smoke" not in failed  # it loads and scores
 
 
 @pytest.mark.fault
@@ -154,7 +168,7 @@ def test_rerank_writes_rankings_and_a_rerun_changes_nothing(first_retrain):
     for user in users:
         ranked = [row for row in first if row[1] == user]
         assert [row[3] for row in ranked] == [1, 2, 3]
-        assert {row[2] for row in ranked[:2]} == {"good1", "good2"}  # the model learned the text signal
+        assert all(row[2].startswith("good") for row in ranked)  # good ads first: by their text and counts
         assert ranked[0][4] >= ranked[1][4] >= ranked[2][4]
     assert {row[5:] for row in first} == {(settings.tracking.registered_model, "1")}
 
@@ -179,7 +193,8 @@ def test_models_rankings_and_explain_read_what_the_flows_wrote(first_retrain, mo
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "champion" in out and "version 1 gates: auc ok" in out and "champion history (oldest first): 1" in out
+    assert "champion" in out and "version 1 gates: popularity ok" in out
+    assert "champion history (oldest first): 1" in out
 
     assert main(["rankings", "--user", user, "--date", summary["run_date"]]) == 0
     out = capsys.readouterr().out
@@ -212,7 +227,7 @@ def test_explain_shows_how_each_history_title_moves_the_score(first_retrain):
             rest = [title for title in history.split(" | ") if title != row["left_out_text"]]
             user_text = f"{prefix}Recently clicked: {' | '.join(rest) or 'nothing yet'}"
             request = pd.DataFrame([full | {"user_text": user_text}])
-            counts = {"user_prior_impressions": float, "user_prior_clicks": float}  # the signature's types
+            counts = dict.fromkeys(PRIOR_COLUMNS, float)  # the signature's types
             request = request[["user_text", "ad_text", "ad_id", *counts]].astype(counts)
             without = float(np.asarray(served.predict(request)).reshape(-1)[0])
             assert without == pytest.approx(row["pctr"], abs=1e-6)
@@ -295,5 +310,45 @@ def test_a_champion_that_no_longer_loads_never_blocks_a_retrain(prefect_api, tmp
     assert CHAMPION not in {row["model"] for row in result["evaluation"]}
     assert MlflowClient().get_model_version_by_alias(settings.tracking.registered_model, CHAMPION).version == 2
     tags = MlflowClient().get_run(result["run_id"]).data.tags
-    assert "not compared: champion version 1 cannot be loaded" in json.loads(tags["promotion.gates"])[0]["detail"]
-    assert tags["data.until"] == "2026-05-10T23:40:00"  # the last impression of the logs
+    assert "not compared: champion version 1 cannot be loaded" in json.loads(tags["promotion.gates"])[1]["detail"]
+    assert tags["data.until"] == "2026-05-10T23:50:00"  # the last impression of the logs
+
+
+def test_each_version_renders_its_inputs_with_the_text_settings_it_was_trained_with(first_retrain, caplog):
+    settings, _ = first_retrain
+    ranking = {"top_n": 3, "run_date": "2026-05-10"}
+    rerank(overrides=settings.model_dump(mode="json") | {"ranking": ranking})
+    as_trained = [row for row in rankings(settings) if row[0].isoformat() == ranking["run_date"]]
+    caplog.clear()
+    data = settings.model_dump(mode="json")["data"] | {"history_length": 1, "history_item_template": "{description}"}
+    rerank(overrides=settings.model_dump(mode="json") | {"ranking": ranking, "data": data})
+    out = caplog.text  # the flow's prints go to its log (log_prints)
+    assert "version 1 renders its inputs with the text settings it was trained with" in out
+    assert "data.history_length 1 -> 3" in out and "data.history_item_template '{description}' -> '{title}'" in out
+    again = [row for row in rankings(settings) if row[0].isoformat() == ranking["run_date"]]
+    assert again == as_trained  # the version's settings, not the run's
+
+
+def test_a_version_without_stored_text_settings_renders_with_the_runs_config(first_retrain, monkeypatch, capsys):
+    from tasks import registry
+
+    settings, result = first_retrain
+    monkeypatch.setattr(registry, "text_settings", lambda _: None)  # as adrank registered before storing them
+    run_id = registry.start_run(settings, "registered without text settings")
+    version = registry.register_model(settings, run_id, settings.checkpoints_dir / result["run_id"])
+    capsys.readouterr()
+    assert registry.served_settings(settings, version) is settings
+    assert f"version {version} stores no text settings" in capsys.readouterr().out
+
+
+def test_an_ad_first_shown_in_validation_is_served_with_its_counts(first_retrain):
+    """Priors as of serving: the version's output layer reads each ad's counts before the ranked day, so an
+    ad first shown in the validation window (good9, 2026-05-09) is warm at rerank, not a cold ad."""
+    settings, _ = first_retrain
+    served = RankingModel.from_pyfunc(load_version(settings, "1"))
+    inputs = build_ranking_inputs(settings)  # the day after the logs: 2026-05-11
+    ad = inputs.ads.filter(pl.col("ad_id") == "good9")
+    assert ad["ad_prior_impressions"][0] > 0 and ad["ad_prior_clicks"][0] > 0
+    assert not served.calibration.is_cold(PairPriors.of(ad))[0]
+    cold = ad.with_columns(ad_prior_impressions=pl.lit(0), ad_prior_clicks=pl.lit(0))
+    assert served.calibration.ad_prior(PairPriors.of(ad))[0] != served.calibration.ad_prior(PairPriors.of(cold))[0]

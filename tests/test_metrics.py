@@ -1,11 +1,19 @@
 import math
+from datetime import datetime
 
 import numpy as np
 import polars as pl
 import pytest
 
 from tasks.evaluate import evaluation_table, popularity_ctr, to_markdown
-from tasks.metrics import expected_calibration_error, logloss, mean_hit_rate_at_k, mean_ndcg_at_k, roc_auc
+from tasks.metrics import (
+    expected_calibration_error,
+    logloss,
+    mean_hit_rate_at_k,
+    mean_ndcg_at_k,
+    ranking_lists,
+    roc_auc,
+)
 
 
 def test_auc_by_hand():
@@ -54,10 +62,10 @@ def test_hit_rate_at_k_by_hand():
     assert mean_hit_rate_at_k(users, labels, np.array([0.1, 0.9, 0.2, 0.1, 0.2, 0.7]), k=1) == 0.5
 
 
-def test_popularity_shrinks_towards_the_global_ctr():
-    train = pl.DataFrame({"ad_id": ["a", "a", "b", "b"], "is_clicked": [True, False, False, False]})
-    test = pl.DataFrame({"ad_id": ["c", "a", "b"]})
-    # global CTR 0.25 with 20 pseudo-impressions: a (1 + 5) / 22, b 5 / 22, unseen c 0.25
+def test_popularity_is_each_ads_click_rate_before_the_day_shrunk_towards_the_training_ctr():
+    train = pl.DataFrame({"is_clicked": [True, False, False, False]})  # its CTR: 0.25
+    test = pl.DataFrame({"ad_prior_impressions": [0, 2, 2], "ad_prior_clicks": [0, 1, 0]})
+    # 20 pseudo-impressions at 0.25: a cold ad 0.25, 1 click in 2 (1 + 5) / 22, none in 2 5 / 22
     assert popularity_ctr(train, test) == pytest.approx([0.25, 6 / 22, 5 / 22])
 
 
@@ -65,16 +73,30 @@ def test_evaluation_table_has_each_model_and_slice():
     test = pl.DataFrame(
         {
             "user_id": ["u1", "u1", "u2", "u2"],
+            "shown_at": [datetime(2026, 5, 1, 9)] * 4,
             "is_clicked": [True, False, True, False],
+            "is_ranked_user": [True, True, False, False],
             "is_cold_start": [False, False, True, True],
+            "is_new_ad": [False, True, True, True],
+            "user_prior_impressions": [3, 3, 0, 0],
         }
     )
     table = evaluation_table(test, {"good": np.array([0.9, 0.1, 0.8, 0.2]), "bad": np.array([0.1, 0.9, 0.2, 0.8])})
+    sizes = {"overall": 4, "ranked_users": 2, "cold_start": 2, "new_ads": 3, "users_without_history": 2}
     assert table.select("model", "slice", "pairs").rows() == [
-        ("good", "overall", 4),
-        ("good", "cold_start", 2),
-        ("bad", "overall", 4),
-        ("bad", "cold_start", 2),
+        (m, s, n) for m in ("good", "bad") for s, n in sizes.items()
     ]
-    assert table["auc"].to_list() == [1.0, 1.0, 0.0, 0.0]
+    assert table.filter(pl.col("slice") == "overall")["auc"].to_list() == [1.0, 0.0]
+    assert table.filter(pl.col("slice") == "ranked_users")["gauc"].to_list() == [1.0, 0.0]
+    # a user's impressions on two days were never ranked against each other: no list with both classes
+    next_day = test.with_columns(shown_at=pl.Series([datetime(2026, 5, d, 9) for d in (1, 2, 1, 2)]))
+    assert np.isnan(evaluation_table(next_day, {"good": np.array([0.9, 0.1, 0.8, 0.2])})["gauc"][0])
     assert "| good" in to_markdown(table)
+
+
+def test_ranking_lists_are_a_users_day():
+    lists = ranking_lists(
+        np.array(["u1", "u1", "u2"]),
+        pl.Series([datetime(2026, 5, 1, 23, 59), datetime(2026, 5, 2), datetime(2026, 5, 1)]),
+    )
+    assert lists.tolist() == ["u1 2026-05-01", "u1 2026-05-02", "u2 2026-05-01"]

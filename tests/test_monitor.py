@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import date
+from datetime import date, datetime
 
 import numpy as np
 import polars as pl
@@ -25,6 +25,7 @@ from tasks.monitor import (
 )
 
 DAY = date(2026, 5, 12)
+TRAINED_UNTIL = datetime(2026, 5, 9)  # the version's training window ended here: later ads are new to it
 
 
 def day_frame() -> pl.DataFrame:
@@ -37,6 +38,12 @@ def day_frame() -> pl.DataFrame:
             "pctr": [0.9, 0.2, 0.1, 0.6, 0.5, 0.4],
             "in_top_n": [True, True, False, True, False, False],
             "user_prior_impressions": [0, 0, 0, 5, 5, 5],
+            "is_ranked_user": [False, False, False, True, True, True],
+            "is_cold_start": [False, False, True, False, False, True],
+            "ad_first_shown_at": [datetime(2026, 5, 1)] * 2
+            + [datetime(2026, 5, 12)]
+            + [datetime(2026, 5, 1)] * 2
+            + [datetime(2026, 5, 12)],
             "category": ["x", "x", "y", "x", "x", "y"],
             "age": [34, 34, 34, 61, 61, 61],
             "zip": ["1", "1", "1", "2", "2", "2"],
@@ -46,15 +53,18 @@ def day_frame() -> pl.DataFrame:
 
 def test_daily_metrics_per_slice_match_hand_computed_values():
     day = day_frame()
-    masks = slices(day, {"a", "b"}, ["category", "age", "zip"], max_group_values=1)
+    masks = slices(day, TRAINED_UNTIL, ["category", "age", "zip"], max_group_values=1)
     assert set(masks) == {
         "overall",
+        "ranked_users",
+        "cold_start",
         "ads_seen",
         "ads_unseen",
         "users_with_history",
         "users_without_history",
     }  # every group column has 2 values > max_group_values=1: no group slices
-    masks = slices(day, {"a", "b"}, ["category", "age"], max_group_values=5)
+    assert "ads_seen" not in slices(day, None, [], 5)  # a version without its data window: no such slices
+    masks = slices(day, TRAINED_UNTIL, ["category", "age"], max_group_values=5)
     assert masks["age=30-39"].tolist() == [True] * 3 + [False] * 3 and masks["category=y"].sum() == 2
     table = {row["slice"]: row for row in daily_metrics(day, masks, DAY, "3").iter_rows(named=True)}
 
@@ -74,6 +84,8 @@ def test_daily_metrics_per_slice_match_hand_computed_values():
     assert (unseen["impressions"], unseen["clicks"], unseen["top_n_coverage"]) == (2, 1, 0.0)
     assert math.isnan(unseen["ctr_in_top_n"]) and unseen["ctr_outside_top_n"] == 0.5
     assert (table["users_without_history"]["impressions"], table["users_without_history"]["auc"]) == (3, 1.0)
+    assert (table["ranked_users"]["impressions"], table["ranked_users"]["gauc"]) == (3, 0.5)
+    assert (table["cold_start"]["impressions"], table["cold_start"]["clicks"]) == (2, 1)
 
 
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
@@ -89,7 +101,7 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
 def test_input_drift_rows_and_unseen_share():
     day = day_frame().with_columns(ad_age_days=pl.lit(3.0), user_prior_clicks=pl.col("user_prior_impressions") // 2)
     reference = day.with_columns(ad_age_days=pl.lit(1.0))
-    drift = input_drift(reference, day, {"a", "b"}, DAY, "3")
+    drift = input_drift(reference, day, TRAINED_UNTIL, DAY, "3")
     rows = {r["input"]: r for r in drift.iter_rows(named=True)}
     assert set(rows) == {
         "pctr",
@@ -101,6 +113,9 @@ def test_input_drift_rows_and_unseen_share():
     }
     assert rows["pctr"]["psi"] == pytest.approx(0.0) and rows["ad_age_days"]["psi"] > 1
     assert rows["unseen_ad_share"]["value"] == pytest.approx(2 / 6) and rows["unseen_ad_share"]["psi"] is None
+    assert math.isnan(
+        input_drift(reference, day, None, DAY, "3").filter(pl.col("input") == "unseen_ad_share")["value"][0]
+    )
 
 
 def overall_row(**values) -> pl.DataFrame:

@@ -115,7 +115,8 @@ def test_a_halved_ctr_shows_in_the_metrics_and_raises_the_degraded_event(prefect
     assert events[0].resource.id == f"adrank.model.{settings.tracking.registered_model}.1"
 
     # every slice of both days, drift rows, and the metrics on the version's MLflow run, a step per day
-    assert {"overall", "ads_seen", "ads_unseen", "users_with_history", "gender=female"} <= set(metrics["slice"])
+    slices = {"overall", "ranked_users", "cold_start", "ads_seen", "ads_unseen", "users_with_history", "gender=female"}
+    assert slices <= set(metrics["slice"])
     assert set(drift["input"]) == {
         "pctr",
         "user_prior_ctr",

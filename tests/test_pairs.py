@@ -108,8 +108,14 @@ def test_a_days_pairs_have_exactly_the_features_rerank_computes_for_that_day(tmp
         both = from_pairs.join(inputs.users.select(user_features), on="user_id", suffix="_rerank")
         for feature in user_features[1:]:
             assert both[feature].to_list() == both[f"{feature}_rerank"].to_list(), (day, feature)
-        ads = of_day.select("ad_id", "ad_text").unique().join(inputs.ads, on="ad_id", suffix="_rerank")
-        assert ads.height > 0 and ads["ad_text"].to_list() == ads["ad_text_rerank"].to_list()
+        ad_features = ["ad_id", "ad_text", "ad_prior_impressions", "ad_prior_clicks"]
+        ads = of_day.select(ad_features).unique().join(inputs.ads, on="ad_id", suffix="_rerank")
+        assert ads.height > 0 and ads["ad_id"].is_unique().all()  # one set of ad counts per ad and day
+        for feature in ad_features[1:]:
+            assert ads[feature].to_list() == ads[f"{feature}_rerank"].to_list(), (day, feature)
+        # the ranked_users slice is the users rerank ranks that day (sql/int_active_users.sql)
+        ranked = set(of_day.filter(pl.col("is_ranked_user"))["user_id"])
+        assert ranked == set(of_day["user_id"]) & set(inputs.users["user_id"]), day
         checked_users += both.height
     assert checked_users >= 20  # the check covered real overlap, not an empty join
 
@@ -168,11 +174,34 @@ def test_split_is_by_time(pairs):
     assert built.valid_from == min(by_split["valid"]) and built.test_from == min(by_split["test"])
 
 
-def test_ad_text_template_and_cold_start_flag(pairs):
+def test_ad_text_template_ad_counts_and_slices(pairs):
     _, rows = pairs
     assert rows["1"]["ad_text"] == "Alpha. First ad."
     assert rows["2"]["ad_text"] == "Beta."  # missing description leaves no gap
-    assert not any(r["is_cold_start"] for r in rows.values())  # every ad was shown in the training window
+    # hand-computed: each ad's impressions and clicks strictly before the impression (features as of it)
+    counts = {i: (r["ad_prior_impressions"], r["ad_prior_clicks"]) for i, r in rows.items()}
+    assert [counts[str(i)] for i in range(1, 11)] == [
+        *[(0, 0)] * 3,  # each ad's first showing
+        (1, 0),  # a3: impression 3
+        (0, 0),  # a4's first
+        (1, 1),  # a1: impression 1
+        (2, 1),  # a1: 1 and 6
+        (1, 1),  # a2: 2
+        (2, 1),  # a2: 2 and 8
+        (2, 1),  # a3: 3 and 4
+    ]
+    assert [i for i, r in rows.items() if r["is_cold_start"]] == ["1", "2", "3", "5"]  # never shown before
+    assert not any(r["is_new_ad"] for r in rows.values())  # every ad was first shown before validation
+    # rerank ranks a user on a day when they were shown an ad in the 7 days before it: not on their first day
+    assert [i for i, r in rows.items() if not r["is_ranked_user"]] == ["1", "2", "3", "6"]
+
+
+def test_ad_counts_as_of_the_day_start_leave_the_days_own_impressions_out(day_start_pairs):
+    _, rows = day_start_pairs
+    counts = {i: (r["ad_prior_impressions"], r["ad_prior_clicks"]) for i, r in rows.items()}
+    assert counts["6"] == counts["7"] == (1, 1)  # a1 on 2026-03-03: impression 1, not 6 of the same day
+    assert counts["4"] == (1, 0) and counts["10"] == (2, 1)
+    assert [i for i, r in rows.items() if r["is_cold_start"]] == ["1", "2", "3", "5"]
 
 
 def test_max_train_pairs_keeps_the_latest(tmp_path, make_settings):
@@ -215,6 +244,7 @@ def test_ranking_inputs_use_history_before_run_date(tmp_path, make_settings):
     assert inputs.users["user_text"][0].endswith("Recently clicked: Alpha | Gamma | Beta")
     assert inputs.users.select("user_prior_impressions", "user_prior_clicks").rows() == [(7, 4), (3, 1)]
     assert inputs.ads["ad_id"].to_list() == ["a1", "a2", "a3"]  # a4 inactive, a5 not created yet
+    assert inputs.ads.select("ad_prior_impressions", "ad_prior_clicks").rows() == [(3, 2), (3, 1), (3, 2)]
 
     earlier = make_settings(
         data={"logs": str(tmp_path / "logs")}, ranking={"run_date": "2026-03-03", "active_window_days": 1}

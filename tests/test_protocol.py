@@ -1,9 +1,12 @@
 """The quality benchmark's protocol: a cold slice that is cold everywhere, equal information for peers,
 paired intervals."""
 
+from datetime import datetime
+
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from benchmarks import baselines, protocol
 from tasks.metrics import calibration_ratio, expected_calibration_error_equal_mass, group_auc
@@ -29,13 +32,15 @@ def test_held_out_items_never_reach_training_or_validation(tmp_path, make_settin
     assert not impressions.filter(pl.col("ts") < full.test_from)["ad_id"].cast(pl.String).is_in(cold).any()
     test = splits["test"]
     held_out = test.filter(pl.col("ad_id").is_in(cold))
-    assert held_out.height > 0 and held_out["is_cold_start"].all()  # their test impressions are the cold slice
-    assert (
-        test.filter(pl.col("is_cold_start"))["ad_id"]
-        .is_in(pl.concat([splits["train"], splits["valid"]])["ad_id"])
-        .sum()
-        == 0
-    )
+    assert held_out.height > 0 and held_out["is_new_ad"].all()  # their test impressions are new to the model
+    earlier = pl.concat([splits["train"], splits["valid"]])["ad_id"]
+    assert not test.filter(pl.col("is_new_ad"))["ad_id"].is_in(earlier.implode()).any()
+    # cold: the ad's first day; it has no count and no earlier pair at all, and every held-out ad starts so
+    cold_pairs = test.filter(pl.col("is_cold_start"))
+    assert cold_pairs.height > 0 and (cold_pairs["ad_prior_impressions"] == 0).all()
+    first_day = test.group_by("ad_id").agg(pl.col("shown_at").dt.date().min().alias("first_day"))
+    judged = test.join(first_day, on="ad_id").filter(pl.col("ad_id").is_in(cold))
+    assert judged["is_cold_start"].to_list() == (judged["shown_at"].dt.date() == judged["first_day"]).to_list()
     # every seed is split at the full logs' cutoffs: the same test impressions
     assert test["shown_at"].min() >= full.test_from and splits["valid"]["shown_at"].max() < full.test_from
 
@@ -48,6 +53,8 @@ def test_content_features_carry_every_genre_the_year_and_the_history_genres():
             "history_ad_ids": [[], ["m1", "m2"]],
             "user_prior_impressions": [0, 4],
             "user_prior_clicks": [0, 2],
+            "ad_prior_impressions": [10, 0],
+            "ad_prior_clicks": [4, 0],
         }
     )
     users = pl.DataFrame({"user_id": ["u1"], "age": [30]})
@@ -84,24 +91,56 @@ def runs_of(predictions: dict[str, np.ndarray], test: pl.DataFrame) -> list[dict
     return [{"test": test, "predictions": predictions}]
 
 
-def test_paired_bootstrap_is_zero_for_twins_and_above_zero_for_a_clearly_better_model():
-    rng = np.random.default_rng(0)
-    users = np.repeat([f"u{i:02d}" for i in range(40)], 25)
-    labels = rng.random(len(users)) < 0.4
-    test = pl.DataFrame({"user_id": users, "is_clicked": labels, "is_cold_start": rng.random(len(users)) < 0.3})
-    good = np.clip(0.4 + 0.3 * (labels - 0.4) + rng.normal(0, 0.1, len(users)), 0.01, 0.99)
-    noise = rng.uniform(0.2, 0.6, len(users))
-    twins = protocol.paired_bootstrap(runs_of({"a": good, "b": good}, test), "a", "b", "overall", "auc", 50, 0)
-    assert twins == (0.0, 0.0)
-    for metric in ("auc", "gauc", "ndcg@10"):
-        low, high = protocol.paired_bootstrap(
-            runs_of({"a": good, "b": noise}, test), "a", "b", "cold_start", metric, 200, 0
-        )
-        assert 0 < low < high, metric
-    low, high = protocol.paired_bootstrap(
-        runs_of({"a": good, "b": noise}, test), "a", "b", "overall", "logloss", 200, 0
+def known_models(seed: int = 0, kept: float = 0.3) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """Test pairs whose labels are drawn from `truth`, a model that knows each pair's true click rate, and
+    `blurred`, the same rates with a share 1 - kept replaced by noise: truth is better by construction, and the two are
+    correlated, as two models of the same data are."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat([f"u{i:03d}" for i in range(100)], 20)
+    truth = rng.uniform(0.1, 0.7, len(users))
+    labels = rng.random(len(users)) < truth
+    slices = {name: rng.random(len(users)) < 0.5 for name in ("is_ranked_user", "is_cold_start", "is_new_ad")}
+    test = pl.DataFrame(
+        {"user_id": users, "shown_at": [datetime(2026, 5, 1)] * len(users), "is_clicked": labels}
+        | {"user_prior_impressions": rng.integers(0, 3, len(users))}
+        | slices
     )
-    assert low < high < 0  # lower logloss: a negative difference
+    return test, truth, kept * truth + (1 - kept) * rng.uniform(0.1, 0.7, len(users))
+
+
+def test_paired_bootstrap_is_zero_for_twins_and_above_zero_for_the_better_model():
+    test, truth, blurred = known_models()
+    twins = protocol.paired_bootstrap(runs_of({"a": truth, "b": truth}, test), "a", "b", "overall", "auc", 50, 0)
+    assert (twins.mean, twins.low, twins.high) == (0.0, 0.0, 0.0)
+    for slice_name in ("overall", "ranked_users", "cold_start"):
+        for metric in ("auc", "gauc", "ndcg@10"):
+            better = protocol.paired_bootstrap(
+                runs_of({"a": truth, "b": blurred}, test), "a", "b", slice_name, metric, 200, 0
+            )
+            assert 0 < better.low < better.mean < better.high, (slice_name, metric)
+    logloss = protocol.paired_bootstrap(
+        runs_of({"a": truth, "b": blurred}, test), "a", "b", "overall", "logloss", 200, 0
+    )
+    assert logloss.low < logloss.high < 0  # lower logloss: a negative difference
+
+
+def test_pairing_narrows_the_interval_of_two_correlated_models():
+    """Drawing the same users for both models cancels what they share; drawing each model's users apart
+    (unpaired) does not. A bootstrap that forgot the pairing would be as wide as the unpaired one."""
+    test, truth, blurred = known_models(1, kept=0.9)  # nearly the same model
+    paired = protocol.paired_bootstrap(runs_of({"a": truth, "b": blurred}, test), "a", "b", "overall", "auc", 300, 0)
+    users = test["user_id"].to_numpy()
+    labels = test["is_clicked"].to_numpy()
+    members = [np.flatnonzero(users == u) for u in np.unique(users)]
+    rng = np.random.default_rng(0)
+    unpaired = []
+    for _ in range(300):
+        draw_a, draw_b = (
+            np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))]) for _ in "ab"
+        )
+        unpaired.append(roc_auc_score(labels[draw_a], truth[draw_a]) - roc_auc_score(labels[draw_b], blurred[draw_b]))
+    unpaired_width = np.subtract(*np.percentile(unpaired, [97.5, 2.5]))
+    assert paired.high - paired.low < 0.7 * unpaired_width
 
 
 def test_best_peer_follows_each_metrics_direction():

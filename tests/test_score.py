@@ -13,7 +13,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from tasks.config import RankingConfig
-from tasks.model import Calibration, load_cross_encoder, predict_logits
+from tasks.model import load_cross_encoder, predict_logits
+from tasks.output_layer import Calibration, PairPriors
 from tasks.pairs import RankingInputs
 from tasks.score import (
     RankingModel,
@@ -28,6 +29,7 @@ from tasks.two_tower import TwoTower, distill_two_tower, load_two_tower
 from tests.test_train import write_toy_pairs
 
 N_USERS, N_ADS = 11, 30
+AD_COUNTS = {3: (100_000, 99_900), 7: (5_000, 0), 11: (400, 150), 12: (80, 20)}  # ad -> (impressions, clicks)
 TOPICS = ["running shoes", "tax forms", "garden tools", "coffee beans", "city breaks", "board games"]
 
 
@@ -37,11 +39,12 @@ def ranking_model(tiny_model_dir) -> RankingModel:
     torch.manual_seed(3)
     references = ["age: 40. Recently clicked: tax forms", "age: 22. Recently clicked: board games"]
     tower = TwoTower(model.config.hidden_size, dim=8, reference_user_texts=references).eval()
-    # the full output layer: ad prior, user prior, and other weights for ads unseen in training
+    # the full output layer: ad prior, user prior, and other weights for cold ads (see inputs: ad counts)
     calibration = Calibration(
         slope=2.0,
         ad_weight=0.5,
-        ad_log_odds={"ad-03": 8.0, "ad-07": -3.0, "ad-11": 0.5, "ad-12": 0.0},
+        ad_prior_strength=5.0,
+        global_log_odds=-1.0,
         user_weight=0.3,
         unseen_slope=2.5,
         unseen_intercept=-0.5,
@@ -65,7 +68,15 @@ def inputs() -> RankingInputs:
                 "user_prior_clicks": [3 * i + i % 3 for i in range(N_USERS)],
             }
         ),
-        pl.DataFrame({"ad_id": [f"ad-{j:02d}" for j in range(N_ADS)], "ad_text": ads}),
+        pl.DataFrame(
+            {
+                "ad_id": [f"ad-{j:02d}" for j in range(N_ADS)],
+                "ad_text": ads,
+                # ad-03 nearly always clicked, ad-07 never, ad-11 and ad-12 middling; the rest cold (never shown)
+                "ad_prior_impressions": [AD_COUNTS.get(j, (0, 0))[0] for j in range(N_ADS)],
+                "ad_prior_clicks": [AD_COUNTS.get(j, (0, 0))[1] for j in range(N_ADS)],
+            }
+        ),
     )
 
 
@@ -247,11 +258,10 @@ def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_
     logits = predict_logits(
         cross_encoder, tokenizer, repeated["user_text"], np.tile(ads["ad_text"].to_numpy(), users.height), 64, 7
     )
-    ad_ids = np.tile(ads["ad_id"].to_numpy(), users.height).tolist()
-    history = (repeated["user_prior_clicks"].to_numpy(), repeated["user_prior_impressions"].to_numpy())
-    stage2 = calibration.log_odds(logits, ad_ids, history).reshape(users.height, ads.height)
+    pairs = pl.concat([repeated, pl.concat([ads] * users.height)], how="horizontal")
+    stage2 = calibration.log_odds(logits, PairPriors.of(pairs)).reshape(users.height, ads.height)
 
-    seen = np.array([a in calibration.ad_log_odds for a in ads["ad_id"]])
+    seen = ~calibration.is_cold(PairPriors.of(ads))
     assert seen.any() and (~seen).any() and logits.std() > 0.1
     np.testing.assert_allclose(stage1[:, seen], stage2[:, seen], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(stage1[:, ~seen], stage2[:, ~seen], rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ import pytest
 
 from flows.rerank import rerank
 from flows.retrain import retrain
+from tasks.output_layer import PRIOR_COLUMNS
 from tasks.pairs import build_ranking_inputs
 from tasks.registry import configure_tracking, serving_requirements
 from tests.conftest import build_settings
@@ -74,7 +75,7 @@ def published_requests(settings) -> tuple[pl.DataFrame, np.ndarray]:
             {"d": settings.ranking.run_date},
         ).pl()
     pairs = published.join(inputs.users, on="user_id").join(inputs.ads, on="ad_id")
-    pairs = pairs.select("user_text", "ad_text", "ad_id", "user_prior_impressions", "user_prior_clicks", "pctr")
+    pairs = pairs.select("user_text", "ad_text", "ad_id", *PRIOR_COLUMNS, "pctr")
     return pairs.drop("pctr"), pairs["pctr"].to_numpy()
 
 
@@ -121,19 +122,18 @@ def test_the_champion_serves_from_a_venv_without_adrank_and_matches_rerank(ranke
         assert requests.height == summary["rows"]
         np.testing.assert_allclose(invoke(port, requests), published, rtol=0, atol=1e-6)
 
-        # optional inputs may be null per row: a null prior is a user with no history, a null ad_id a cold ad
+        # optional inputs may be null per row: null user counts are a user with no history, null ad counts a
+        # cold ad (never shown before)
         nulls = requests.head(4).with_columns(
             pl.when(pl.int_range(pl.len()) % 2 == 0).then(None).otherwise(pl.col(c)).alias(c)
-            for c in ("ad_id", "user_prior_impressions", "user_prior_clicks")
+            for c in ("ad_id", *PRIOR_COLUMNS)
         )
         spelled_out = requests.head(4).with_columns(
-            pl.when(pl.int_range(pl.len()) % 2 == 0).then(0).otherwise(pl.col(c)).alias(c)
-            for c in ("user_prior_impressions", "user_prior_clicks")
+            pl.when(pl.int_range(pl.len()) % 2 == 0).then(0).otherwise(pl.col(c)).alias(c) for c in PRIOR_COLUMNS
         )
         served_nulls = invoke(port, nulls)
         np.testing.assert_allclose(served_nulls[1::2], published[1:4:2], atol=1e-6)  # untouched rows
-        cold = invoke(port, spelled_out.with_columns(pl.lit("never-seen-ad").alias("ad_id")))
-        np.testing.assert_allclose(served_nulls[0::2], cold[0::2], atol=1e-6)
+        np.testing.assert_allclose(served_nulls[0::2], invoke(port, spelled_out)[0::2], atol=1e-6)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

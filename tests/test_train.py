@@ -16,23 +16,17 @@ import pytest
 import torch
 
 from tasks.config import packaged_model_path
-from tasks.model import (
-    Calibration,
-    MeanPooledClassifier,
-    ad_click_log_odds,
-    fit_calibration,
-    load_calibration,
-    load_cross_encoder,
-    predict_ctr,
-)
-from tasks.train import ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
+from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
+from tasks.output_layer import Calibration, PairPriors, cold_fit_rows, fit_calibration, load_calibration
+from tasks.train import SELECTION_FILE, ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
 from tests.conftest import build_settings
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
 
 
 def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
-    """Pairs whose label is decided by the ad text alone (with a few flipped labels)."""
+    """Pairs whose label is decided by the ad text alone (with a few flipped labels); the ads' counts before
+    each pair say the same for most pairs, a fifth are of cold ads (never shown before)."""
     rng = np.random.default_rng(seed)
     is_click_ad = rng.random(n) < 0.3
     users = [
@@ -41,14 +35,18 @@ def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
     ]
     labels = is_click_ad ^ (rng.random(n) < 0.05)
     impressions = rng.integers(0, 50, n)
+    ad_impressions = np.where(rng.random(n) < 0.2, 0, rng.integers(1, 200, n))
     pl.DataFrame(
         {
+            "user_id": [f"u{u}" for u in rng.integers(0, 40, n)],
             "ad_id": np.where(is_click_ad, "click-ad", "skip-ad"),
             "user_text": users,
             "ad_text": np.where(is_click_ad, CLICK_AD, SKIP_AD),
             "is_clicked": labels,
             "user_prior_impressions": impressions,
             "user_prior_clicks": rng.binomial(impressions, 0.3),
+            "ad_prior_impressions": ad_impressions,
+            "ad_prior_clicks": rng.binomial(ad_impressions, np.where(is_click_ad, 0.95, 0.05)),
         }
     ).write_parquet(path)
     return path
@@ -81,14 +79,15 @@ def test_loss_falls_and_scores_follow_the_ad_text(tmp_path, make_settings, toy_p
 
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, make_settings, toy_pairs):
-    # lr 0 cannot improve the validation logloss: the first validation after step 0 is a miss
+    # lr 0: step 2 (the fresh head, whose logit tells the two ad texts apart, which helps with cold ads) beats
+    # the priors alone; step 4 is the same model, a miss, and patience 1 stops there
     settings = make_settings(
         training={"epochs": 5, "batch_size": 64, "learning_rate": 0.0, "patience": 1, "eval_every_steps": 2}
     )
     result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
-    assert result.stopped_early
-    assert result.steps == 2
-    assert [row["step"] for row in result.history] == [0, 2]
+    assert result.stopped_early and result.steps == 4 and result.best_step == 2
+    assert [row["step"] for row in result.history] == [0, 2, 4]
+    assert result.history[1]["valid_logloss"] == result.best_valid_logloss < result.history[0]["valid_logloss"]
 
 
 def test_zero_epochs_saves_the_fresh_head(tmp_path, make_settings, toy_pairs):
@@ -111,14 +110,16 @@ def test_user_prior_offset_is_added_to_the_logit_it_trains(tmp_path, make_settin
                 "is_clicked": rng.random(n) < rate,
                 "user_prior_impressions": [200] * n,
                 "user_prior_clicks": (200 * rate).astype(int),
+                "ad_prior_impressions": [0] * n,
+                "ad_prior_clicks": [0] * n,
             }
         )
         frames[name].write_parquet(tmp_path / f"{name}.parquet")
     paths = tmp_path / "train.parquet", tmp_path / "valid.parquet"
-    fresh = {"epochs": 0}  # the fresh head only: the offset is the one difference
-    without = fine_tune(make_settings(training=fresh), *paths, tmp_path / "a").history[0]["valid_raw_logloss"]
+    fresh = {"epochs": 1, "learning_rate": 0.0}  # the fresh head only: the offset is the one difference
+    without = fine_tune(make_settings(training=fresh), *paths, tmp_path / "a").history[-1]["valid_raw_logloss"]
     offset = {**fresh, "user_prior_offset": True}
-    with_offset = fine_tune(make_settings(training=offset), *paths, tmp_path / "b").history[0]["valid_raw_logloss"]
+    with_offset = fine_tune(make_settings(training=offset), *paths, tmp_path / "b").history[-1]["valid_raw_logloss"]
     assert with_offset < without - 0.2
     frames["train"].drop("user_prior_clicks", "user_prior_impressions").write_parquet(tmp_path / "train.parquet")
     with pytest.raises(ValueError, match="user_prior_offset = true needs the columns"):
@@ -157,75 +158,120 @@ def test_platt_scaling_recovers_a_known_calibration():
     assert fit_calibration(logits, np.zeros(20000, dtype=int)) == Calibration()  # one class: identity
 
 
-def test_ad_click_log_odds_shrinks_towards_the_global_rate():
-    log_odds, default = ad_click_log_odds(["a", "a", "a", "b"], np.array([1.0, 1.0, 0.0, 0.0]), strength=2.0)
-    assert default == pytest.approx(0.0)  # global rate 2/4
-    assert log_odds["a"] == pytest.approx(np.log(0.6 / 0.4))  # (2 + 2 * 0.5) / (3 + 2)
-    assert log_odds["b"] == pytest.approx(np.log((1 / 3) / (2 / 3)))  # (0 + 1) / (1 + 2)
+def test_the_ad_prior_is_the_ads_click_rate_before_the_request_shrunk_towards_the_global_rate():
+    # global rate 0.5, 2 pseudo-impressions: 2 clicks in 3 -> (2 + 1) / (3 + 2); never shown -> the global rate
+    layer = Calibration(global_log_odds=0.0, ad_prior_strength=2.0)
+    priors = PairPriors(3, ad_counts=(np.array([2.0, 0.0, 0.0]), np.array([3.0, 1.0, 0.0])))
+    assert layer.ad_prior(priors) == pytest.approx([np.log(0.6 / 0.4), np.log((1 / 3) / (2 / 3)), 0.0])
+    assert layer.is_cold(priors).tolist() == [False, False, True]
+    assert layer.is_cold(PairPriors(2)).all()  # no counts given: every ad is cold
 
 
-def test_ad_prior_weight_is_fitted_and_unseen_ads_get_the_global_rate():
-    rng = np.random.default_rng(1)
-    ads = rng.choice(["hit", "flop"], 20000)
-    logits = rng.normal(0, 1, 20000)
-    ad_term = np.where(ads == "hit", 1.0, -1.0)
-    labels = (rng.random(20000) < 1 / (1 + np.exp(-(logits + 0.8 * ad_term)))).astype(int)
-    prior = Calibration(ad_log_odds={"hit": 1.0, "flop": -1.0}, default_ad_log_odds=0.0)
-    calibration = fit_calibration(logits, labels, ads.tolist(), prior)
-    assert calibration.ad_weight == pytest.approx(0.8, abs=0.06)
-    assert calibration.slope == pytest.approx(1.0, abs=0.06)
-    hit, new, no_ids = calibration.apply(np.zeros(1), ["hit"]), calibration.apply(np.zeros(1), ["new"]), None
-    assert hit[0] > new[0] == pytest.approx(calibration.apply(np.zeros(1), no_ids)[0])
-
-
-def test_user_prior_weight_is_fitted_and_unseen_ads_get_weights_fitted_without_the_ad_prior():
-    rng = np.random.default_rng(2)
-    n = 40000
-    ads = rng.choice(["hit", "flop"], n)
-    ad_term = np.where(ads == "hit", 1.0, -1.0)
-    logits = ad_term + rng.normal(0, 1, n)  # the text reads the ad's quality, with noise
+def hit_or_flop_pairs(n: int, seed: int, cold_share: float) -> tuple:
+    """Ads of two qualities (ad log-odds +-1, known from 10^7 earlier impressions unless the ad is cold),
+    a text logit that reads the quality with noise, users of known click rates, labels drawn from
+    0.5 * logit + 0.8 * ad quality + 0.7 * user log-odds."""
+    rng = np.random.default_rng(seed)
+    ad_term = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+    logits = ad_term + rng.normal(0, 1, n)
     user_rate = rng.uniform(0.2, 0.8, n)
-    user_log_odds = np.log(user_rate / (1 - user_rate))
-    impressions = np.full(n, 10**7)  # long histories: shrinkage is negligible
-    history = (np.round(user_rate * impressions), impressions)
-    labels = (rng.random(n) < 1 / (1 + np.exp(-(0.5 * logits + 0.8 * ad_term + 0.7 * user_log_odds)))).astype(int)
-    prior = Calibration(ad_log_odds={"hit": 1.0, "flop": -1.0}, user_prior_strength=20.0)
-    calibration = fit_calibration(logits, labels, ads.tolist(), prior, history)
+    big = 10.0**7  # long histories: shrinkage is negligible
+    cold = rng.random(n) < cold_share
+    ad_impressions = np.where(cold, 0.0, big)
+    ad_clicks = np.where(cold, 0.0, np.round(big / (1 + np.exp(-ad_term))))
+    priors = PairPriors(n, (np.round(user_rate * big), np.full(n, big)), (ad_clicks, ad_impressions))
+    z = 0.5 * logits + 0.8 * ad_term + 0.7 * np.log(user_rate / (1 - user_rate))
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    return logits, labels, priors, cold
+
+
+def test_prior_weights_are_fitted_and_cold_ads_get_weights_fitted_on_cold_pairs_without_the_ad_prior():
+    logits, labels, priors, cold = hit_or_flop_pairs(60000, 2, cold_share=0.3)
+    template = Calibration(global_log_odds=0.0, ad_prior_strength=5.0, user_prior_strength=20.0)
+    calibration = fit_calibration(logits, labels, priors, template, with_ad_prior=True, with_user_prior=True)
     assert calibration.slope == pytest.approx(0.5, abs=0.06)
     assert calibration.ad_weight == pytest.approx(0.8, abs=0.08)
     assert calibration.user_weight == pytest.approx(0.7, abs=0.06)
-    # without the ad prior, the text's logit carries the ad's quality: a steeper slope for unseen ads
+    # cold ads have no ad prior, so the text's logit carries their quality: a steeper slope
     assert calibration.unseen_slope > calibration.slope + 0.2
     assert calibration.unseen_user_weight == pytest.approx(0.7, abs=0.1)
-    # a user with 3 clicks in 4 impressions: (3 + 20 * 0.5) / (4 + 20), the global rate being 0.5 here
+    assert calibration.cold_fit.startswith(f"{cold.sum()} validation pairs of cold ads")
+    # a cold ad for a user with 3 clicks in 4 impressions: (3 + 20 * 0.5) / (4 + 20), the global rate 0.5
     user_rate = (3 + 20 * 0.5) / (4 + 20)
     z = calibration.unseen_slope * 0.3 + calibration.unseen_intercept
     z += calibration.unseen_user_weight * np.log(user_rate / (1 - user_rate))
-    assert calibration.apply(np.array([0.3]), ["new"], ([3], [4]))[0] == pytest.approx(1 / (1 + np.exp(-z)))
-    # no history: a user with no impressions gets the global rate (log-odds 0 here)
-    no_history = calibration.apply(np.array([0.3]), ["new"])[0]
+    one = PairPriors(1, (np.array([3.0]), np.array([4.0])), (np.zeros(1), np.zeros(1)))
+    assert calibration.apply(np.array([0.3]), one)[0] == pytest.approx(1 / (1 + np.exp(-z)))
+    # no counts at all: a user with no impressions and a cold ad
     z0 = calibration.unseen_slope * 0.3 + calibration.unseen_intercept
-    assert no_history == pytest.approx(1 / (1 + np.exp(-z0)))
+    assert calibration.apply(np.array([0.3]))[0] == pytest.approx(1 / (1 + np.exp(-z0)))
 
 
-def test_a_calibration_saved_before_the_user_prior_scores_as_it_did(tmp_path):
+def test_with_too_few_cold_clicks_the_cold_weights_come_from_the_least_shown_ads():
+    impressions = np.array([0, 0, 1, 1, 2, 5, 9, 9], dtype=float)
+    labels = np.array([1, 0, 1, 1, 0, 1, 1, 0])
+    priors = PairPriors(8, ad_counts=(np.zeros(8), impressions))
+    rows, said = cold_fit_rows(priors, labels, min_clicks=3)  # 1 cold click; 3 through the ads shown once
+    assert rows.tolist() == [True] * 4 + [False] * 4
+    assert said.startswith("4 validation pairs of ads shown at most 1 times before (2 of cold ads; 3 clicks")
+    rows, said = cold_fit_rows(priors, labels, min_clicks=1)
+    assert rows.tolist() == [True, True] + [False] * 6 and said.startswith("2 validation pairs of cold ads")
+    rows, said = cold_fit_rows(priors, labels, min_clicks=50)
+    assert rows.all() and "under 50 clicks in all" in said
+
+
+def test_without_logits_the_layer_is_the_priors_alone():
+    logits, labels, priors, _ = hit_or_flop_pairs(20000, 3, cold_share=0.3)
+    template = Calibration(global_log_odds=0.0, ad_prior_strength=5.0, user_prior_strength=20.0)
+    priors_only = fit_calibration(None, labels, priors, template, with_ad_prior=True, with_user_prior=True)
+    assert priors_only.slope == priors_only.unseen_slope == 0 and not priors_only.uses_text
+    assert priors_only.ad_weight > 0.5 and priors_only.user_weight > 0.5
+    np.testing.assert_allclose(priors_only.apply(logits, priors), priors_only.apply(np.zeros(20000), priors))
+    assert fit_calibration(None, labels).slope == 0  # Platt without a logit: the click rate alone
+
+
+def test_a_calibration_saved_before_point_in_time_ad_counts_scores_as_it_did(tmp_path):
     old = {"slope": 2.0, "intercept": -1.0, "ad_weight": 0.5, "default_ad_log_odds": 0.2, "ad_log_odds": {"a": 1.0}}
     (tmp_path / "calibration.json").write_text(json.dumps(old))
     calibration = load_calibration(tmp_path)
-    got = calibration.apply(np.array([0.1, 0.1]), ["a", "new"], (np.array([9, 9]), np.array([10, 10])))
+    counts = (np.array([9, 9]), np.array([10, 10]))
+    got = calibration.apply(np.array([0.1, 0.1]), PairPriors(2, counts, counts, ["a", "new"]))
     z = 2.0 * 0.1 - 1.0 + 0.5 * np.array([1.0, 0.2])
     np.testing.assert_allclose(got, 1 / (1 + np.exp(-z)))
+    assert calibration.is_cold(PairPriors(2, ad_ids=["a", None])).tolist() == [False, True]
 
 
 def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, make_settings, toy_pairs):
-    hybrid = load_calibration(fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "a").checkpoint)
-    assert set(hybrid.ad_log_odds) == {"click-ad", "skip-ad"} and hybrid.ad_weight > 0  # default: text + ad prior
-    assert hybrid.ad_log_odds["click-ad"] > hybrid.default_ad_log_odds > hybrid.ad_log_odds["skip-ad"]
+    tuned = fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "a")
+    hybrid = load_calibration(tuned.checkpoint)  # default: text + ad prior + user prior
+    assert hybrid.ad_weight > 0 and not hybrid.ad_log_odds and "validation pairs" in hybrid.cold_fit
+    warm = PairPriors(2, ad_counts=(np.array([95.0, 5.0]), np.array([100.0, 100.0])))
+    click_ad, skip_ad = hybrid.log_odds(np.zeros(2), warm)
+    assert click_ad > skip_ad  # the ads' earlier click rates
+    selection = json.loads((tuned.checkpoint / SELECTION_FILE).read_text())
+    assert selection["kept_step"] == tuned.best_step and set(selection["text_gain"]) == {"logloss", "auc", "gauc"}
 
     settings = make_settings(training={"epochs": 1}, model={"calibration": "platt"})
     platt = load_calibration(fine_tune(settings, *toy_pairs, tmp_path / "b").checkpoint)
-    assert platt.slope > 0 and platt.ad_weight == 0 and not platt.ad_log_odds
+    assert platt.ad_weight == 0 and not platt.ad_log_odds
     assert load_calibration(tmp_path) == Calibration()  # no file: identity
+
+
+def test_a_run_where_no_step_beats_the_priors_serves_them_without_text(
+    tmp_path, make_settings, toy_pairs, constant_model_dir
+):
+    # a text model that says nothing (the same logit for every pair, lr 0): no trained step beats the priors
+    settings = make_settings(
+        model={"base_model": str(constant_model_dir)},
+        training={"epochs": 2, "learning_rate": 0.0, "eval_every_steps": 4, "patience": 9},
+    )
+    result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
+    assert result.best_step == 0 and result.best_trained_step is not None and result.best_trained_step > 0
+    layer = load_calibration(result.checkpoint)
+    assert layer.slope == 0 and layer.unseen_slope == 0 and not layer.uses_text
+    assert result.text_gain["auc"].mean == 0  # the best trained step scores validation as the priors do
+    valid = pl.read_parquet(toy_pairs[1])
+    np.testing.assert_allclose(result.valid_pctr, layer.apply(np.zeros(valid.height), PairPriors.of(valid)))
 
 
 def parameter(model: torch.nn.Module, suffix: str) -> torch.Tensor:
@@ -351,24 +397,24 @@ def test_ranking_batches_keep_each_user_day_together():
         user_days(pairs.drop("shown_at"))
 
 
-def test_ad_prior_offset_leaves_each_training_pair_out_of_its_own_ads_counts(make_settings):
-    train = pl.DataFrame({"ad_id": ["a", "a", "a", "b"], "is_clicked": [True, True, False, False]})
+def test_ad_prior_offset_is_the_ads_point_in_time_log_odds_and_dropped_for_a_share(make_settings):
+    train = pl.DataFrame({"is_clicked": [True, False, True, False]})  # its click rate: 0.5
+    pairs = pl.DataFrame({"ad_prior_impressions": [3, 1, 0], "ad_prior_clicks": [2, 0, 0]})
     settings = make_settings(
         model={"ad_prior_strength": 2.0}, training={"ad_prior_offset": True, "ad_prior_offset_dropout": 0.0}
     )
-    rate = 0.5
     log_odds = lambda p: math.log(p / (1 - p))  # noqa: E731
-    # pair 0: a's other impressions are 1 click in 2 -> (1 + 2 * 0.5) / (2 + 2); pair 3: b has no other one
-    offsets = ad_prior_offsets(settings, train, train, in_train=True)
-    assert offsets[0] == pytest.approx(log_odds((1 + 1) / (2 + 2)) - log_odds(rate))
-    assert offsets[2] == pytest.approx(log_odds((2 + 1) / (2 + 2)) - log_odds(rate))
-    assert offsets[3] == pytest.approx(0.0)
-    # a validation pair sees all of training; an unseen ad the global rate (offset 0)
-    valid = pl.DataFrame({"ad_id": ["a", "new"], "is_clicked": [True, False]})
-    assert ad_prior_offsets(settings, train, valid).tolist() == pytest.approx([log_odds(3 / 5) - 0.0, 0.0])
+    # (2 + 2 * 0.5) / (3 + 2); (0 + 1) / (1 + 2); a cold ad: the global rate, offset 0
+    expected = [log_odds(3 / 5), log_odds(1 / 3), 0.0]
+    assert ad_prior_offsets(settings, train, pairs, in_train=True).tolist() == pytest.approx(expected)
     dropped = make_settings(training={"ad_prior_offset": True, "ad_prior_offset_dropout": 1.0})
-    assert not ad_prior_offsets(dropped, train, train, in_train=True).any()
-    assert not ad_prior_offsets(make_settings(), train, train, in_train=True).any()  # off by default
+    assert not ad_prior_offsets(dropped, train, pairs, in_train=True).any()
+    assert ad_prior_offsets(dropped, train, pairs).tolist() == pytest.approx(
+        [log_odds(p) for p in ((2 + 2.5) / (3 + 5), (0 + 2.5) / (1 + 5), 0.5)]
+    )  # validation pairs keep theirs (default strength 5)
+    assert not ad_prior_offsets(make_settings(), train, pairs, in_train=True).any()  # off by default
+    with pytest.raises(ValueError, match="ad_prior_offset = true needs the columns"):
+        ad_prior_offsets(settings, train, pairs.drop("ad_prior_clicks"))
 
 
 @pytest.mark.fault

@@ -1,5 +1,5 @@
 -- monitor_overview: an operator's morning read of model_daily_metrics, one row per run_date x slice
--- for the overall, seen/unseen-ad, history and gender slices.
+-- for the overall, ranked-user, cold-ad, seen/unseen-ad, history and gender slices.
 with metrics as (
     select * from model_daily_metrics
 ),
@@ -20,7 +20,10 @@ final as (
         round(ctr_in_top_n, 4) as ctr_in_top_n,
         round(ctr_outside_top_n, 4) as ctr_outside_top_n
     from metrics
-    where slice in ('overall', 'ads_seen', 'ads_unseen', 'users_with_history', 'users_without_history')
+    where slice in (
+        'overall', 'ranked_users', 'cold_start', 'ads_seen', 'ads_unseen', 'users_with_history',
+        'users_without_history'
+    )
         or slice like 'gender=%'
 )
 

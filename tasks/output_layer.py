@@ -1,0 +1,274 @@
+"""The output layer: the cross-encoder's logit and the pair's click priors -> pCTR, fitted on validation.
+
+    pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds + user_weight * user_log_odds)
+
+ad_log_odds and user_log_odds are the ad's and the user's click rates before the request (their prior
+counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
+(never shown before the request) has no prior, and its text was never trained on: it gets weights of its
+own, unseen_*, fitted on the validation pairs of cold ads, or of the least-shown ads when too few are cold.
+
+The served model imports this module (tasks/ctr_pyfunc.py): numpy, no adrank config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_FILE = "calibration.json"
+# a weakly informative prior on the fit's standardised weights (a Gaussian of variance C): negligible on a few
+# thousand validation pairs, it keeps a fit on a few dozen (a small market's validation) from wild weights
+OUTPUT_LAYER_PRIOR_VARIANCE = 6.25
+# keeps log-odds finite for ads (or a training split) with all or no clicks
+PROBABILITY_BOUNDS = (1e-4, 1 - 1e-4)
+USER_PRIOR_COLUMNS = ("user_prior_impressions", "user_prior_clicks")
+AD_PRIOR_COLUMNS = ("ad_prior_impressions", "ad_prior_clicks")
+PRIOR_COLUMNS = (*USER_PRIOR_COLUMNS, *AD_PRIOR_COLUMNS)
+# (clicks, impressions) strictly before each request, one entry per pair
+Counts = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PairPriors:
+    """What the output layer reads of each pair besides its logit; None where the caller does not know it
+    (no user counts: users with no impressions yet; no ad counts: every ad is cold)."""
+
+    n: int
+    user_counts: Counts | None = None
+    ad_counts: Counts | None = None
+    ad_ids: Sequence[str | None] | None = None  # read only by versions with a frozen ad table (legacy)
+
+    @classmethod
+    def of(cls, frame) -> PairPriors:
+        """The priors of a polars or pandas frame's rows: USER_PRIOR_COLUMNS, AD_PRIOR_COLUMNS and ad_id,
+        each optional; a row with a null count counts as (0, 0): no impressions known."""
+        return cls(
+            len(frame),
+            _counts(frame, USER_PRIOR_COLUMNS, "user prior"),
+            _counts(frame, AD_PRIOR_COLUMNS, "ad prior"),
+            [None if a is None or a != a else str(a) for a in frame["ad_id"]] if "ad_id" in frame.columns else None,
+        )
+
+    def take(self, rows: np.ndarray) -> PairPriors:
+        """The priors of a subset of the pairs (an index or boolean mask)."""
+        pick = lambda counts: None if counts is None else (counts[0][rows], counts[1][rows])  # noqa: E731
+        ids = None if self.ad_ids is None else np.asarray(self.ad_ids, dtype=object)[rows].tolist()
+        return PairPriors(len(np.arange(self.n)[rows]), pick(self.user_counts), pick(self.ad_counts), ids)
+
+
+def _counts(frame, columns: tuple[str, str], name: str) -> Counts | None:
+    present = [c for c in columns if c in frame.columns]
+    if not present:
+        return None
+    if len(present) < len(columns):
+        raise ValueError(f"the {name} needs both {columns}; only {present} given")
+    impressions, clicks = (np.array(frame[c], dtype=np.float64) for c in columns)  # copies: nulls are set below
+    unknown = ~(np.isfinite(impressions) & np.isfinite(clicks))
+    impressions[unknown], clicks[unknown] = 0.0, 0.0
+    return clicks, impressions
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The output layer (identity by default); see the module docstring."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    ad_weight: float = 0.0
+    ad_prior_strength: float = 1.0  # pseudo-impressions at the global rate added to each ad's counts
+    user_weight: float = 0.0
+    user_prior_strength: float = 1.0
+    global_log_odds: float = 0.0
+    # weights for cold ads; None: the ones above, with the global rate as the ad prior
+    unseen_slope: float | None = None
+    unseen_intercept: float | None = None
+    unseen_user_weight: float | None = None
+    cold_fit: str = ""  # which validation pairs the unseen weights were fitted on, for people
+    # versions registered before point-in-time ad counts carry a frozen table of the training split's ad
+    # log-odds instead: an ad is cold when it is not in the table
+    ad_log_odds: dict[str, float] = field(default_factory=dict)
+    default_ad_log_odds: float = 0.0
+
+    def is_cold(self, priors: PairPriors) -> np.ndarray:
+        """Whether each pair's ad is cold (no impression before the request), shape (n,)."""
+        if self.ad_log_odds:
+            ids = priors.ad_ids or [None] * priors.n
+            return np.array([a is None or a not in self.ad_log_odds for a in ids], dtype=bool)
+        if priors.ad_counts is None:
+            return np.ones(priors.n, dtype=bool)
+        return priors.ad_counts[1] <= 0
+
+    def ad_prior(self, priors: PairPriors) -> np.ndarray:
+        """Each pair's ad log-odds, shape (n,): the global rate's for cold ads."""
+        if self.ad_log_odds:
+            ids = priors.ad_ids or [None] * priors.n
+            return np.array([self.ad_log_odds.get(a, self.default_ad_log_odds) for a in ids], dtype=np.float64)
+        return self._shrunk(priors.ad_counts, self.ad_prior_strength, priors.n)
+
+    def user_prior(self, priors: PairPriors) -> np.ndarray:
+        """Each pair's user log-odds, shape (n,); no counts means users with no impressions yet."""
+        return self._shrunk(priors.user_counts, self.user_prior_strength, priors.n)
+
+    def _shrunk(self, counts: Counts | None, strength: float, n: int) -> np.ndarray:
+        if counts is None:
+            return np.full(n, self.global_log_odds)
+        clicks, impressions = counts
+        rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
+        return probability_log_odds((clicks + strength * rate) / (impressions + strength))
+
+    def terms(self, priors: PairPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair: the logit's slope, the offset (intercept + ad prior term) and the user prior's weight."""
+        n = priors.n
+        slope, offset = np.full(n, self.slope), self.intercept + self.ad_weight * self.ad_prior(priors)
+        user_weight = np.full(n, self.user_weight)
+        if self.unseen_slope is not None:
+            cold = self.is_cold(priors)
+            slope[cold], offset[cold], user_weight[cold] = (
+                self.unseen_slope,
+                self.unseen_intercept,
+                self.unseen_user_weight or 0.0,
+            )
+        return slope, offset, user_weight
+
+    def log_odds(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
+        priors = priors or PairPriors(len(logits))
+        slope, offset, user_weight = self.terms(priors)
+        z = slope * logits.astype(np.float64) + offset
+        if self.user_weight or self.unseen_user_weight:
+            z += user_weight * self.user_prior(priors)
+        return z
+
+    def contributions(self, logit: float, priors: PairPriors) -> dict[str, float]:
+        """One pair's log-odds, term by term: text (slope x logit), intercept, ad prior, user prior; their
+        sum is log_odds() of the pair."""
+        slope, offset, user_weight = (float(t[0]) for t in self.terms(priors))
+        cold = bool(self.is_cold(priors)[0])
+        intercept = self.intercept if not cold or self.unseen_slope is None else float(self.unseen_intercept)
+        uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
+        return {
+            "text": slope * float(logit),
+            "intercept": intercept,
+            "ad_prior": offset - intercept,
+            "user_prior": user_weight * float(self.user_prior(priors)[0]) if uses_user_prior else 0.0,
+        }
+
+    def apply(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.log_odds(logits, priors)))
+
+    @property
+    def uses_text(self) -> bool:
+        """False for the priors-only layer served when fine-tuning never beat the untrained model."""
+        return bool(self.slope or self.unseen_slope)
+
+
+def probability_log_odds(p: np.ndarray | float) -> np.ndarray:
+    """log(p / (1 - p)), with p kept inside PROBABILITY_BOUNDS so that all-or-no clicks stay finite."""
+    p = np.clip(p, *PROBABILITY_BOUNDS)
+    return np.log(p / (1 - p))
+
+
+def fit_calibration(
+    logits: np.ndarray | None,
+    labels: np.ndarray,
+    priors: PairPriors | None = None,
+    template: Calibration | None = None,
+    with_ad_prior: bool = False,
+    with_user_prior: bool = False,
+    min_cold_clicks: int = 100,
+) -> Calibration:
+    """Fit the output layer on held-out pairs (validation), never on training data.
+
+    Platt scaling (slope, intercept) alone (no template), or with the weights of the priors named, using
+    the template's prior strengths and global rate. logits None: no text term (slope 0, the priors only).
+    With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
+    on cold_fit_rows (cold pairs, else the least-shown ads' pairs, with at least min_cold_clicks clicks).
+    """
+    if labels.min() == labels.max():
+        return Calibration()
+    text = None if logits is None else np.asarray(logits, dtype=np.float64)
+    if template is None:
+        return Calibration(**_logistic_fit(labels, text=text))
+    priors = priors or PairPriors(len(labels))
+    user = template.user_prior(priors) if with_user_prior else None
+    everything = _logistic_fit(labels, text=text, user=user)
+    if not with_ad_prior:
+        return replace(template, **everything)
+    warm = ~template.is_cold(priors)
+    seen = (
+        _logistic_fit(labels[warm], text=_rows(text, warm), ad=template.ad_prior(priors)[warm], user=_rows(user, warm))
+        if _both_classes(labels[warm])
+        else everything | {"ad_weight": 0.0}
+    )
+    rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
+    unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows))
+    if not _both_classes(labels[rows]):
+        unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
+    return replace(template, **seen, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
+
+
+def cold_fit_rows(priors: PairPriors, labels: np.ndarray, min_clicks: int) -> tuple[np.ndarray, str]:
+    """The pairs to fit cold ads' weights on, and a sentence saying which: the pairs of ads never shown
+    before the request if they hold min_clicks clicks; else those of ads shown at most t times before, the
+    smallest t that reaches min_clicks (the fewer times an ad was shown, the less the fine-tuned text has
+    memorised of it); else every pair."""
+    impressions = np.zeros(len(labels)) if priors.ad_counts is None else priors.ad_counts[1]
+    cold = int((impressions <= 0).sum())
+    order = np.argsort(impressions, kind="stable")
+    clicks_through = np.cumsum(labels[order])
+    reached = np.flatnonzero(clicks_through >= min_clicks)
+    if not len(reached):
+        everything = np.ones(len(labels), dtype=bool)
+        return everything, f"all {len(labels)} validation pairs ({cold} of cold ads; under {min_clicks} clicks in all)"
+    limit = impressions[order[reached[0]]]
+    rows = impressions <= limit
+    clicks = int(labels[rows].sum())
+    if limit <= 0:
+        return rows, f"{int(rows.sum())} validation pairs of cold ads ({clicks} clicks)"
+    return rows, (
+        f"{int(rows.sum())} validation pairs of ads shown at most {int(limit)} times before ({cold} of cold ads; "
+        f"{clicks} clicks, at least {min_clicks} wanted)"
+    )
+
+
+def _rows(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return len(labels) > 0 and labels.min() != labels.max()
+
+
+def _logistic_fit(
+    labels: np.ndarray, text: np.ndarray | None = None, ad: np.ndarray | None = None, user: np.ndarray | None = None
+) -> dict[str, float]:
+    """slope (0 without text), intercept and the weights of the given priors, by a logistic fit with a weak
+    prior on the standardised weights (OUTPUT_LAYER_PRIOR_VARIANCE; the intercept is not penalised)."""
+    from sklearn.linear_model import LogisticRegression
+
+    features = {"slope": text, "ad_weight": ad, "user_weight": user}
+    features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
+    if not features:  # the intercept alone: the log-odds of the click rate
+        return {"slope": 0.0, "intercept": float(probability_log_odds(labels.mean()))}
+    x = np.column_stack(list(features.values()))
+    # standardised, so that the solver's tolerance means the same at any logit scale (a fresh head's logits
+    # can spread by 1e-4), then mapped back to the features' own units
+    center, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    fit = LogisticRegression(C=OUTPUT_LAYER_PRIOR_VARIANCE).fit((x - center) / scale, labels)
+    coef = fit.coef_[0] / scale
+    intercept = float(fit.intercept_[0] - coef @ center)
+    return {"slope": 0.0} | dict(zip(features, coef.tolist(), strict=True)) | {"intercept": intercept}
+
+
+def save_calibration(calibration: Calibration, model_dir: Path) -> None:
+    (Path(model_dir) / CALIBRATION_FILE).write_text(json.dumps(asdict(calibration)))
+
+
+def load_calibration(model_dir: str | Path) -> Calibration:
+    """The calibration saved beside a fine-tuned model; identity for a model without one."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    return Calibration(**json.loads(path.read_text())) if path.exists() else Calibration()
