@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -37,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines, protocol  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, flat_params, load_settings  # noqa: E402
-from tasks.evaluate import SLICE_COLUMNS, SLICES, evaluation_table, popularity_ctr, slice_masks  # noqa: E402
+from tasks.evaluate import (  # noqa: E402
+    SLICE_COLUMNS,
+    SLICES,
+    Evaluation,
+    evaluation_table,
+    popularity_ctr,
+    slice_masks,
+)
+from tasks.gates import promotion_gates  # noqa: E402
 from tasks.intervals import INTERVAL_METRICS, Scored, paired_interval  # noqa: E402
 from tasks.logs import open_logs  # noqa: E402
 from tasks.metrics import expected_calibration_error_equal_mass, metrics, ranking_lists  # noqa: E402
@@ -229,12 +238,14 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     priors = output_layer(settings, settings.model.calibration, splits, None)
     predictions[PRIORS_ONLY] = served(priors, test, None)
 
+    table = evaluation_table(test, predictions)
     return {
         "seed": seed,
         "commit": git_commit(),
         "test": test.select(SLICE_COLUMNS),
         "predictions": predictions,
-        "table": evaluation_table(test, predictions),
+        "table": table,
+        "gates": first_champion_gates(settings, test, table, predictions, default["kept_step"]),
         "kept_step": {DEFAULT: default["kept_step"]},
         "validation": {DEFAULT: default["valid"]},
         "selection": {"best_trained_step": default["best_trained_step"], "text_gain": default["text_gain"]},
@@ -243,6 +254,17 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
         "cold_items": len(cold_items),
         "pairs": {name: frame.height for name, frame in splits.items()},
     }
+
+
+def first_champion_gates(
+    settings: Settings, test: pl.DataFrame, table: pl.DataFrame, predictions: dict, kept_step: int
+) -> list[dict]:
+    """The promotion gates (tasks/gates.py) the default would face as a first champion on this test split
+    (the smoke gate, which loads a registered version, is not run here)."""
+    scored = {name: predictions[name] for name in (DEFAULT, "popularity")}
+    evaluation = Evaluation(table.filter(pl.col("model").is_in(list(scored))), test, scored, np.zeros(1))
+    gates = promotion_gates(evaluation, kept_step, None, settings.promotion)
+    return [asdict(gate) for gate in gates if gate.name != "smoke"]
 
 
 def run_levers(args: argparse.Namespace, logs: Path) -> dict:
@@ -269,10 +291,11 @@ def run_levers(args: argparse.Namespace, logs: Path) -> dict:
             k: scores[k] for k in ("logloss", "auc", "gauc", "ndcg@10")
         }
         results[name] |= {"valid_pairs": valid.height, "valid_clicks": int(labels.sum())}
-        results[name]["seconds"] = round(time.monotonic() - started, 1)
+        results[name] |= {"seconds": round(time.monotonic() - started, 1), "git_commit": git_commit()}
         print(f"lever {name}: {results[name]}", flush=True)
     earlier = json.loads(out.read_text())["levers"] if out.exists() and args.only else {}
-    levers = earlier | results
+    same_code = {name: lever for name, lever in earlier.items() if lever.get("git_commit") == git_commit()}
+    levers = same_code | results  # levers measured by other code are not comparable: dropped
     for name, lever in levers.items():
         if name != DEFAULT and (work / f"lever-{name}-valid.parquet").exists():
             lever["vs_default"] = lever_interval(work, name)
@@ -412,6 +435,7 @@ def run(args: argparse.Namespace) -> dict:
         "validation_at_kept_step": {run["seed"]: run["validation"][DEFAULT] for run in runs},
         "selection": {run["seed"]: run["selection"] for run in runs},
         "cold_fit": {run["seed"]: run["cold_fit"] for run in runs},
+        "first_champion_gates": {run["seed"]: run["gates"] for run in runs},
         "valid_clicks": [run["valid_clicks"] for run in runs],
         "per_seed": {run["seed"]: run["table"].to_dicts() for run in runs},
         "mode": "quick" if args.quick else "full",

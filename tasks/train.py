@@ -97,7 +97,8 @@ def fine_tune(
     on_step: Callable[[int, list[int], torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train on train_path, early-stop on the served score's validation logloss (the output layer fitted on
-    each validation's logits), save the best model and its output layer to out_dir.
+    each validation's logits, cross-fitted), against step 0, the priors alone; save the kept model and its
+    output layer (without text if step 0 was kept) to out_dir.
 
     Under torchrun (a process group set up by tasks/train_worker.py) each rank trains on its share of every
     step's pairs through DistributedDataParallel; rank 0 alone validates, decides, saves and calibrates, and
@@ -197,7 +198,8 @@ def fine_tune(
             return True
         return False
 
-    # 4. the untrained model is the first candidate, unless a killed run with this data and config left a state
+    # 4. the priors alone (step 0; the untrained weights saved with them) are the first candidate, unless a
+    # killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
     best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(valid.height, dtype=np.float32)

@@ -87,3 +87,16 @@ def test_the_user_id_salt_is_a_secret_that_never_reaches_params(monkeypatch):
     assert "pepper-123" not in str(flat_params(settings)) and "pepper-123" not in settings.model_dump_json()
     with pytest.raises(ValidationError, match="masked copy"):  # a dumped config passed back as overrides
         load_settings(settings.model_dump(mode="json"))
+
+
+def test_a_versions_text_settings_replace_the_runs_and_say_what_differs():
+    from tasks.config import text_settings, with_text_settings
+
+    run = load_settings({"data": {"history_length": 5}, "training": {"epochs": 7}})
+    stored = text_settings(load_settings())  # a version trained with the defaults
+    served, changed = with_text_settings(run, stored)
+    assert served.data.history_length == 3 and served.training.epochs == 7  # only text settings move
+    assert changed == ["data.history_length 5 -> 3"]
+    assert with_text_settings(served, stored) == (served, [])
+    newer = stored | {"data": stored["data"] | {"a_setting_of_a_newer_adrank": 1}}
+    assert with_text_settings(run, newer)[0].data.history_length == 3  # unknown names are ignored
