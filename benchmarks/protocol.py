@@ -44,8 +44,9 @@ def hold_out_items(logs: Path, out: Path, seed: int, test_from: datetime) -> lis
 
 def time_split_pairs(settings, valid_from: datetime, test_from: datetime) -> dict[str, pl.DataFrame]:
     """adrank's pairs of settings.data.logs, split at the cutoffs of the full logs (so every seed has the same
-    test impressions), with is_new_ad = the ad has no pair in train or valid (the held-out ads among them);
-    is_cold_start and is_ranked_user as build_pairs sets them (point-in-time)."""
+    test impressions), with is_new_ad = the ad has no training pair (adrank's rule, at these cutoffs: first
+    shown at or after valid_from; the held-out ads among them); is_cold_start and is_ranked_user as
+    build_pairs sets them (point-in-time)."""
     built = build_pairs(settings)
     pairs = pl.concat([pl.read_parquet(path) for path in built.paths.values()]).with_columns(
         pl.when(pl.col("shown_at") >= test_from)
@@ -55,7 +56,7 @@ def time_split_pairs(settings, valid_from: datetime, test_from: datetime) -> dic
         .otherwise(pl.lit("train"))
         .alias("split")
     )
-    seen = pairs.filter(pl.col("split") != "test")["ad_id"].unique().implode()
+    seen = pairs.filter(pl.col("split") == "train")["ad_id"].unique().implode()
     pairs = pairs.with_columns((~pl.col("ad_id").is_in(seen)).alias("is_new_ad"))
     return {name: pairs.filter(pl.col("split") == name).sort("shown_at", "impression_id") for name in built.paths}
 

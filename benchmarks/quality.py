@@ -242,6 +242,7 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     return {
         "seed": seed,
         "commit": git_commit(),
+        "dirty": git_dirty(),  # uncommitted edits: the commit does not name the code, never resumed
         "test": test.select(SLICE_COLUMNS),
         "predictions": predictions,
         "table": table,
@@ -414,10 +415,10 @@ def run(args: argparse.Namespace) -> dict:
         saved = work / args.name / f"run-{seed}.pkl"  # scratch: a crash in the summary keeps the trained seeds
         if args.resume and saved.exists():
             run = pickle.loads(saved.read_bytes())
-            if run.get("commit") == commit:
+            if run.get("commit") == commit and not run.get("dirty", True) and not git_dirty():
                 runs.append(run)
                 continue
-            print(f"seed {seed}: not resumed, scored by commit {run.get('commit')} (this is {commit})", flush=True)
+            print(f"seed {seed}: not resumed: scored by commit {run.get('commit')}, this is {commit}", flush=True)
         runs.append(run_seed(args, logs, seed, timings))
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_bytes(pickle.dumps(runs[-1]))

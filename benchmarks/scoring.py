@@ -13,8 +13,8 @@ Fidelity: recall@10 and NDCG@10 of each user's two-stage top 10 against the exha
 what the model learned (a model whose text term is noise ranks by near-ties). So they are measured on the
 quality benchmark's seed-42 default checkpoint (--fidelity-checkpoint, trained on ML-100K; its kept step is
 recorded and must be > 0), with its two-tower distilled as retrain does, for --fidelity-users users rerank
-ranks on the day after the logs x every active ad, by pCTR and by eCPM (seeded log-normal bids: MovieLens
-has none).
+ranks on the day after the logs (active in the --fidelity-window-days before it) x every active ad, by pCTR
+and by eCPM (seeded log-normal bids: MovieLens has none).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,12 @@ def parse_args() -> argparse.Namespace:
         "--fidelity-logs", type=Path, default=quality / "ml100k-logs-seed42", help="the logs it was trained on"
     )
     parser.add_argument("--fidelity-users", type=int, default=200, help="users of the fidelity workload")
+    parser.add_argument(
+        "--fidelity-window-days",
+        type=int,
+        default=30,
+        help="ranking.active_window_days of the fidelity workload (ML-100K has at most ~130 users in a week)",
+    )
     parser.add_argument("--skip-fidelity", action="store_true", help="cost only (a quick look)")
     return parser.parse_args()
 
@@ -217,10 +224,17 @@ def peak_rss_mib(args: argparse.Namespace, users: int) -> float:
 def fidelity(args: argparse.Namespace, ks: list[int]) -> dict:
     """Two-stage vs exhaustive ranking on a trained model (see the module docstring): recall@10 and NDCG@10 at
     each K by pCTR, at the default K by eCPM and with int8 quantisation."""
-    checkpoint = args.fidelity_checkpoint.resolve()
-    selection = json.loads((checkpoint / SELECTION_FILE).read_text())
     home = args.work.resolve() / "fidelity"
-    settings = load_settings({"home": str(home), "data": {"logs": str(args.fidelity_logs.resolve())}})
+    checkpoint = home / "checkpoint"  # a copy: the two-tower is distilled into it, not into the quality run's
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.copytree(args.fidelity_checkpoint.resolve(), checkpoint)
+    selection = json.loads((checkpoint / SELECTION_FILE).read_text())
+    if selection["kept_step"] == 0:
+        raise SystemExit(f"{args.fidelity_checkpoint} kept step 0 (it serves the priors alone): not a trained model")
+    ranking = {"active_window_days": args.fidelity_window_days}
+    settings = load_settings(
+        {"home": str(home), "data": {"logs": str(args.fidelity_logs.resolve())}, "ranking": ranking}
+    )
     built = build_pairs(settings)
     distill_two_tower(settings, checkpoint, built.paths["train"])  # as retrain does, into the checkpoint
     model = ranking_model(settings, checkpoint)
@@ -264,6 +278,7 @@ def fidelity(args: argparse.Namespace, ks: list[int]) -> dict:
         "kept_step": selection["kept_step"],
         "run_date": str(inputs.run_date),
         "users": users.height,
+        "active_window_days": args.fidelity_window_days,
         "ads": inputs.ads.height,
         "rows": rows,
         "recall_at_10": default["recall@10"],
@@ -276,6 +291,8 @@ def fidelity(args: argparse.Namespace, ks: list[int]) -> dict:
 def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     settings = settings_for(args)
+    ks = sorted({*args.ks, settings.ranking.candidates_k})
+    faithful = None if args.skip_fidelity else fidelity(args, ks)  # first: it needs the quality run's model
     checkpoint = prepare(settings)
     model = ranking_model(settings, checkpoint)
     inputs = workload(settings, args.users)
@@ -303,7 +320,6 @@ def run(args: argparse.Namespace) -> dict:
             "ce_passes_per_s": s.stage2_unique_texts / s.seconds["stage2"],
         }
 
-    ks = sorted({*args.ks, default_k})
     for k in ks:
         rows.append(two_stage(k, f"two-stage K={k}"))
     rows.append(two_stage(default_k, f"two-stage K={default_k}, int8", quantize=True))
@@ -321,7 +337,6 @@ def run(args: argparse.Namespace) -> dict:
         rss_1x = rss_10x = float("nan")
     else:
         rss_1x, rss_10x = peak_rss_mib(args, args.rss_users), peak_rss_mib(args, 10 * args.rss_users)
-    faithful = None if args.skip_fidelity else fidelity(args, ks)
     result = {
         "workload": {"users": inputs.users.height, "ads": inputs.ads.height, "max_seq_length": model.max_length},
         "rows": rows,

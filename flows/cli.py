@@ -326,5 +326,6 @@ def test_lines(rows: list[dict]) -> str:
             lines.append(f"  {label:<13}{name} ({scores[0]['pairs']} pairs), AUC / gAUC: {figures}")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,6 +25,8 @@ log_evaluation = task(registry.log_evaluation, name="log_evaluation", cache_poli
 register_model = task(registry.register_model, name="register_model", cache_policy=NO_CACHE)
 promote_if_better = task(registry.promote_if_better, name="promote_if_better", cache_policy=NO_CACHE)
 assess_champion = task(registry.assess_champion, name="assess_champion", cache_policy=NO_CACHE)
+champion_settings = task(registry.champion_settings, name="champion_settings", cache_policy=NO_CACHE)
+test_pairs_as = task(pairs.test_pairs_as, name="test_pairs_as_the_champion_was_trained", cache_policy=NO_CACHE)
 list_model_versions = task(registry.model_versions, name="list_model_versions", cache_policy=NO_CACHE)
 publish_model_versions = task(publish.publish_model_versions, name="publish_model_versions", cache_policy=NO_CACHE)
 
@@ -52,12 +54,11 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
     # evaluate, against the champion on the same test split
     # (a champion that no longer loads is reported, not fatal: it yields to a challenger passing the gates)
-    champion_version = current_champion.with_options(**io)(settings)
-    champion = (
-        assess_champion.with_options(**io)(settings, champion_version, built.paths["test"])
-        if champion_version
-        else None
-    )
+    champion_version, champion = current_champion.with_options(**io)(settings), None
+    if champion_version:  # scored on the same test impressions, their texts rendered as it was trained
+        as_trained = champion_settings.with_options(**io)(settings, champion_version)
+        test_path = test_pairs_as(settings, built, as_trained)
+        champion = assess_champion.with_options(**io)(settings, champion_version, test_path)
     others = {registry.CHAMPION: champion.pctr} if champion and champion.pctr is not None else {}
     evaluation = evaluate_models(settings, built.paths["train"], built.paths["test"], checkpoint, others)
     log_evaluation.with_options(**io)(settings, run_id, evaluation, result.valid_pctr)

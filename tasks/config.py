@@ -195,6 +195,16 @@ class TrainingConfig(BaseModel):
 class PromotionConfig(BaseModel):
     """Gates a new version must pass, all of them, to become champion (tasks/gates.py)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "min_auc_gain" in values:
+            raise ValueError(
+                "promotion.min_auc_gain is now promotion.min_gain: the lower end of the 95% interval of the "
+                "AUC or gAUC gain over the champion must exceed it (a difference beyond the noise)"
+            )
+        return values
+
     min_gain: float = Field(
         0.0,
         ge=0,

@@ -63,6 +63,8 @@ def paired_interval(
     """The difference model - baseline on metric, averaged over sets, with its paired bootstrap interval.
     NaN throughout when a set has too little data for the metric (e.g. a slice with one class)."""
     users = np.unique(np.concatenate([s.users for s in sets]))
+    if len(users) == 0:  # an empty slice (no cold ads in a test split, no user rerank ranked)
+        return Interval(math.nan, math.nan, math.nan)
     prepared = [_prepare(s, (model, baseline), metric, users) for s in sets]
     everyone = np.ones(len(users))
     mean = float(np.mean([_difference(p, model, baseline, metric, everyone) for p in prepared]))

@@ -187,8 +187,8 @@ def fit_calibration(
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
     on cold_fit_rows (cold pairs, else the least-shown ads' pairs, with at least min_cold_clicks clicks).
     """
-    if labels.min() == labels.max():
-        return Calibration()
+    if labels.min() == labels.max():  # nothing to fit: the logit as it is, or without text the rate itself
+        return _one_class(labels, logits, template)
     text = None if logits is None else np.asarray(logits, dtype=np.float64)
     if template is None:
         return Calibration(**_logistic_fit(labels, text=text))
@@ -204,10 +204,19 @@ def fit_calibration(
         else everything | {"ad_weight": 0.0}
     )
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
-    unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows))
-    if not _both_classes(labels[rows]):
+    if _both_classes(labels[rows]):
+        unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows))
+    else:
         unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
     return replace(template, **seen, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
+
+
+def _one_class(labels: np.ndarray, logits: np.ndarray | None, template: Calibration | None) -> Calibration:
+    """The layer when validation holds one class only: the identity on a logit (nothing to fit it with), or,
+    without text, a constant at that click rate (clipped), never the untrained logit."""
+    if logits is not None:
+        return Calibration()
+    return replace(template or Calibration(), slope=0.0, intercept=float(probability_log_odds(labels.mean())))
 
 
 def cold_fit_rows(priors: PairPriors, labels: np.ndarray, min_clicks: int) -> tuple[np.ndarray, str]:

@@ -11,7 +11,7 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 
-from tasks.config import DataConfig, Settings, template_fields
+from tasks.config import DataConfig, Settings, template_fields, text_settings
 from tasks.logs import log_quality, open_logs, stage_candidates
 from tasks.output_layer import AD_PRIOR_COLUMNS, USER_PRIOR_COLUMNS
 from tasks.progress import StageProgress
@@ -46,8 +46,8 @@ class RankingInputs:
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
 
 
-def build_pairs(settings: Settings) -> Pairs:
-    """Read the logs and write <home>/pairs/{train,valid,test}.parquet.
+def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
+    """Read the logs and write <pairs_dir>/{train,valid,test}.parquet (default <home>/pairs).
 
     DuckDB joins the histories within data.duckdb_memory_limit (spilling to <home>/tmp); the pairs then
     stream out in time order, data.pair_batch_rows at a time, so memory does not grow with the logs."""
@@ -76,9 +76,10 @@ def build_pairs(settings: Settings) -> Pairs:
         add_texts = _pair_texts(con, data)
         bar.advance(1, step="texts")
 
-        settings.pairs_dir.mkdir(parents=True, exist_ok=True)
+        pairs_dir = pairs_dir or settings.pairs_dir
+        pairs_dir.mkdir(parents=True, exist_ok=True)
         stream = con.execute(load_sql("int_user_ad_pairs")).fetch_record_batch(data.pair_batch_rows)
-        with _SplitWriter(settings.pairs_dir) as writer:
+        with _SplitWriter(pairs_dir) as writer:
             for batch in stream:
                 part = pl.from_arrow(batch)
                 if skip:
@@ -157,6 +158,22 @@ def _materialize_ad_counts(con: duckdb.DuckDBPyConnection, requests: str, params
     """int_ad_prior_counts: each ad's impressions and clicks before the moments of sql/<requests>.sql."""
     materialize(con, requests, params, table="ad_requests")
     materialize(con, "int_ad_prior_counts")
+
+
+def test_pairs_as(settings: Settings, built: Pairs, texts: Settings) -> Path:
+    """The test pairs of `built` with their texts rendered by `texts`' text settings (tasks/config.py
+    TEXT_SETTINGS: a champion trained with other ones is scored on its own kind of input): `built`'s own
+    file when the settings agree, else the same impressions in the same order, rebuilt under
+    <pairs_dir>/as-trained/."""
+    if text_settings(texts) == text_settings(settings):
+        return built.paths["test"]
+    rebuilt = build_pairs(texts, settings.pairs_dir / "as-trained").paths["test"]
+    ours, theirs = (
+        pl.read_parquet(path, columns=["impression_id"])["impression_id"] for path in (built.paths["test"], rebuilt)
+    )
+    if not ours.equals(theirs):
+        raise ValueError(f"{rebuilt}: the test pairs rebuilt with other text settings are not the same impressions")
+    return rebuilt
 
 
 def split_fractions(data: DataConfig) -> dict[str, float]:

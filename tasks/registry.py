@@ -323,6 +323,18 @@ def served_settings(settings: Settings, version: str) -> Settings:
     return served
 
 
+def champion_settings(settings: Settings, version: str) -> Settings:
+    """served_settings of the champion a retrain compares against; this run's settings when the version's
+    model cannot be read (assess_champion then says why, and the champion gives way)."""
+    try:
+        return served_settings(settings, version)
+    except TrackingUnavailable:
+        raise
+    except Exception as error:  # a broken or deleted version: assess_champion reports it
+        print(f"warning: the text settings of champion version {version} cannot be read: {type(error).__name__}")
+        return settings
+
+
 def assess_champion(settings: Settings, version: str, pairs_path: Path) -> Champion:
     """The champion's pCTR on pairs_path, or why it cannot be had: a champion that no longer loads must
     not block a retrain. Tracking-server outages still raise (the flow retries them)."""

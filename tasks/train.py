@@ -330,6 +330,10 @@ def cross_fitted_pctr(
     selection only if it predicts users it was not fitted on. logits None: the priors alone."""
     keys = valid["user_id"] if "user_id" in valid.columns else pl.Series(range(valid.height))
     folds = (keys.hash(seed=0) % CROSS_FIT_FOLDS).to_numpy()
+    labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    if any(np.unique(labels[folds != fold]).size < 2 for fold in range(CROSS_FIT_FOLDS)):
+        # a fold without both classes to fit on (a handful of users or clicks): scored in sample instead
+        return served_pctr(calibrate(settings, train, valid, logits), logits, PairPriors.of(valid))
     pctr = np.empty(valid.height, dtype=np.float64)
     for fold in range(CROSS_FIT_FOLDS):
         held = folds == fold
@@ -557,8 +561,8 @@ def calibrate(
     without logits: the priors alone), plus the priors settings.model.calibration names, each pair's
     point-in-time counts shrunk towards train's click rate."""
     method, labels = settings.model.calibration, valid["is_clicked"].cast(pl.Int8).to_numpy()
-    if method == "none":
-        return Calibration()
+    if method == "none":  # the raw logit; without one (step 0 kept), the untrained head's is not served either
+        return Calibration() if valid_logits is not None else Calibration(slope=0.0)
     if method == "platt":
         return fit_calibration(valid_logits, labels)
     terms = set(method.split("+"))

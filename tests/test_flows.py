@@ -352,3 +352,25 @@ def test_an_ad_first_shown_in_validation_is_served_with_its_counts(first_retrain
     assert not served.calibration.is_cold(PairPriors.of(ad))[0]
     cold = ad.with_columns(ad_prior_impressions=pl.lit(0), ad_prior_clicks=pl.lit(0))
     assert served.calibration.ad_prior(PairPriors.of(ad))[0] != served.calibration.ad_prior(PairPriors.of(cold))[0]
+
+
+def test_a_retrain_with_new_text_settings_scores_the_champion_on_its_own_texts(first_retrain, worse_retrain):
+    """The champion (version 1, a history of 3 titles) is compared on the same test impressions, rendered as
+    it was trained, whatever text settings the challenger uses: its test figures do not move."""
+    settings, _ = first_retrain
+    shorter = build_settings(
+        settings.home,
+        settings.model.base_model,
+        settings.data.logs,
+        data={"history_length": 1},
+        training=SIGNAL_TRAINING,
+        promotion=SIGNAL_PROMOTION,
+    )
+    assert MlflowClient().get_model_version_by_alias(settings.tracking.registered_model, CHAMPION).version == 1
+    result = retrain(shorter.model_dump(mode="json"))
+    champion = {r["slice"]: r for r in result["evaluation"] if r["model"] == CHAMPION}
+    as_before = {r["slice"]: r for r in worse_retrain["evaluation"] if r["model"] == CHAMPION}
+    for metric in ("auc", "gauc", "logloss"):
+        assert champion["overall"][metric] == pytest.approx(as_before["overall"][metric], abs=1e-9), metric
+    rebuilt = pl.read_parquet(settings.pairs_dir / "as-trained" / "test.parquet")
+    assert rebuilt["user_text"].str.count_matches(r" \| ").max() == 2  # three titles, as version 1 reads them
