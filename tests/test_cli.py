@@ -76,3 +76,16 @@ def test_broken_logs_are_reported_without_a_traceback(prefect_api, tmp_path, mon
     (tmp_path / "logs" / "ads").mkdir(parents=True)
     assert main(["retrain", "--data.logs", str(tmp_path / "logs")]) == 1
     assert "no Parquet files for table 'impressions'" in capsys.readouterr().err
+
+
+def test_the_demo_summary_says_which_gate_held_a_version_and_what_step_0_serves():
+    from flows.cli import kept_step_line, promotion_line
+
+    gates = [
+        {"name": "popularity", "passed": False, "detail": "vs popularity: worse beyond the noise on gauc (overall)"},
+        {"name": "smoke", "passed": True, "detail": "scores the fixed examples"},
+    ]
+    held = promotion_line({"promoted": False, "gates": gates})
+    assert held == "not promoted, held by the popularity gate (vs popularity: worse beyond the noise on gauc (overall))"
+    assert promotion_line({"promoted": True, "gates": gates}).startswith("promoted to champion")
+    assert "serves them without text" in kept_step_line(0) and kept_step_line(400).startswith("kept step 400")
