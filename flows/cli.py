@@ -2,6 +2,9 @@
 
 Flags are the config's fields (`--training.epochs 2`, `--home /data/adrank`); `adrank <command> --help`
 lists them all. Env vars (ADRANK_...) apply underneath.
+
+Each command imports what it needs when it runs: a lookup (`--help`, `rankings`) never loads torch,
+transformers, MLflow or Prefect (benchmarks/cli_latency.py).
 """
 
 from __future__ import annotations
@@ -12,15 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import polars as pl
-from mlflow.exceptions import MlflowException
-from pydantic import ValidationError
-
-from tasks import registry
 from tasks.config import Settings, cli_overrides, load_settings
-from tasks.logs import LogContractError
-from tasks.object_storage import LogSourceError, is_s3_url
-from tasks.warehouse import ViewsNotUpdatedError
 
 COMMANDS = {
     "demo": "generate sample logs if none exist, retrain, rerank, and print where the results are",
@@ -86,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.get("date"):
             overrides = merge(overrides, {"ranking": {"run_date": args["date"]}})
         settings = load_settings(overrides)
-    except (ValidationError, SystemExit) as error:  # argparse exits on an unknown flag
+    except (ValueError, SystemExit) as error:  # a ValidationError; a secret flag; argparse exits on an unknown flag
         print(f"adrank {command}: invalid config: {error}", file=sys.stderr)
         return EXIT_USAGE
     if command == "stack":
@@ -95,11 +90,36 @@ def main(argv: list[str] | None = None) -> int:
         return run_stack(args["action"], settings)
     try:
         return run_command(command, settings, overrides, args)
-    except LogContractError as error:
-        print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
-    except (registry.PromotionError, MlflowException, LookupError, LogSourceError, ViewsNotUpdatedError) as error:
-        print(f"adrank {command}: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - only run_failures() are reported; the rest re-raised below
+        if not isinstance(error, run_failures()):
+            raise
+        from tasks.logs import LogContractError
+
+        if isinstance(error, LogContractError):
+            print(f"adrank: the logs break the contract (docs/data.md): {error}", file=sys.stderr)
+        else:
+            print(f"adrank {command}: {error}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def run_failures() -> tuple[type[Exception], ...]:
+    """The errors a command reports as one message and exit 1, imported only once something failed."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.logs import LogContractError
+    from tasks.object_storage import LogSourceError
+    from tasks.registry import PromotionError
+    from tasks.warehouse import ViewsNotUpdatedError
+
+    return (
+        LogContractError,
+        PromotionError,
+        MlflowException,
+        LookupError,
+        LogSourceError,
+        ViewsNotUpdatedError,
+        FileExistsError,
+    )
 
 
 def usage_line(command: str) -> str:
@@ -142,6 +162,8 @@ def command_arguments(command: str, flags: list[str]) -> tuple[dict[str, str | b
 
 def run_command(command: str, settings: Settings, overrides: dict, args: dict) -> int:
     """Flows get only the CLI's overrides as parameters; they read the rest from the environment."""
+    if command in ("promote", "rollback"):
+        from tasks import registry
     if command == "promote":
         registry.move_champion(settings, args["version"], reason="manual promotion (adrank promote)")
         registry.snapshot_model_versions(settings)  # the warehouse's model_versions follows the alias
@@ -190,6 +212,10 @@ def update_views(settings: Settings) -> int:
 
 
 def print_models(settings: Settings) -> None:
+    import polars as pl
+
+    from tasks import registry
+
     versions = registry.model_versions(settings)
     if versions.is_empty():
         print(f"no registered versions of {settings.tracking.registered_model} at {settings.tracking.mlflow_uri}")
@@ -213,6 +239,8 @@ def print_models(settings: Settings) -> None:
 
 
 def print_rankings(settings: Settings, user_id: str) -> int:
+    import polars as pl
+
     from tasks.publish import user_rankings
 
     salt = settings.ranking.user_id_salt
@@ -228,6 +256,7 @@ def print_rankings(settings: Settings, user_id: str) -> int:
 
 
 def print_explanation(settings: Settings, user_id: str, ad_id: str) -> None:
+    from tasks import registry
     from tasks.explain import explain_pair, to_text
     from tasks.publish import ranked_by
     from tasks.score import RankingModel
@@ -253,12 +282,13 @@ def merge(base: dict, top: dict) -> dict:
 
 
 def write_sample_logs(settings: Settings) -> None:
+    from tasks.object_storage import LogSourceError, is_s3_url
     from tasks.sample_data import generate_sample_logs
 
     if is_s3_url(settings.data.logs):  # adrank reads object storage, never writes it
         raise LogSourceError(f"{settings.data.logs}: sample-data writes a local folder; upload it yourself")
 
-    counts = generate_sample_logs(settings.sample, Path(settings.data.logs))
+    counts = generate_sample_logs(settings.sample, Path(settings.data.logs), settings.home / "sample_logs")
     print(f"sample logs written to {settings.data.logs}: {counts}")
 
 
@@ -267,6 +297,7 @@ def run_demo(settings: Settings, overrides: dict) -> None:
 
     from flows.rerank import rerank
     from flows.retrain import retrain
+    from tasks.object_storage import is_s3_url
 
     server = os.environ.get("PREFECT_API_URL") or "a temporary Prefect server (it starts in up to ~25 s)"
     print(f"adrank demo: sample market -> retrain -> rerank, on {server}", flush=True)

@@ -1,11 +1,7 @@
 -- user_rankings: one user's published ads of $run_date (null: the latest date they were ranked), best first:
--- one row per rank. With $user_id_salt the user is looked up as published: sha256(salt || user_id).
+-- one row per rank. $user_ids: every published id that may stand for the user (tasks/user_keys.py).
 with user_key as (
-    select
-        case
-            when cast($user_id_salt as varchar) is null then cast($user_id as varchar)
-            else sha256(cast($user_id_salt as varchar) || cast($user_id as varchar))
-        end as user_id
+    select unnest(cast($user_ids as varchar[])) as user_id
 ),
 
 rankings as (

@@ -18,6 +18,14 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 DEFAULT_HOME = Path("adrank_home")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 URI_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")
+# query parameters that carry a secret: ?token=, &password=, SAS sig=, X-Amz-Signature=, api_key=, ...
+URI_SECRET_PARAMETERS = re.compile(
+    r"([?&;][\w.-]*(?:token|password|passwd|pwd|secret|sig|signature|credential|key)[\w.-]*=)[^&;#\s\"']*",
+    re.IGNORECASE,
+)
+# settings that are secrets: read from the environment only, never from flags or flow parameters (which the
+# Prefect database stores in clear)
+ENV_ONLY = {"ranking": ("user_id_salt",)}
 
 
 def packaged_model_path() -> str:
@@ -263,8 +271,8 @@ class RankingConfig(BaseModel):
     )
     user_id_salt: SecretStr | None = Field(
         None,
-        description="If set, ad_rankings holds sha256(salt || user_id) instead of user ids. A secret: set it "
-        "with ADRANK_RANKING__USER_ID_SALT; it is never logged.",
+        description="If set, ad_rankings holds HMAC-SHA256(salt, user_id) instead of user ids. A secret: set "
+        "it with ADRANK_RANKING__USER_ID_SALT (a flag or flow parameter is refused); it is never logged.",
     )
     superseded_retention_minutes: float = Field(
         60,
@@ -304,14 +312,6 @@ class RankingConfig(BaseModel):
         if self.candidates_k is not None and self.candidates_k < self.top_n:
             raise ValueError(f"candidates_k ({self.candidates_k}) must be at least top_n ({self.top_n})")
         return self
-
-    @field_validator("user_id_salt")
-    @classmethod
-    def _not_a_masked_copy(cls, salt: SecretStr | None) -> SecretStr | None:
-        # a dumped config shows secrets as '**********'; passed back as overrides it must not become the salt
-        if salt is not None and set(salt.get_secret_value()) <= {"*"}:
-            raise ValueError("user_id_salt is a masked copy ('****'); set it with ADRANK_RANKING__USER_ID_SALT")
-        return salt
 
     @field_validator("candidates_table")
     @classmethod
@@ -522,8 +522,19 @@ def with_text_settings(settings: Settings, stored: dict[str, dict[str, Any]]) ->
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from defaults < env < overrides (nested dicts merge with env, e.g. {"training": {"epochs": 2}})."""
-    return Settings(**(overrides or {}))
+    """Settings from defaults < env < overrides (nested dicts merge with env, e.g. {"training": {"epochs": 2}}).
+
+    A secret (ENV_ONLY) among the overrides is a ValueError: flags become flow parameters, stored in clear."""
+    overrides = overrides or {}
+    for section, names in ENV_ONLY.items():
+        for name in names:
+            if name in (overrides.get(section) or {}):
+                variable = f"ADRANK_{section.upper()}__{name.upper()}"
+                raise ValueError(
+                    f"{section}.{name} is a secret: set it with the environment variable {variable}, not as a "
+                    "flag or flow parameter (Prefect stores parameters in clear)"
+                )
+    return Settings(**overrides)
 
 
 def cli_overrides(flags: list[str]) -> dict[str, Any]:
@@ -535,8 +546,9 @@ def cli_overrides(flags: list[str]) -> dict[str, Any]:
 
 
 def redact(value: str) -> str:
-    """A URI with any user:password@ replaced, for logs and tracked params."""
-    return URI_CREDENTIALS.sub(r"\1***@", value)
+    """A URI with any user:password@ and secret query parameters (?token=...) replaced, for logs and tracked
+    params."""
+    return URI_SECRET_PARAMETERS.sub(r"\1***", URI_CREDENTIALS.sub(r"\1***@", value))
 
 
 def flat_params(settings: Settings) -> dict[str, str]:

@@ -12,7 +12,6 @@ import polars as pl
 
 from tasks.config import Settings
 from tasks.metrics import metrics, ranking_lists
-from tasks.model import load_cross_encoder, pick_device, predict_ctr, seed_everything
 from tasks.output_layer import PairPriors, load_calibration
 
 # pseudo-impressions at the global CTR added to each ad's counts in the popularity baseline
@@ -46,6 +45,8 @@ def evaluate_models(
 ) -> Evaluation:
     """Score the test split with the fine-tuned model, the base model with a fresh (seeded) head and
     the popularity baseline, plus any given predictions (e.g. the current champion's)."""
+    from tasks.model import seed_everything  # torch: imported by the runs that score, not by lookups
+
     test, train = pl.read_parquet(test_path), pl.read_parquet(train_path)
     # as many training pairs as test pairs: enough for a histogram at a fraction of a scoring pass
     train_sample = train.sample(min(train.height, test.height), seed=settings.training.seed)
@@ -67,6 +68,8 @@ def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame
     """pCTR of a saved model folder on each frame of pairs (user_text, ad_text[, prior counts]), loaded
     once, with its calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling
     says."""
+    from tasks.model import load_cross_encoder, pick_device, predict_ctr
+
     model, tokenizer = load_cross_encoder(str(path), pick_device(), pooling=settings.model.pooling)
     calibration = load_calibration(path)
     return [

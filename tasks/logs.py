@@ -55,6 +55,9 @@ def open_logs(source: str, data: DataConfig | None = None, spill_dir: Path | Non
     if isinstance(path, Path) and not path.exists():
         raise LogContractError(f"log source {path} does not exist")
     con = duckdb.connect()
+    # ts may be naive (meaning UTC) or tz-aware: casting a tz-aware one to the staged naive timestamp uses
+    # the session zone, which DuckDB takes from the machine. UTC here makes every day a UTC day everywhere.
+    con.execute("set TimeZone = 'UTC'")
     if spill_dir is not None:
         con.execute("set memory_limit = ?", [data.duckdb_memory_limit])
         spill_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder but not its parents

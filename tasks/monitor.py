@@ -8,7 +8,6 @@ flows/monitor.py composes them with publishing, MLflow and the Prefect event.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -24,6 +23,7 @@ from tasks.pairs import build_window_pairs
 from tasks.publish import read_rankings
 from tasks.registry import load_version, predict_pctr, served_settings, version_run
 from tasks.sql_files import load_sql
+from tasks.user_keys import lookup_user_ids
 from tasks.warehouse import published_run_dates
 
 DEGRADED_EVENT = "adrank.model.degraded"
@@ -131,12 +131,13 @@ def monitor_day(
 def _in_top_n(settings: Settings, day: pl.DataFrame, published: pl.DataFrame) -> pl.Series:
     """Whether each impression's ad was in its user's published top N (user ids hashed as published)."""
     salt = settings.ranking.user_id_salt
-    users = day["user_id"].to_list()
-    if salt is not None:
-        secret = salt.get_secret_value()
-        users = [hashlib.sha256(f"{secret}{u}".encode()).hexdigest() for u in users]
+    secret = salt and salt.get_secret_value()
     ranked = set(published.select("user_id", "ad_id").iter_rows())
-    return pl.Series("in_top_n", [(u, a) in ranked for u, a in zip(users, day["ad_id"], strict=True)])
+    in_top_n = [
+        any((key, a) in ranked for key in lookup_user_ids(secret, u))
+        for u, a in zip(day["user_id"], day["ad_id"], strict=True)
+    ]
+    return pl.Series("in_top_n", in_top_n)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+from duckdb.sqltypes import VARCHAR
 
 from tasks.sql_files import load_sql, materialize
+from tasks.user_keys import lookup_user_ids, published_user_id
 from tasks.warehouse import (
     ensure_views,
     new_file,
@@ -47,7 +49,7 @@ def publish_rankings(
     a folder of such files, e.g. one per shard (tasks/shards.py), read as one table) by objective ('pctr'
     or 'ecpm') and
     publish them as run_date's newest file, which the views switch to at once. With user_id_salt, user
-    ids are published as sha256(salt || user_id). Files superseded for longer than retention go.
+    ids are published as HMAC-SHA256(salt, user_id) (tasks/user_keys.py). Files superseded for longer than retention go.
 
     Returns the number of rows published. Zero rows are refused (PublishCheckError), as are rows that
     fail a key check: the date keeps its earlier publish.
@@ -62,6 +64,7 @@ def publish_rankings(
         "objective": objective,
     }
     with duckdb.connect() as con:  # in memory: staging and checks touch nothing published
+        con.create_function("published_user_id", published_user_id, [VARCHAR, VARCHAR], VARCHAR)
         source = Path(scores_path)
         scored = con.read_parquet(str(source / "*.parquet" if source.is_dir() else source))
         if "ecpm" not in scored.columns:  # staged by a pctr-only scorer
@@ -189,6 +192,6 @@ def sample_user_rankings(warehouse: Path, run_date: date, users: int, ads_per_us
 
 def user_rankings(warehouse: Path, user_id: str, run_date: date | None, user_id_salt: str | None) -> pl.DataFrame:
     """One user's published ranking of run_date (None: their latest), best first (sql/user_rankings.sql)."""
-    params = {"user_id": user_id, "run_date": run_date, "user_id_salt": user_id_salt}
+    params = {"user_ids": lookup_user_ids(user_id_salt, user_id), "run_date": run_date}
     with duckdb.connect(str(warehouse), read_only=True) as con:
         return con.execute(load_sql("user_rankings"), params).pl()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import mlflow
@@ -30,12 +31,13 @@ from tasks.config import PromotionConfig, Settings, flat_params, redact, text_se
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.gates import CHAMPION, Gate, promotion_gates
 from tasks.output_layer import PRIOR_COLUMNS
-from tasks.pairs import Pairs
-from tasks.plots import evaluation_figures
 from tasks.publish import publish_model_versions
-from tasks.train import TrainResult
-from tasks.two_tower import DistillResult
 from tasks.warehouse import ViewsNotUpdatedError
+
+if TYPE_CHECKING:  # torch: a registry lookup (adrank models) never imports it
+    from tasks.pairs import Pairs
+    from tasks.train import TrainResult
+    from tasks.two_tower import DistillResult
 
 CHALLENGER = "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"
@@ -179,6 +181,8 @@ def log_evaluation(settings: Settings, run_id: str, evaluation: Evaluation, vali
     configure_tracking(settings)
     table = evaluation.table
     with mlflow.start_run(run_id=run_id):
+        from tasks.plots import evaluation_figures  # matplotlib, for runs that evaluate
+
         for name, figure in evaluation_figures(evaluation, valid_pctr).items():
             mlflow.log_figure(figure, f"plots/{name}")
         mlflow.log_text(to_markdown(table), "evaluation.md")

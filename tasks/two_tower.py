@@ -74,6 +74,9 @@ class DistillResult:
     pairs: int
     holdout_mse: float
     holdout_spearman: float  # rank correlation with the cross-encoder on held-out users' pairs
+    # the same within each held-out user, averaged: what stage 1 is for (an ad-only score can match the
+    # pooled correlation where ads differ more than users, and still order no user's ads as stage 2 would)
+    holdout_user_spearman: float
 
 
 def load_two_tower(checkpoint: str | Path) -> TwoTower | None:
@@ -137,13 +140,20 @@ def distill_two_tower(settings: Settings, checkpoint: Path, train_path: Path) ->
     (Path(checkpoint) / CONFIG_FILE).write_text(json.dumps(config))
     with torch.inference_mode():
         predicted = tower(u[held_out], a[held_out]).numpy()
-    expected = targets[held_out].numpy()
+    expected, held_out_users = targets[held_out].numpy(), user_index[held_out.numpy()]
+    per_user = [
+        _spearman(predicted[held_out_users == i], expected[held_out_users == i]) for i in np.unique(held_out_users)
+    ]
     return DistillResult(
         pairs=len(targets),
         holdout_mse=float(np.mean((predicted - expected) ** 2)) if len(expected) else float("nan"),
         holdout_spearman=_spearman(predicted, expected),
+        holdout_user_spearman=float(np.nanmean(per_user)) if np.isfinite(per_user).any() else float("nan"),
     )
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return float(spearmanr(x, y).statistic) if len(x) > 1 else float("nan")
+    """NaN where undefined: fewer than two pairs, or a constant side."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import time
 import uuid
 from datetime import date, datetime, timedelta
@@ -43,6 +44,10 @@ VIEWS = {
 }
 # the partition folder of a table's files (run_date unless named here); its view keeps the newest file per value
 PARTITIONS = {"ad_daily_ctr": "impression_date", "model_versions": "model_name"}
+# a publish writes its one temp file in seconds to minutes: one untouched this long was left by a killed writer
+STALE_TEMP_AGE = timedelta(hours=6)
+# this machine, in temp file names: a writer's process id means something only on its own machine
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 # a view over files holds this (see _files_expression); one without it names an absolute folder only
 PORTABLE_VIEW_MARKER = "temp_directory"
 # the views of tables partitioned by a date read it from the folder names (sql/views/), so a filter on the
@@ -84,25 +89,48 @@ def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[dat
 
 
 def new_file(warehouse: Path, table: str, partition: date | str, published_at: datetime) -> Path:
-    """The hidden name (in the partition folder of a run_date; named by publish time) the next file of a
-    table's partition is written under; place then moves it into its schema folder."""
+    """The hidden name (in the partition folder of a run_date; named by publish time and its writer) the next
+    file of a table's partition is written under; place then moves it into its schema folder.
+
+    Temp files other writers left there are removed only if their writer is gone: a process of this machine
+    that no longer runs, or any writer after STALE_TEMP_AGE untouched. One still writing keeps its file."""
     value = partition.isoformat() if isinstance(partition, date) else partition
     folder = table_dir(warehouse, table) / f"{partition_key(table)}={value}"
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp"):  # left by a writer killed mid-write; never visible to readers
-        stale.unlink()
-    return folder / f".{published_at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet.tmp"  # the views never match it
+    for temp in folder.glob(".*.tmp"):  # never visible to readers
+        with contextlib.suppress(FileNotFoundError):  # its writer placed it meanwhile
+            if _writer_gone(temp):
+                temp.unlink()
+    name = f"{published_at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"  # the views never match a .tmp
+    return folder / f".{name}.{os.getpid()}-{_HOST}.tmp"
 
 
 def place(tmp: Path) -> Path:
-    """Rename a file of a partition folder (written as .<name>.tmp: renamed <name>) whole into the folder of
-    its columns there."""
-    target = tmp.parent / _schema_folder(tmp) / tmp.name.removeprefix(".").removesuffix(".tmp")
+    """Rename a file of a partition folder whole into the folder of its columns there: one written under
+    new_file's name as <time>-<id>.parquet, one of the layout before schema folders as it is named."""
+    name = tmp.name.removeprefix(".").removesuffix(".tmp").rsplit(".", 1)[0] if tmp.name.endswith(".tmp") else tmp.name
+    target = tmp.parent / _schema_folder(tmp) / name
     if not target.parent.exists():
         target.parent.mkdir()
         _fsync_directory(tmp.parent)
     _durable_rename(tmp, target)
     return target
+
+
+def _writer_gone(temp: Path) -> bool:
+    """Whether temp's writer (pid-host in its name) can no longer finish it."""
+    if temp.stat().st_mtime < time.time() - STALE_TEMP_AGE.total_seconds():
+        return True
+    pid, _, host = temp.name.removesuffix(".tmp").rsplit(".", 1)[-1].partition("-")
+    if host != _HOST or not pid.isdigit():
+        return False  # another machine's writer (a shared folder): only its age tells
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
 
 
 def _schema_folder(path: Path) -> str:

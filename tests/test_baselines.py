@@ -51,3 +51,19 @@ def test_prior_count_features_are_the_pairs_counts_and_a_missing_rate_without_im
     assert features["user_prior_impressions"].tolist() == [0, 4, 10]
     assert np.isnan(features["user_prior_ctr"][0]) and features["user_prior_ctr"].tolist()[1:] == [0.25, 1.0]
     assert features["ad_prior_ctr"][0] == 0.25 and np.isnan(features["ad_prior_ctr"][1])
+
+
+def test_deepfm_learns_the_ids_and_profile_and_scores_unseen_values():
+    users = pl.DataFrame(
+        {"user_id": [f"u{i}" for i in range(40)], "occupation": ["student" if i % 2 == 0 else "nurse" for i in range(40)]}
+    )
+    ads = pl.DataFrame({"ad_id": ["a1", "a2", "a3"], "category": ["games", "tax", "games"]})
+    (train, y_train), (valid, y_valid), (test, y_test) = toy(3000, 1), toy(500, 2), toy(500, 3)
+    features = [baselines.side_features(frame, users, ads) for frame in (train, valid, test)]
+    scores = baselines.deepfm(features[0], y_train, features[1], y_valid, features[2], seed=0)
+    assert scores.shape == (500,) and np.all((scores > 0) & (scores < 1))
+    assert roc_auc(y_test, scores) > 0.75  # a1 for students over a1 for nurses over a2: ids and profile
+    # a new ad (and a value never seen in training) gets the out-of-vocabulary embedding, not an error
+    unseen = baselines.side_features(pl.DataFrame({"user_id": ["u0", "u1"], "ad_id": ["a3", "a1"]}), users, ads)
+    new_ad, known = baselines.deepfm(features[0], y_train, features[1], y_valid, unseen, seed=0)
+    assert 0 < new_ad < 1 and 0 < known < 1

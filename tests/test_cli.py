@@ -89,3 +89,23 @@ def test_the_demo_summary_says_which_gate_held_a_version_and_what_step_0_serves(
     assert held == "not promoted, held by the popularity gate (vs popularity: worse beyond the noise on gauc (overall))"
     assert promotion_line({"promoted": True, "gates": gates}).startswith("promoted to champion")
     assert "serves them without text" in kept_step_line(0) and kept_step_line(400).startswith("kept step 400")
+
+
+def test_sample_data_never_replaces_logs_it_did_not_write(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADRANK_HOME", str(tmp_path / "home"))
+    real = tmp_path / "real-logs"
+    (real / "impressions").mkdir(parents=True)
+    (real / "impressions" / "part-0.parquet").write_bytes(b"the only copy of last year's clicks")
+    small = ["--sample.users", "5", "--sample.ads", "4", "--sample.days", "3"]
+    assert main(["sample-data", "--data.logs", str(real), *small]) == 1
+    assert str(real) in capsys.readouterr().err
+    assert (real / "impressions" / "part-0.parquet").read_bytes() == b"the only copy of last year's clicks"
+    # a folder sample-data wrote may be rewritten, wherever it is; so may the default one without a marker
+    written = tmp_path / "elsewhere"
+    assert main(["sample-data", "--data.logs", str(written), *small]) == 0
+    assert main(["sample-data", "--data.logs", str(written), "--sample.seed", "7", *small]) == 0
+    default = tmp_path / "home" / "sample_logs"
+    (default / "ads").mkdir(parents=True)
+    assert main(["sample-data", *small]) == 0
+    assert (default / "ads" / "part-0.parquet").exists()
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "home").glob(".*.tmp"))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import cli_overrides, flat_params, load_settings, packaged_model_path
+from tasks.config import cli_overrides, flat_params, load_settings, packaged_model_path, redact
 
 
 def test_defaults_live_under_home(tmp_path, monkeypatch):
@@ -85,8 +85,18 @@ def test_the_user_id_salt_is_a_secret_that_never_reaches_params(monkeypatch):
     settings = load_settings()
     assert settings.ranking.user_id_salt.get_secret_value() == "pepper-123"
     assert "pepper-123" not in str(flat_params(settings)) and "pepper-123" not in settings.model_dump_json()
-    with pytest.raises(ValidationError, match="masked copy"):  # a dumped config passed back as overrides
+    # a dumped config passed back as overrides (a flow parameter), or the salt as a flag: refused, naming the env var
+    with pytest.raises(ValueError, match="ADRANK_RANKING__USER_ID_SALT"):
         load_settings(settings.model_dump(mode="json"))
+    with pytest.raises(ValueError, match="Prefect stores parameters in clear"):
+        load_settings({"ranking": {"user_id_salt": "pepper-123"}})
+
+
+def test_secrets_in_uri_query_parameters_are_redacted():
+    uri = "https://user:pw@host/api?token=t0k&region=eu&sig=AbC%3D&X-Amz-Signature=ff00&password=hunter2"
+    assert redact(uri) == "https://***@host/api?token=***&region=eu&sig=***&X-Amz-Signature=***&password=***"
+    settings = load_settings({"tracking": {"mlflow_uri": "https://mlflow.internal/?access_token=t0k"}})
+    assert "t0k" not in str(flat_params(settings))
 
 
 def test_a_versions_text_settings_replace_the_runs_and_say_what_differs():

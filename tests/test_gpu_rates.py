@@ -37,7 +37,14 @@ def test_quick_cpu_run_writes_every_rate(tmp_path, tiny_model_dir):
     forward = rates["flops_per_pair"]["forward"]
     assert forward == pytest.approx(2 * rates["non_embedding_parameters"] * rates["mean_tokens_per_pair"])
     assert rates["flops_per_pair"]["train"] == pytest.approx(3 * forward)
-    assert rates["gemm_tflops"]["fp32"] > 0 and rates["scoring_fp32"]["mfu_vs_gemm"] > 0
+    # each utilisation is its rate times its FLOPs over the same device's matrix-multiply ceiling, and below it:
+    # a rate off by a unit (pairs per ms, a batch counted as a pair) lands above the ceiling or far from it
+    for name, flops in (("scoring_fp32", forward), ("training", rates["flops_per_pair"]["train"])):
+        achieved = rates[name]["pairs_per_s"] * flops / 1e12
+        assert rates[name]["tflops"] == pytest.approx(achieved)
+        assert rates[name]["mfu_vs_gemm"] == pytest.approx(achieved / rates["gemm_tflops"]["fp32"])
+        assert 0 < rates[name]["mfu_vs_gemm"] < 1, name
+    assert rates["peak_tflops"] is None and rates["scoring_fp32"]["mfu_vs_peak"] is None  # no peak for a CPU
 
 
 def test_gpu_script_is_valid_bash():

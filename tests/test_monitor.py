@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import date, datetime
 
@@ -9,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.config import MonitorConfig
+from tasks.config import MonitorConfig, load_settings
 from tasks.monitor import (
     DEGRADED_EVENT,
     OfflineMetrics,
@@ -202,3 +203,18 @@ def test_the_degraded_event_names_the_model_version_and_carries_the_metrics():
     assert event["resource"]["prefect.resource.id"] == "adrank.model.adrank-ctr.3"
     assert event["payload"]["run_date"] == "2026-05-12" and event["payload"]["breaches"] == ["AUC 0.6 < ..."]
     assert event["payload"]["metrics"]["impressions"] == 6
+
+
+def test_impressions_of_hashed_users_are_matched_to_their_published_top_n(monkeypatch):
+    from tasks.monitor import _in_top_n
+    from tasks.user_keys import published_user_id
+
+    monkeypatch.setenv("ADRANK_RANKING__USER_ID_SALT", "pepper")
+    published = pl.DataFrame(
+        {
+            "user_id": [published_user_id("pepper", "u1"), hashlib.sha256(b"pepperu2").hexdigest()],  # HMAC, legacy
+            "ad_id": ["a", "b"],
+        }
+    )
+    day = pl.DataFrame({"user_id": ["u1", "u1", "u2", "u3"], "ad_id": ["a", "b", "b", "a"]})
+    assert _in_top_n(load_settings(), day, published).to_list() == [True, False, True, False]

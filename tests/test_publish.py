@@ -1,5 +1,7 @@
 import hashlib
+import hmac
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from tasks.publish import (
     publish_model_versions,
     publish_monitoring,
     publish_rankings,
+    user_rankings,
 )
 from tasks.warehouse import VIEWS, ViewsNotUpdatedError, rankings_dir
 from tests.conftest import write_logs
@@ -167,9 +170,17 @@ def test_an_analyst_reading_never_blocks_the_writer_nor_sees_a_mix(tmp_path):
 @pytest.mark.fault
 def test_user_ids_can_be_published_hashed(tmp_path, scores):
     warehouse = tmp_path / "w.duckdb"
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3, user_id_salt="pepper")
+    publish_rankings(warehouse, scores(), date(2026, 1, 2), "m", "1", top_n=3, user_id_salt="pepper")
     users = {row[1] for row in rows(warehouse)}
-    assert users == {hashlib.sha256(f"pepper{u}".encode()).hexdigest() for u in ("u1", "u2")}
+    assert users == {hmac.new(b"pepper", u.encode(), hashlib.sha256).hexdigest() for u in ("u1", "u2")}
+    # a date published before HMAC (sha256(salt || id)) is still found, and the newer date wins
+    legacy = pa.table(
+        {"user_id": [hashlib.sha256(b"pepperu1").hexdigest()] * 2, "ad_id": ["a", "b"], "pctr": [0.5, 0.1]}
+    )
+    publish_rankings(warehouse, staged(legacy, tmp_path), date(2026, 1, 1), "m", "0", top_n=3)
+    assert user_rankings(warehouse, "u1", date(2026, 1, 1), "pepper")["ad_id"].to_list() == ["a", "b"]
+    assert user_rankings(warehouse, "u1", None, "pepper")["model_version"].unique().to_list() == ["1"]
+    assert user_rankings(warehouse, "u1", None, "salt").is_empty()
 
 
 def test_a_warehouse_with_the_old_ad_rankings_table_is_moved_to_files(tmp_path, scores):
@@ -603,3 +614,30 @@ def test_nothing_is_deleted_while_another_process_holds_the_warehouse_for_writin
 def metrics_without_logloss(warehouse) -> list[tuple]:
     with duckdb.connect(str(warehouse), read_only=True) as con:
         return con.execute("select run_date, auc from model_daily_metrics order by run_date").fetchall()
+
+
+def test_a_publish_removes_only_temp_files_whose_writer_is_gone(tmp_path):
+    warehouse = tmp_path / "warehouse.duckdb"
+    own = warehouse_module.new_file(warehouse, "ad_rankings", date(2026, 1, 1), datetime(2026, 1, 1))
+    folder = own.parent
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = own.name.removesuffix(".tmp").rsplit("-", 1)[1]
+    try:
+        writing = folder / f".20260101T000000000000-aaaaaaaa.parquet.{running.pid}-{host}.tmp"
+        killed = folder / f".20260101T000000000000-bbbbbbbb.parquet.{finished.stdout.strip()}-{host}.tmp"
+        elsewhere = folder / f".20260101T000000000000-cccccccc.parquet.{finished.stdout.strip()}-0123abcd.tmp"
+        abandoned = folder / ".20250101T000000000000-dddddddd.parquet.tmp"  # before writers were named
+        for temp in (writing, killed, elsewhere, abandoned):
+            temp.write_bytes(b"half a file")
+        week_ago = time.time() - timedelta(days=7).total_seconds()
+        os.utime(abandoned, (week_ago, week_ago))
+        pq.write_table(pa.table({"x": [1]}), own)
+        placed = warehouse_module.place(own)
+        assert placed.name == own.name.removeprefix(".").split(".parquet")[0] + ".parquet"
+        warehouse_module.new_file(warehouse, "ad_rankings", date(2026, 1, 1), datetime(2026, 1, 2))
+        # another process still writing keeps its file, and so does a writer on another machine (too young)
+        assert sorted(p.name for p in folder.glob(".*.tmp")) == sorted([writing.name, elsewhere.name])
+    finally:
+        running.kill()
+        running.wait()
