@@ -33,9 +33,11 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
 from tasks.config import load_settings, packaged_model_path  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
+from tasks.registry import git_commit  # noqa: E402
 from tasks.sql_files import load_sql  # noqa: E402
 from tasks.warehouse import table_dir  # noqa: E402
 
@@ -248,12 +250,41 @@ def main() -> None:
         "peak_rss_mib_by_day": [round(p) for p in peaks],
         "peak_rss_mib_max": round(max(peaks)),
         "state": state.name,
+        # the logs are stationary: every degraded day is a false alarm (each would start a retrain)
+        "degraded_days": summary["degraded"],
         "base_model": "tiny random BERT (tests/conftest.py)" if args.base_model is None else args.base_model,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "measured_on": date.today().isoformat(),
+        "hardware": hardware(),
+        "git_commit": git_commit(),
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_block(DOC, "monitor", markdown(result), "Monitor: 30 days of 100,000 impressions")
+
+
+def markdown(result: dict) -> str:
+    """docs/benchmarks.md's block of a scale run."""
+    rss = result["peak_rss_mib_by_day"]
+    middle = rss[min(9, len(rss) - 1)]
+    degraded = result["degraded_days"]
+    alarms = "; ".join(f"{day}: {'; '.join(reasons)}" for day, reasons in sorted(degraded.items()))
+    return (
+        f"Command: `{result['command']}` at commit `{result['git_commit'][:12]}` · {result['hardware']} · "
+        f"{result['base_model']} · {result['measured_on']}\n\n"
+        "| days | impressions a day | monitor wall time | per day | peak RSS day 1 → day 10 → last day | "
+        "degraded days (false alarms: the logs are stationary) |\n|---|---|---|---|---|---|\n"
+        f"| {result['days']} | {result['impressions_per_day']:,} | {result['monitor_seconds'] / 60:.1f} min | "
+        f"{result['seconds_per_day']:.1f} s | {rss[0]:,} → {middle:,} → {rss[-1]:,} MiB | {len(degraded)} |\n"
+        + (f"\nDegraded: {alarms}\n" if degraded else "")
+    )
+
+
+def hardware() -> str:
+    import torch
+
+    return f"{os.cpu_count()} CPU threads, " + ("a CUDA GPU" if torch.cuda.is_available() else "no GPU")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import json
 import pickle
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import baselines, protocol  # noqa: E402
+from benchmarks.docs_blocks import write_block  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, flat_params, load_settings  # noqa: E402
 from tasks.evaluate import (  # noqa: E402
@@ -67,6 +67,7 @@ DEFAULT = "fine_tuned"
 TEXT_ONLY, PRIORS_ONLY = "fine_tuned_text_only", "priors_only"  # the default's output layer without priors / text
 PEERS = ["popularity", "lightgbm", "deepfm"]
 HEADLINE = "ranked_users"  # the users the nightly rerank ranks
+HEADLINE_RUN = "quality-ml100k-quick"  # the reported run whose headline README quotes
 # levers (config overrides) tried with --levers on the first seed against the default, judged on validation only
 HISTORY_WITH_GENRES = {"history_length": 5, "history_item_template": "{title} {description}"}
 LEVERS = {
@@ -302,6 +303,7 @@ def run_levers(args: argparse.Namespace, logs: Path) -> dict:
             lever["vs_default"] = lever_interval(work, name)
     record = {"seed": seed, "split": "validation", "git_commit": git_commit(), "levers": levers}
     out.write_text(json.dumps(record, indent=2) + "\n")
+    write_block(args.out_dir / "benchmarks.md", out.stem, levers_section(record), f"Levers: {args.name}")
     return levers
 
 
@@ -518,10 +520,10 @@ def markdown_tables(result: dict) -> str:
     )
 
 
-def write_outputs(out_dir: Path, stem: str, result: dict) -> None:
-    (out_dir / "benchmarks" / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+def section(result: dict) -> str:
+    """docs/benchmarks.md's block of a reported run: how it was run, then markdown_tables."""
     kept = ", ".join(str(step) for step in result["kept_step"][result["default_model"]])
-    section = (
+    return (
         f"Command: `{result['command']}` at commit `{result['git_commit'][:12]}`"
         + (" (with uncommitted changes)" if result["git_dirty"] else "")
         + f"  \nMode: {result['mode']} · features as of {result['features_as_of']} · seeds {result['seeds']} · "
@@ -530,16 +532,54 @@ def write_outputs(out_dir: Path, stem: str, result: dict) -> None:
         f"validation clicks {result['valid_clicks']} · kept steps {kept} · config: adrank's defaults except "
         f"{result['departures_from_defaults'] or 'nothing'}\n\n" + markdown_tables(result)
     )
-    doc = out_dir / "benchmarks.md"
-    start, end = f"<!-- {stem}:start -->", f"<!-- {stem}:end -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}{end}"
-    text = (
-        re.sub(f"{re.escape(start)}.*?{re.escape(end)}", lambda _: block, text, flags=re.S)
-        if start in text
-        else text.rstrip() + f"\n\n## Quality: {result['data']} ({result['mode']})\n\n{block}\n"
+
+
+def headline(result: dict) -> str:
+    """README's headline: the default on the users rerank ranks against its best peer and its priors alone,
+    and what the text adds on ads new to the model (gAUC, mean over seeds [95% paired interval])."""
+    slice_name, default = result["headline_slice"], result["models"][result["default_model"]]
+    versus = result["versus_best_peer"]["gauc"][slice_name]
+    text, new_ads = result["text_contribution"][slice_name]["gauc"], result["text_contribution"]["new_ads"]["gauc"]
+    return (
+        f"Headline (commit `{result['git_commit'][:7]}`, {len(result['seeds'])} seeds, gAUC "
+        f"[95% paired interval]): on the users rerank ranks (`{slice_name}`) the default scores "
+        f"{default[slice_name]['gauc']:.3f}; minus the best peer ({versus['peer']}) {_interval(versus)}; minus its "
+        f"priors alone (what the text adds) {_interval(text)}; on ads new to the model the text adds "
+        f"{_interval(new_ads)}.\n"
     )
-    doc.write_text(text)
+
+
+def levers_section(record: dict) -> str:
+    """docs/benchmarks.md's block of a --levers run: each lever on validation, minus the default."""
+    header = (
+        "| lever | config overrides | kept step | logloss | AUC | gAUC | NDCG@10 "
+        "| lever − default: logloss / AUC / gAUC [95%] | wall time |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = []
+    for name, lever in record["levers"].items():
+        overrides = json.dumps(lever["overrides"]) if lever["overrides"] else "none (the default)"
+        versus = lever.get("vs_default")
+        gains = " / ".join(_interval(versus[m]) for m in ("logloss", "auc", "gauc")) if versus else "—"
+        figures = " | ".join(f"{lever[m]:.4f}" for m in ("logloss", "auc", "gauc", "ndcg@10"))
+        rows.append(
+            f"| {name} | `{overrides}` | {lever['kept_step']} | {figures} | {gains} | {lever['seconds'] / 60:.1f} min |"
+        )
+    first = next(iter(record["levers"].values()))
+    return (
+        f"Seed {record['seed']}, {record['split']} only ({first['valid_pairs']:,} pairs, {first['valid_clicks']:,} "
+        f"clicks; the served score at the kept step), commit `{record['git_commit'][:12]}`:\n\n"
+        + header
+        + "\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def write_outputs(out_dir: Path, stem: str, result: dict) -> None:
+    (out_dir / "benchmarks" / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_block(out_dir / "benchmarks.md", stem, section(result), f"Quality: {result['data']} ({result['mode']})")
+    if stem == HEADLINE_RUN:
+        write_block(out_dir.parent / "README.md", "quality-headline", headline(result), "Benchmarks")
 
 
 def log_to_mlflow(settings: Settings, result: dict, image: Path) -> None:

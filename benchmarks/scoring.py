@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.docs_blocks import write_block  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
 from tasks.model import load_cross_encoder, pick_device  # noqa: E402
 from tasks.output_layer import load_calibration  # noqa: E402
@@ -417,15 +418,7 @@ def fidelity_markdown(faithful: dict | None) -> str:
 def write_outputs(args: argparse.Namespace, result: dict) -> None:
     (args.out_dir / "benchmarks").mkdir(parents=True, exist_ok=True)
     (args.out_dir / "benchmarks" / "scoring.json").write_text(json.dumps(result, indent=2) + "\n")
-    doc = args.out_dir / "benchmarks.md"
-    start, end = "<!-- scoring:start -->", "<!-- scoring:end -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{markdown(result)}{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + f"\n\n## Nightly scoring: two-stage rerank\n\n{block}\n"
-    doc.write_text(text)
+    write_block(args.out_dir / "benchmarks.md", "scoring", markdown(result), "Nightly scoring: two-stage rerank")
 
 
 if __name__ == "__main__":

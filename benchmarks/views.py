@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
 from tasks.warehouse import rankings_dir  # noqa: E402
@@ -191,7 +192,28 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_block(DOC, "views", markdown(result), "Published tables: one date's query as the dates grow")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(result: dict) -> str:
+    """docs/benchmarks.md's block: each view's one-date query by number of dates, files and time."""
+    lines = [
+        f"Command: `{result['command']}` · DuckDB {result['duckdb']} · {result['users']:,} users × "
+        f"{result['ads_per_user']} ads a date · median of {result['runs']} queries; `docs/benchmarks/views.json`",
+        "",
+        "| dates | files | view | files scanned | files opened | rows scanned (DuckDB) | median time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["results"]:
+        if "version" not in row:  # the glob listing alone
+            lines.append(f"| {row['dates']} | | {row['view']} | — | 0 | — | {row['median_ms']:,.0f} ms |")
+            continue
+        lines.append(
+            f"| {row['dates']} | {row['files']} | `{row['view']}` {row['version']} | {row['files_scanned']} | "
+            f"{row['files_opened']} | {row['rows_scanned'] / 1e6:,.1f} M | {row['median_ms']:,.0f} ms |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

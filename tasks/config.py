@@ -328,7 +328,13 @@ class MonitorConfig(BaseModel):
         30, ge=1, description="Most ranked days monitored in one run (the latest not yet monitored first)."
     )
     reference_pairs: int = Field(
-        2000, ge=10, description="Impressions of the model's validation and test windows scored as the drift reference."
+        2000, ge=10, description="Impressions of the reference window scored as the drift reference of a day."
+    )
+    reference_days: int = Field(
+        7,
+        ge=1,
+        description="The drift reference of a day: its impressions of this many days before it (from the model's "
+        "validation window on), scored by the model. Recent, so the counts' slow growth is no alarm.",
     )
     max_group_values: int = Field(
         12, ge=1, description="Profile columns with more groups than this (e.g. a city) get no per-group slices."
@@ -528,7 +534,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     overrides = overrides or {}
     for section, names in ENV_ONLY.items():
         for name in names:
-            if name in (overrides.get(section) or {}):
+            if (overrides.get(section) or {}).get(name) is not None:  # a dumped config carries None: harmless
                 variable = f"ADRANK_{section.upper()}__{name.upper()}"
                 raise ValueError(
                     f"{section}.{name} is a secret: set it with the environment variable {variable}, not as a "

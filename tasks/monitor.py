@@ -67,30 +67,41 @@ class MonitoredVersion:
     run: Any  # its retrain run (metrics, data-window tags)
     settings: Settings  # the run's settings with the version's text settings (registry.served_settings)
     trained_until: datetime | None  # where its training window ended: later ads are new to it (None: untagged)
-    reference: pl.DataFrame | None  # a scored sample of its validation and test windows: the drift reference
 
 
-def load_monitored_version(settings: Settings, con: duckdb.DuckDBPyConnection, version: str) -> MonitoredVersion:
-    """The version's model, run and text settings, and the drift reference: a fixed sample of its validation
-    and test windows scored by it, as rerank would have (None for versions registered before adrank tagged
-    their data window, or logs that no longer reach it). Not its training window: the model was fitted
-    there, and its counts were younger there (every ad and user has fewer impressions early in the logs),
-    so its scores drift from there by construction."""
+def load_monitored_version(settings: Settings, version: str) -> MonitoredVersion:
+    """The version's model, run, text settings and the end of its training window (None for versions
+    registered before adrank tagged their data window: they get no drift reference)."""
     model, run, served = (
         load_version(settings, version),
         version_run(settings, version),
         served_settings(settings, version),
     )
-    tags, reference, trained_until = run.data.tags, None, None
-    if "data.valid_from" in tags and "data.until" in tags:
-        trained_until, until = (datetime.fromisoformat(tags[f"data.{k}"]) for k in ("valid_from", "until"))
-        window = trained_until, until + timedelta(microseconds=1)  # through the last impression
-        active = served.ranking.active_window_days
-        reference = build_window_pairs(con, served.data, *window, active, max_rows=settings.monitor.reference_pairs)
-        reference = reference.with_columns(pctr=pl.Series(predict_pctr(model, reference))) if reference.height else None
-    if reference is None:
-        print(f"warning: no drift reference for version {version} (no data-window tags, or logs too short)")
-    return MonitoredVersion(model, run, served, trained_until, reference)
+    trained_until = (
+        datetime.fromisoformat(run.data.tags["data.valid_from"]) if "data.valid_from" in run.data.tags else None
+    )
+    if trained_until is None:
+        print(f"warning: no drift reference for version {version}: it has no data-window tags")
+    return MonitoredVersion(model, run, served, trained_until)
+
+
+def drift_reference(con: duckdb.DuckDBPyConnection, loaded: MonitoredVersion, run_date: date) -> pl.DataFrame | None:
+    """The drift reference of run_date: a fixed sample (monitor.reference_pairs) of the impressions of the
+    monitor.reference_days before it, scored by the version as rerank would have; never before the
+    version's validation window (it was fitted on its training window, so scores drift from there by
+    construction). A recent window, because a stationary market still moves slowly: every user's and ad's
+    counts grow, and the priors sharpen with them. PSI against a fixed early window rises with that alone
+    (against its training window, benchmarks/monitor.py counted 9 false alarms in 30 stationary days);
+    against the last days it rises when something changed from one day to the next. None without a
+    training window or logs before run_date."""
+    if loaded.trained_until is None:
+        return None
+    cfg, served, end = loaded.settings.monitor, loaded.settings, datetime.combine(run_date, datetime.min.time())
+    start = max(end - timedelta(days=cfg.reference_days), loaded.trained_until)
+    if start >= end:
+        return None
+    pairs = build_window_pairs(con, served.data, start, end, served.ranking.active_window_days, cfg.reference_pairs)
+    return pairs.with_columns(pctr=pl.Series(predict_pctr(loaded.model, pairs))) if pairs.height else None
 
 
 def monitor_day(
@@ -100,14 +111,14 @@ def monitor_day(
     versions: dict[str, MonitoredVersion] | None = None,
 ) -> DayReport:
     """Score run_date's impressions with the version that ranked it, as rerank saw them, and compare.
-    versions: the run's cache of loaded versions (filled here), so each is loaded and referenced once."""
+    versions: the run's cache of loaded versions (filled here), so each is loaded once."""
     published = read_rankings(settings.warehouse, run_date)
     if published.is_empty():
         raise ValueError(f"{settings.warehouse}: nothing published in ad_rankings for {run_date} to monitor")
     version = published["model_version"][0]
     versions = {} if versions is None else versions
     if version not in versions:
-        versions[version] = load_monitored_version(settings, con, version)
+        versions[version] = load_monitored_version(settings, version)
     loaded = versions[version]
     start = datetime.combine(run_date, datetime.min.time())
     served = loaded.settings
@@ -122,8 +133,8 @@ def monitor_day(
     day = day.join(users.select("user_id", *profile_columns), on="user_id", how="left")
     masks = slices(day, loaded.trained_until, ["category", *profile_columns], settings.monitor.max_group_values)
     metrics = daily_metrics(day, masks, run_date, version)
-    reference = loaded.reference if loaded.reference is not None else day.head(0)
-    drift = input_drift(reference, day, loaded.trained_until, run_date, version)
+    reference = drift_reference(con, loaded, run_date)
+    drift = input_drift(day.head(0) if reference is None else reference, day, loaded.trained_until, run_date, version)
     found = breaches(metrics, drift, offline_metrics(loaded.run.data.metrics), settings.monitor)
     return DayReport(run_date, version, loaded.run.info.run_id, metrics, drift, found)
 
@@ -274,7 +285,7 @@ def _seen(pairs: pl.DataFrame, trained_until: datetime) -> np.ndarray:
 def input_drift(
     reference: pl.DataFrame, day: pl.DataFrame, trained_until: datetime | None, run_date: date, version: str
 ) -> pl.DataFrame:
-    """One row per input: PSI between the model's training window (reference) and the day; plus the
+    """One row per input: PSI between the drift reference (drift_reference) and the day; plus the
     share of the day's impressions on ads first shown after the version's training window (value, no PSI;
     NaN without trained_until)."""
     rows = []

@@ -91,6 +91,7 @@ def test_the_demo_summary_says_which_gate_held_a_version_and_what_step_0_serves(
     assert "serves them without text" in kept_step_line(0) and kept_step_line(400).startswith("kept step 400")
 
 
+@pytest.mark.fault
 def test_sample_data_never_replaces_logs_it_did_not_write(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADRANK_HOME", str(tmp_path / "home"))
     real = tmp_path / "real-logs"

@@ -80,6 +80,7 @@ def test_config_values_that_could_reach_sql_or_names_are_rejected(overrides):
         load_settings(overrides)
 
 
+@pytest.mark.fault
 def test_the_user_id_salt_is_a_secret_that_never_reaches_params(monkeypatch):
     monkeypatch.setenv("ADRANK_RANKING__USER_ID_SALT", "pepper-123")
     settings = load_settings()

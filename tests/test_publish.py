@@ -616,6 +616,7 @@ def metrics_without_logloss(warehouse) -> list[tuple]:
         return con.execute("select run_date, auc from model_daily_metrics order by run_date").fetchall()
 
 
+@pytest.mark.fault
 def test_a_publish_removes_only_temp_files_whose_writer_is_gone(tmp_path):
     warehouse = tmp_path / "warehouse.duckdb"
     own = warehouse_module.new_file(warehouse, "ad_rankings", date(2026, 1, 1), datetime(2026, 1, 1))

@@ -36,6 +36,7 @@ def zoned_copy(logs: Path, out: Path, zone: str) -> Path:
     return out
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("zone", [None, "UTC", "America/Los_Angeles"])
 def test_staged_timestamps_are_utc_on_a_machine_in_another_zone(tmp_path, zone):
     rows = [

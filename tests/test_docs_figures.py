@@ -1,0 +1,36 @@
+"""Every figure block in docs/benchmarks.md and README.md is what its script renders from the JSON it wrote:
+rendered again here and compared, so a table edited by hand, or a JSON rerun without its table, fails."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli_latency, monitor, quality, scoring, views
+from benchmarks.docs_blocks import DOC, read_block
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "benchmarks"
+# block name -> (the document, the JSON, the script's renderer)
+BLOCKS = {
+    "quality-ml100k-quick": (DOC, "quality-ml100k-quick.json", quality.section),
+    "quality-headline": (REPO / "README.md", "quality-ml100k-quick.json", quality.headline),
+    "levers-ml100k-quick": (DOC, "levers-ml100k-quick.json", quality.levers_section),
+    "scoring": (DOC, "scoring.json", scoring.markdown),
+    "monitor": (DOC, "monitor.json", monitor.markdown),
+    "views": (DOC, "views.json", views.markdown),
+    "cli-latency": (DOC, "cli-latency.json", cli_latency.markdown),
+}
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_the_block_is_its_json_rendered(name):
+    doc, source, render = BLOCKS[name]
+    block = read_block(doc, name)
+    assert block is not None, f"{doc.name} has no {name} block"
+    assert block == render(json.loads((RESULTS / source).read_text())), f"{doc.name}: {name} differs from {source}"
+
+
+def test_every_block_in_the_docs_is_checked():
+    markers = {line.split()[1].removesuffix(":start") for line in DOC.read_text().splitlines() if ":start -->" in line}
+    assert markers <= set(BLOCKS), markers - set(BLOCKS)
