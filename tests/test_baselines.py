@@ -55,7 +55,10 @@ def test_prior_count_features_are_the_pairs_counts_and_a_missing_rate_without_im
 
 def test_deepfm_learns_the_ids_and_profile_and_scores_unseen_values():
     users = pl.DataFrame(
-        {"user_id": [f"u{i}" for i in range(40)], "occupation": ["student" if i % 2 == 0 else "nurse" for i in range(40)]}
+        {
+            "user_id": [f"u{i}" for i in range(40)],
+            "occupation": ["student" if i % 2 == 0 else "nurse" for i in range(40)],
+        }
     )
     ads = pl.DataFrame({"ad_id": ["a1", "a2", "a3"], "category": ["games", "tax", "games"]})
     (train, y_train), (valid, y_valid), (test, y_test) = toy(3000, 1), toy(500, 2), toy(500, 3)
