@@ -1,4 +1,4 @@
--- input_drift_watch: which of the model's inputs shifted away from its validation and test windows, and how much?
+-- input_drift_watch: which of the model's inputs shifted away from the days before, and how much?
 -- One row per run_date x input, the largest shift first; PSI below 0.1 is usually read as stable,
 -- 0.1 to 0.25 as a moderate shift, above 0.25 as a major one.
 with drift as (
