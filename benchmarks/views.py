@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
+from tasks.folders import check_replaceable, mark  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
 from tasks.warehouse import rankings_dir  # noqa: E402
 
@@ -170,7 +171,10 @@ def measure(warehouse: Path, dates: int, runs: int) -> list[dict]:
 def main() -> None:
     args = parse_args()
     work = args.work.resolve()
+    check_replaceable(work)  # --work is emptied: never a folder of someone else's
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    mark(work)
     started, results = time.monotonic(), []
     for dates in args.dates:
         home = work / f"home-{dates}"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
+from tasks.folders import check_replaceable, mark
 
 # topic -> (advertisers, products, selling points)
 TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
@@ -97,8 +98,6 @@ OCCUPATIONS: dict[str, list[str]] = {
     "park ranger": ["outdoors", "pets", "fitness"],
     "musician": ["music", "tech", "fashion"],
 }
-# written into every generated set: a folder holding it is sample data adrank may replace
-SAMPLE_MARKER = ".adrank-sample-logs"
 CITIES = ["London", "Manchester", "Leeds", "Bristol", "Glasgow", "Cardiff", "Belfast", "Brighton"]
 
 
@@ -107,7 +106,7 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
 
     Written to a fresh temporary sibling folder and renamed, so a crash never leaves half a data set.
     An existing out_dir is replaced only if it is empty, is default_dir (the configured default) or holds
-    SAMPLE_MARKER: real logs pointed at by data.logs are never overwritten. Returns row counts per table.
+    tasks/folders.py's marker: real logs pointed at by data.logs are never overwritten. Returns row counts per table.
     """
     check_replaceable(out_dir, default_dir)
     rng = np.random.default_rng(config.seed)
@@ -119,7 +118,7 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")  # a fresh name: never another's folder
     tmp_dir.mkdir()
-    (tmp_dir / SAMPLE_MARKER).write_text("written by adrank sample-data; adrank may replace this folder\n")
+    mark(tmp_dir)
     for table_name, table in (("ads", ads), ("users", users)):
         (tmp_dir / table_name).mkdir(parents=True)
         pq.write_table(table, tmp_dir / table_name / "part-0.parquet")
@@ -132,18 +131,6 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
     return {"impressions": impressions.num_rows, "ads": ads.num_rows, "users": users.num_rows}
-
-
-def check_replaceable(out_dir: Path, default_dir: Path | None) -> None:
-    """FileExistsError unless out_dir is absent, empty, default_dir or a folder sample-data wrote."""
-    if not out_dir.exists() or (default_dir is not None and out_dir.resolve() == default_dir.resolve()):
-        return
-    if out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SAMPLE_MARKER).exists()):
-        return
-    raise FileExistsError(
-        f"{out_dir}: not sample logs adrank wrote (no {SAMPLE_MARKER} in it), so sample-data will not replace it; "
-        "point data.logs at another folder, or remove this one yourself"
-    )
 
 
 def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> pa.Table:

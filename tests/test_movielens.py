@@ -56,3 +56,15 @@ def test_checksum_names_the_exact_data(movielens):
 def test_missing_files_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing \['u.data', 'u.item', 'u.user', 'u.genre'\]"):
         convert_movielens(tmp_path, tmp_path / "logs")
+
+
+@pytest.mark.fault
+def test_conversion_replaces_only_a_folder_it_wrote(movielens, tmp_path):
+    convert_movielens(movielens, tmp_path / "logs")
+    assert convert_movielens(movielens, tmp_path / "logs")["impressions"] == 4  # its own: replaced
+    (tmp_path / "mine" / "impressions").mkdir(parents=True)
+    (tmp_path / "mine" / "impressions" / "keep.parquet").write_bytes(b"someone's data")
+    with pytest.raises(FileExistsError, match="mine"):
+        convert_movielens(movielens, tmp_path / "mine")
+    assert (tmp_path / "mine" / "impressions" / "keep.parquet").read_bytes() == b"someone's data"
+    assert not list(tmp_path.glob(".*.tmp"))
