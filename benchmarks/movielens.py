@@ -7,13 +7,11 @@ a user's profile is age, gender and occupation.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import uuid
 from pathlib import Path
 
 import polars as pl
 
-from tasks.folders import check_replaceable, mark
+from tasks.folders import replaced_whole
 
 CLICK_RATING = 4
 FILES = ("u.data", "u.item", "u.user", "u.genre")
@@ -76,12 +74,8 @@ def convert_movielens(source: Path, out_dir: Path) -> dict[str, int]:
     )
     profiles = users.select("user_id", "age", pl.col("gender").replace({"M": "male", "F": "female"}), "occupation")
 
-    check_replaceable(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")  # a fresh name: never another's folder
-    for name, frame in (("impressions", impressions), ("ads", ads), ("users", profiles)):
-        (tmp / name).mkdir(parents=True)
-        frame.write_parquet(tmp / name / "part-0.parquet")
-    mark(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with replaced_whole(out_dir) as tmp:
+        for name, frame in (("impressions", impressions), ("ads", ads), ("users", profiles)):
+            (tmp / name).mkdir(parents=True)
+            frame.write_parquet(tmp / name / "part-0.parquet")
     return {"impressions": impressions.height, "ads": ads.height, "users": profiles.height}

@@ -144,10 +144,8 @@ def _in_top_n(settings: Settings, day: pl.DataFrame, published: pl.DataFrame) ->
     salt = settings.ranking.user_id_salt
     secret = salt and salt.get_secret_value()
     ranked = set(published.select("user_id", "ad_id").iter_rows())
-    in_top_n = [
-        any((key, a) in ranked for key in lookup_user_ids(secret, u))
-        for u, a in zip(day["user_id"], day["ad_id"], strict=True)
-    ]
+    keys = {user: lookup_user_ids(secret, user) for user in day["user_id"].unique()}  # hashed once per user
+    in_top_n = [any((key, a) in ranked for key in keys[u]) for u, a in zip(day["user_id"], day["ad_id"], strict=True)]
     return pl.Series("in_top_n", in_top_n)
 
 

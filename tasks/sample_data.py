@@ -8,8 +8,6 @@ their text says whom they suit.
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from datetime import datetime, time, timedelta
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
-from tasks.folders import check_replaceable, mark
+from tasks.folders import replaced_whole
 
 # topic -> (advertisers, products, selling points)
 TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
@@ -108,28 +106,22 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     An existing out_dir is replaced only if it is empty, is default_dir (the configured default) or holds
     tasks/folders.py's marker: real logs pointed at by data.logs are never overwritten. Returns row counts per table.
     """
-    check_replaceable(out_dir, default_dir)
     rng = np.random.default_rng(config.seed)
     topics = list(TOPICS)
     ads = _make_ads(config, rng, topics)
     users, interests = _make_users(config, rng, topics)
     impressions = _make_impressions(config, rng, ads, users, interests, topics)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")  # a fresh name: never another's folder
-    tmp_dir.mkdir()
-    mark(tmp_dir)
-    for table_name, table in (("ads", ads), ("users", users)):
-        (tmp_dir / table_name).mkdir(parents=True)
-        pq.write_table(table, tmp_dir / table_name / "part-0.parquet")
-    pq.write_to_dataset(
-        impressions,
-        tmp_dir / "impressions",
-        partition_cols=["date"],
-        basename_template="part-{i}.parquet",
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
+    with replaced_whole(out_dir, default_dir) as tmp_dir:
+        for table_name, table in (("ads", ads), ("users", users)):
+            (tmp_dir / table_name).mkdir(parents=True)
+            pq.write_table(table, tmp_dir / table_name / "part-0.parquet")
+        pq.write_to_dataset(
+            impressions,
+            tmp_dir / "impressions",
+            partition_cols=["date"],
+            basename_template="part-{i}.parquet",
+        )
     return {"impressions": impressions.num_rows, "ads": ads.num_rows, "users": users.num_rows}
 
 

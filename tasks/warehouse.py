@@ -129,7 +129,7 @@ def _writer_gone(temp: Path) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # it exists, under another user
-        return False
+        pass
     return False
 
 

@@ -68,3 +68,15 @@ def test_conversion_replaces_only_a_folder_it_wrote(movielens, tmp_path):
         convert_movielens(movielens, tmp_path / "mine")
     assert (tmp_path / "mine" / "impressions" / "keep.parquet").read_bytes() == b"someone's data"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_written_whole_leaves_nothing_when_the_writing_fails(tmp_path):
+    from tasks.folders import replaced_whole
+
+    with replaced_whole(tmp_path / "out") as tmp:
+        (tmp / "first").write_text("1")
+    with pytest.raises(RuntimeError), replaced_whole(tmp_path / "out") as tmp:
+        (tmp / "second").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".adrank-wrote-this", "first"]
+    assert not list(tmp_path.glob(".*.tmp"))
