@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
+from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,9 +118,9 @@ def main() -> None:
     result = {
         "commands": rows,
         "runs": args.runs,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
         "git_commit": git_commit(),
-        "hardware": f"{os.cpu_count()} CPU threads, {platform.machine()}",
+        "hardware": hardware(),
         "measured_on": date.today().isoformat(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

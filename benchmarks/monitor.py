@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
+from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
 from tasks.config import load_settings, packaged_model_path  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
@@ -253,7 +253,7 @@ def main() -> None:
         # the logs are stationary: every degraded day is a false alarm (each would start a retrain)
         "degraded_days": summary["degraded"],
         "base_model": "tiny random BERT (tests/conftest.py)" if args.base_model is None else args.base_model,
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
         "measured_on": date.today().isoformat(),
         "hardware": hardware(),
         "git_commit": git_commit(),
@@ -279,12 +279,6 @@ def markdown(result: dict) -> str:
         f"{result['seconds_per_day']:.1f} s | {rss[0]:,} → {middle:,} → {rss[-1]:,} MiB | {len(degraded)} |\n"
         + (f"\nDegraded: {alarms}\n" if degraded else "")
     )
-
-
-def hardware() -> str:
-    import torch
-
-    return f"{os.cpu_count()} CPU threads, " + ("a CUDA GPU" if torch.cuda.is_available() else "no GPU")
 
 
 if __name__ == "__main__":

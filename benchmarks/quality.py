@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import platform
 import subprocess
 import sys
 import time
@@ -30,12 +29,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import polars as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import baselines, protocol  # noqa: E402
-from benchmarks.docs_blocks import write_block  # noqa: E402
+from benchmarks.docs_blocks import command_line, hardware, write_block  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
 from tasks.config import Settings, flat_params, load_settings  # noqa: E402
 from tasks.evaluate import (  # noqa: E402
@@ -446,14 +444,13 @@ def run(args: argparse.Namespace) -> dict:
         "data_checksum_sha256": data_checksum,
         "pairs": runs[0]["pairs"],
         "cold_items": runs[0]["cold_items"],
-        "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "hardware": hardware(),
         "config": settings.model_dump(mode="json", include={"data", "model", "training", "ranking", "promotion"}),
         "departures_from_defaults": departures_from_defaults(settings),
         "git_commit": commit,
         "git_dirty": git_dirty(),
         "seconds": timings | {"total": round(time.monotonic() - started, 1)},
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
     image = args.out_dir / "benchmarks" / f"{stem}-reliability.png"
     image.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.docs_blocks import write_block  # noqa: E402
+from benchmarks.docs_blocks import command_line, hardware, write_block  # noqa: E402
 from tasks.config import Settings, load_settings  # noqa: E402
 from tasks.model import load_cross_encoder, pick_device  # noqa: E402
 from tasks.output_layer import load_calibration  # noqa: E402
@@ -354,10 +353,9 @@ def run(args: argparse.Namespace) -> dict:
         "projected_speedup_vs_naive": naive_hours / two_stage_hours,
         "peak_rss_mib": {f"{args.rss_users} users": rss_1x, f"{10 * args.rss_users} users": rss_10x},
         "rss_ratio_10x_users": rss_10x / rss_1x,
-        "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "hardware": hardware(),
         "seconds": round(time.monotonic() - started, 1),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
     write_outputs(args, result)
     return result

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.docs_blocks import DOC, write_block  # noqa: E402
+from benchmarks.docs_blocks import DOC, command_line, write_block  # noqa: E402
 from tasks.evaluate import to_markdown  # noqa: E402
 from tasks.folders import check_replaceable, mark  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
@@ -192,7 +192,7 @@ def main() -> None:
         "query": ONE_DATE.format(view="ad_rankings", where="where run_date = <the last date>"),
         "results": results,
         "wall_seconds": round(time.monotonic() - started),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
