@@ -117,10 +117,12 @@ def test_the_champion_serves_from_a_venv_without_adrank_and_matches_rerank(ranke
                 assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
                 time.sleep(1)
 
-        # parity: the served pCTR of every published pair equals the published pCTR
+        # parity: the served pCTR of every published pair equals the published pCTR, to float32 noise: the
+        # server scores the 72 pairs in one request, rerank in its own batches, and on some CPUs the kernels
+        # sum in another order by batch shape (CI saw 1.2e-5); another model or other features differ far more
         requests, published = published_requests(settings)
         assert requests.height == summary["rows"]
-        np.testing.assert_allclose(invoke(port, requests), published, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(invoke(port, requests), published, rtol=0, atol=1e-4)
 
         # optional inputs may be null per row: null user counts are a user with no history, null ad counts a
         # cold ad (never shown before)

@@ -322,7 +322,10 @@ def resumable_steps(settings) -> int:
     """Steps of the saved resume state (0: none yet); folders being swapped in are skipped."""
     for path in settings.checkpoints_dir.glob("resume/*/state.json"):
         if path.parent.suffix not in (".tmp", ".old"):
-            return json.loads(path.read_text())["steps"]
+            try:
+                return json.loads(path.read_text())["steps"]
+            except FileNotFoundError:  # the writer swapped the folder between the glob and the read
+                return 0
     return 0
 
 
