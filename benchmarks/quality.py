@@ -52,6 +52,7 @@ from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa:
 from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
 from tasks.pairs import split_fractions  # noqa: E402
 from tasks.registry import configure_tracking, git_commit  # noqa: E402
+from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
 from tasks.train import calibrate, fine_tune  # noqa: E402
 
@@ -62,7 +63,9 @@ SEEDS = (42, 43, 44)  # training seed and cold-item draw
 # every model scores the full test split.
 QUICK = {"train_pairs": 10000, "valid_pairs": 2000, "valid_clicks": 500, "epochs": 1, "eval_every_steps": 200}
 DEFAULT = "fine_tuned"
-TEXT_ONLY, PRIORS_ONLY = "fine_tuned_text_only", "priors_only"  # the default's output layer without priors / text
+# the default's output layer without priors (the logit and the semantic match), without any text, and without
+# the fine-tuned logit (step 0: the priors and the zero-shot semantic match)
+TEXT_ONLY, PRIORS_ONLY, ZERO_SHOT = "fine_tuned_text_only", "priors_only", "priors_and_match"
 PEERS = ["popularity", "lightgbm", "deepfm"]
 HEADLINE = "ranked_users"  # the users the nightly rerank ranks
 HEADLINE_RUN = "quality-ml100k-quick"  # the reported run whose headline README quotes
@@ -74,6 +77,8 @@ LEVERS = {
     "user_prior_offset": {"training": {"user_prior_offset": True}},
     "ranking_loss": {"training": {"ranking_loss_weight": 1.0}},
     "prior_offsets": {"training": {"user_prior_offset": True, "ad_prior_offset": True}},
+    "no_semantic_match": {"model": {"calibration": "platt+ad_prior+user_prior"}},
+    "top_2_layers_trained": {"training": {"trainable_layers": 2}},
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000
@@ -146,11 +151,13 @@ def fine_tuned(
     splits: dict[str, pl.DataFrame],
     scored: tuple[str, ...] = ("valid", "test"),
 ) -> dict:
-    """adrank's fine_tune; its logits on the scored splits, its output layer as saved (what ships: the priors
-    alone when no trained step beat them), the kept step and the selection decision's intervals."""
+    """adrank's fine_tune; its logits on the scored splits and those splits with its semantic match (if it
+    has one), its output layer as saved (what ships: without the logit when no trained step beat step 0),
+    the kept step and the selection decision's intervals."""
     result = fine_tune(settings, paths["train"], paths["valid"], out_dir)
-    model, tokenizer = load_cross_encoder(str(out_dir), pick_device())
-    args = settings.model.max_seq_length, settings.training.eval_batch_size
+    device, args = pick_device(), (settings.model.max_seq_length, settings.training.eval_batch_size)
+    model, tokenizer = load_cross_encoder(str(out_dir), device)
+    match_encoder = saved_match_encoder(out_dir, device, *args)
     logits = {
         name: predict_logits(model, tokenizer, splits[name]["user_text"], splits[name]["ad_text"], *args)
         for name in scored
@@ -158,6 +165,7 @@ def fine_tuned(
     kept = next(row for row in result.history if row["step"] == result.best_step)
     return {
         "logits": logits,
+        "pairs": {name: with_match(splits[name], match_encoder) for name in scored},
         "layer": load_calibration(out_dir),
         "kept_step": result.best_step,
         "valid": kept,
@@ -170,6 +178,11 @@ def fine_tuned(
 def output_layer(settings: Settings, method: str, splits: dict, valid_logits: np.ndarray | None) -> Calibration:
     config = settings.model_copy(update={"model": settings.model.model_copy(update={"calibration": method})})
     return calibrate(config, splits["train"], splits["valid"], valid_logits)
+
+
+def layer_terms(settings: Settings, keep: tuple[str, ...]) -> str:
+    """The default's model.calibration with only the terms in keep (platt is always kept)."""
+    return "+".join(t for t in settings.model.calibration.split("+") if t == "platt" or t in keep)
 
 
 def served(layer: Calibration, pairs: pl.DataFrame, logits: np.ndarray | None) -> np.ndarray:
@@ -230,12 +243,16 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     # adrank's default as it ships (its saved output layer); that layer without priors (text only) and
     # without text (priors only)
     default = timed(DEFAULT, fine_tuned, settings, paths, args.work.resolve() / args.name / f"tuned-{seed}", splits)
+    scored = splits | default["pairs"]  # valid and test with the semantic match (if the default has one)
+    test = scored["test"]
     kept_logits = None if default["kept_step"] == 0 else default["logits"]["test"]
     predictions[DEFAULT] = served(default["layer"], test, kept_logits)
-    text_only = output_layer(settings, "platt", splits, default["logits"]["valid"])
+    text_only = output_layer(settings, layer_terms(settings, ("match",)), scored, default["logits"]["valid"])
     predictions[TEXT_ONLY] = served(text_only, test, default["logits"]["test"])
-    priors = output_layer(settings, settings.model.calibration, splits, None)
+    priors = output_layer(settings, layer_terms(settings, ("ad_prior", "user_prior")), scored, None)
     predictions[PRIORS_ONLY] = served(priors, test, None)
+    if "match" in settings.model.calibration.split("+"):
+        predictions[ZERO_SHOT] = served(output_layer(settings, settings.model.calibration, scored, None), test, None)
 
     table = evaluation_table(test, predictions)
     return {
@@ -280,7 +297,7 @@ def run_levers(args: argparse.Namespace, logs: Path) -> dict:
         started = time.monotonic()
         settings, splits, paths, _ = prepare_seed(args, logs, seed, **overrides)
         tuned = fine_tuned(settings, paths, work / f"lever-{name}", splits, scored=("valid",))
-        valid = splits["valid"]
+        valid = tuned["pairs"]["valid"]
         pctr = served(tuned["layer"], valid, None if tuned["kept_step"] == 0 else tuned["logits"]["valid"])
         valid.select("impression_id", "user_id", "shown_at", "is_clicked").with_columns(pctr=pctr).write_parquet(
             work / f"lever-{name}-valid.parquet"
@@ -504,8 +521,9 @@ def markdown_tables(result: dict) -> str:
     return (
         f"**{headline}** (the users rerank ranks that day), mean over seeds:\n\n{header}\n"
         + "\n".join(rows)
-        + "\n\nWhat the text adds: the default minus its output layer without text (`priors_only`), mean over seeds "
-        "[95% paired user bootstrap]:\n\n"
+        + "\n\nWhat the text adds: the default minus its output layer without text (`priors_only`: no fine-tuned "
+        "logit, no semantic match), mean over seeds [95% paired user bootstrap]. `priors_and_match` is the default "
+        "without its fine-tuned logit (step 0: the priors and the zero-shot semantic match):\n\n"
         + "\n".join(contribution)
         + "\n\nThe default minus the best peer per slice and metric (calibration ratio: difference of |ratio − 1|; "
         "logloss and ECE: below 0 is better):\n\n"

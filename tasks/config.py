@@ -108,12 +108,16 @@ class ModelConfig(BaseModel):
     )
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
-    calibration: Literal["platt+ad_prior+user_prior", "platt+ad_prior", "platt", "none"] = Field(
-        "platt+ad_prior+user_prior",
+    calibration: Literal[
+        "platt+match+ad_prior+user_prior", "platt+ad_prior+user_prior", "platt+ad_prior", "platt+match", "platt", "none"
+    ] = Field(
+        "platt+match+ad_prior+user_prior",
         description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
-        "(a hybrid text + ID model) weighted log-odds of the ad's click rate (ad_prior) and the user's (user_prior), "
-        "each counted over the logs before the request's day, as rerank counts them; cold ads (never shown before) "
-        "get weights of their own, fitted without the ad prior. 'none': the raw logit.",
+        "the semantic match (match: the base encoder's zero-shot cosine of the user text and the ad text, "
+        "tasks/semantic_match.py; the encoder is saved with the model), plus (a hybrid text + ID model) weighted "
+        "log-odds of the ad's click rate (ad_prior) and the user's (user_prior), each counted over the logs before "
+        "the request's day, as rerank counts them; cold ads (never shown before) get weights of their own, fitted "
+        "without the ad prior. 'none': the raw logit.",
     )
     cold_fit_min_clicks: int = Field(
         100,

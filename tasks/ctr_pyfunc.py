@@ -19,7 +19,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from tasks.model import load_cross_encoder, pick_device, predict_ctr
-from tasks.output_layer import PairPriors, load_calibration
+from tasks.output_layer import MATCH_COLUMN, PairPriors, load_calibration
+from tasks.semantic_match import saved_match_encoder
 from tasks.two_tower import load_two_tower
 
 
@@ -27,9 +28,12 @@ class CrossEncoderCTR(PythonModel):
     def load_context(self, context) -> None:
         self.max_length = int(context.model_config["max_seq_length"])
         self.batch_size = int(context.model_config["batch_size"])
-        self.model, self.tokenizer = load_cross_encoder(context.artifacts["checkpoint"], pick_device())
-        self.calibration = load_calibration(context.artifacts["checkpoint"])
-        self.two_tower = load_two_tower(context.artifacts["checkpoint"])  # stage 1 of rerank; None if absent
+        checkpoint, device = context.artifacts["checkpoint"], pick_device()
+        self.model, self.tokenizer = load_cross_encoder(checkpoint, device)
+        self.calibration = load_calibration(checkpoint)
+        self.two_tower = load_two_tower(checkpoint)  # stage 1 of rerank; None if absent
+        # the semantic match's frozen base encoder; None for versions registered without one
+        self.match_encoder = saved_match_encoder(checkpoint, device, self.max_length, self.batch_size)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         for column in ("user_text", "ad_text"):
@@ -38,15 +42,22 @@ class CrossEncoderCTR(PythonModel):
                 rows = "" if missing is None else list(np.flatnonzero(missing))[:10]
                 where = "the column is missing" if missing is None else f"null in rows {rows}"
                 raise ValueError(f"{column} is required: {where}")
+        user_texts, ad_texts = (
+            model_input["user_text"].astype(str).tolist(),
+            model_input["ad_text"].astype(str).tolist(),
+        )
+        features = numeric_counts(model_input)
+        if self.match_encoder is not None:
+            features = features.assign(**{MATCH_COLUMN: self.match_encoder.match(user_texts, ad_texts)})
         return predict_ctr(
             self.model,
             self.tokenizer,
-            model_input["user_text"].astype(str).tolist(),
-            model_input["ad_text"].astype(str).tolist(),
+            user_texts,
+            ad_texts,
             self.max_length,
             self.batch_size,
             self.calibration,
-            PairPriors.of(numeric_counts(model_input)),
+            PairPriors.of(features),
         )
 
 

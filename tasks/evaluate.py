@@ -69,19 +69,22 @@ def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame
     once, with its calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling
     says."""
     from tasks.model import load_cross_encoder, pick_device, predict_ctr
+    from tasks.semantic_match import saved_match_encoder, with_match
 
-    model, tokenizer = load_cross_encoder(str(path), pick_device(), pooling=settings.model.pooling)
+    device, max_length, batch_size = pick_device(), settings.model.max_seq_length, settings.training.eval_batch_size
+    model, tokenizer = load_cross_encoder(str(path), device, pooling=settings.model.pooling)
     calibration = load_calibration(path)
+    match_encoder = saved_match_encoder(path, device, max_length, batch_size)
     return [
         predict_ctr(
             model,
             tokenizer,
             pairs["user_text"],
             pairs["ad_text"],
-            settings.model.max_seq_length,
-            settings.training.eval_batch_size,
+            max_length,
+            batch_size,
             calibration,
-            PairPriors.of(pairs),
+            PairPriors.of(with_match(pairs, match_encoder)),
         )
         for pairs in frames
     ]

@@ -14,6 +14,7 @@ from tasks.model import predict_logits
 from tasks.output_layer import PairPriors
 from tasks.pairs import history_ablations
 from tasks.score import RankingModel
+from tasks.semantic_match import with_match
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,11 @@ class Explanation:
     user_text: str
     ad_text: str
     pctr: float
-    log_odds: dict[str, float]  # text, intercept, ad_prior, user_prior: they sum to logit(pctr)
+    log_odds: dict[str, float]  # text, semantic_match, intercept, ad_prior, user_prior: they sum to logit(pctr)
     ad_cold: bool  # the ad was never shown before run_date: the cold-ad weights, no ad prior
     ad_counts: tuple[int, int]  # the ad's impressions and clicks before run_date
     left_out: pl.DataFrame  # one row per history item: left_out_ad_id, left_out_text, pctr, pctr_change
-    uses_text: bool  # False: the version serves the priors alone (its fine-tuning never beat them)
+    uses_logit: bool  # False: the version serves its output layer without the fine-tuned logit (kept step 0)
 
 
 def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: str) -> Explanation:
@@ -35,7 +36,7 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
     logits = predict_logits(
         model.cross_encoder, model.tokenizer, rows["user_text"], rows["ad_text"], model.max_length, model.batch_size
     )
-    priors = PairPriors.of(rows)
+    priors = PairPriors.of(with_match(rows, model.match_encoder if model.calibration.uses_match else None))
     pctr = model.calibration.apply(logits, priors)
     first = rows.row(0, named=True)
     terms = model.calibration.contributions(logits[0], priors.take(np.arange(1)))
@@ -54,7 +55,7 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
         cold,
         counts,
         left_out,
-        model.calibration.uses_text,
+        bool(model.calibration.slope or model.calibration.unseen_slope),
     )
 
 
@@ -72,9 +73,11 @@ def to_text(explanation: Explanation, user_id: str, ad_id: str, version: str) ->
         else f"shown {impressions} times before, clicked {clicks}"
     )
     lines.append(f"  output layer, log-odds by term (ad {seen}):")
-    if not e.uses_text:
-        lines.append("    (this version serves the priors alone: its fine-tuning never beat them, so text weighs 0)")
-    lines += [f"    {term:<10} {value:+.3f}" for term, value in e.log_odds.items()]
+    if not e.uses_logit:
+        lines.append(
+            "    (kept step 0: its fine-tuning never beat the untrained model, so the fine-tuned logit weighs 0)"
+        )
+    lines += [f"    {term:<14} {value:+.3f}" for term, value in e.log_odds.items()]
     if e.left_out.is_empty():
         lines.append("  history: none (nothing to leave out)")
     else:

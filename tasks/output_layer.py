@@ -1,11 +1,14 @@
 """The output layer: the cross-encoder's logit and the pair's click priors -> pCTR, fitted on validation.
 
-    pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds + user_weight * user_log_odds)
+    pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds + user_weight * user_log_odds
+                   + match_weight * semantic_match)
 
 ad_log_odds and user_log_odds are the ad's and the user's click rates before the request (their prior
 counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
 (never shown before the request) has no prior, and its text was never trained on: it gets weights of its
 own, unseen_*, fitted on the validation pairs of cold ads, or of the least-shown ads when too few are cold.
+semantic_match is the pretrained encoder's zero-shot cosine of the user text and the ad text
+(tasks/semantic_match.py), in the pairs' MATCH_COLUMN.
 
 The served model imports this module (tasks/ctr_pyfunc.py): numpy, no adrank config.
 """
@@ -28,6 +31,7 @@ PROBABILITY_BOUNDS = (1e-4, 1 - 1e-4)
 USER_PRIOR_COLUMNS = ("user_prior_impressions", "user_prior_clicks")
 AD_PRIOR_COLUMNS = ("ad_prior_impressions", "ad_prior_clicks")
 PRIOR_COLUMNS = (*USER_PRIOR_COLUMNS, *AD_PRIOR_COLUMNS)
+MATCH_COLUMN = "semantic_match"
 # (clicks, impressions) strictly before each request, one entry per pair
 Counts = tuple[np.ndarray, np.ndarray]
 
@@ -41,23 +45,32 @@ class PairPriors:
     user_counts: Counts | None = None
     ad_counts: Counts | None = None
     ad_ids: Sequence[str | None] | None = None  # read only by versions with a frozen ad table (legacy)
+    match: np.ndarray | None = None  # (n,) the semantic match; None: not computed (a model without one)
 
     @classmethod
     def of(cls, frame) -> PairPriors:
-        """The priors of a polars or pandas frame's rows: USER_PRIOR_COLUMNS, AD_PRIOR_COLUMNS and ad_id,
-        each optional; a row with a null count counts as (0, 0): no impressions known."""
+        """The priors of a polars or pandas frame's rows: USER_PRIOR_COLUMNS, AD_PRIOR_COLUMNS, ad_id and
+        MATCH_COLUMN, each optional; a row with a null count counts as (0, 0): no impressions known."""
+        match = None
+        if MATCH_COLUMN in frame.columns:
+            match = np.array(frame[MATCH_COLUMN], dtype=np.float64)
+            if not np.isfinite(match).all():
+                rows = np.flatnonzero(~np.isfinite(match))[:10].tolist()
+                raise ValueError(f"{MATCH_COLUMN} is null or not a number in rows {rows}")
         return cls(
             len(frame),
             _counts(frame, USER_PRIOR_COLUMNS, "user prior"),
             _counts(frame, AD_PRIOR_COLUMNS, "ad prior"),
             [None if a is None or a != a else str(a) for a in frame["ad_id"]] if "ad_id" in frame.columns else None,
+            match,
         )
 
     def take(self, rows: np.ndarray) -> PairPriors:
         """The priors of a subset of the pairs (an index or boolean mask)."""
         pick = lambda counts: None if counts is None else (counts[0][rows], counts[1][rows])  # noqa: E731
         ids = None if self.ad_ids is None else np.asarray(self.ad_ids, dtype=object)[rows].tolist()
-        return PairPriors(len(np.arange(self.n)[rows]), pick(self.user_counts), pick(self.ad_counts), ids)
+        match = None if self.match is None else self.match[rows]
+        return PairPriors(len(np.arange(self.n)[rows]), pick(self.user_counts), pick(self.ad_counts), ids, match)
 
 
 def _counts(frame, columns: tuple[str, str], name: str) -> Counts | None:
@@ -83,10 +96,12 @@ class Calibration:
     user_weight: float = 0.0
     user_prior_strength: float = 1.0
     global_log_odds: float = 0.0
+    match_weight: float = 0.0  # of the semantic match (0: a layer without it)
     # weights for cold ads; None: the ones above, with the global rate as the ad prior
     unseen_slope: float | None = None
     unseen_intercept: float | None = None
     unseen_user_weight: float | None = None
+    unseen_match_weight: float | None = None
     cold_fit: str = ""  # which validation pairs the unseen weights were fitted on, for people
     # versions registered before point-in-time ad counts carry a frozen table of the training split's ad
     # log-odds instead: an ad is cold when it is not in the table
@@ -120,37 +135,55 @@ class Calibration:
         rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
         return probability_log_odds((clicks + strength * rate) / (impressions + strength))
 
-    def terms(self, priors: PairPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per pair: the logit's slope, the offset (intercept + ad prior term) and the user prior's weight."""
+    def terms(self, priors: PairPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair: the logit's slope, the offset (intercept + ad prior term), the user prior's weight and
+        the semantic match's weight."""
         n = priors.n
         slope, offset = np.full(n, self.slope), self.intercept + self.ad_weight * self.ad_prior(priors)
-        user_weight = np.full(n, self.user_weight)
+        user_weight, match_weight = np.full(n, self.user_weight), np.full(n, self.match_weight)
         if self.unseen_slope is not None:
             cold = self.is_cold(priors)
-            slope[cold], offset[cold], user_weight[cold] = (
+            slope[cold], offset[cold], user_weight[cold], match_weight[cold] = (
                 self.unseen_slope,
                 self.unseen_intercept,
                 self.unseen_user_weight or 0.0,
+                self.unseen_match_weight or 0.0,
             )
-        return slope, offset, user_weight
+        return slope, offset, user_weight, match_weight
+
+    @property
+    def uses_match(self) -> bool:
+        return bool(self.match_weight or self.unseen_match_weight)
 
     def log_odds(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
         priors = priors or PairPriors(len(logits))
-        slope, offset, user_weight = self.terms(priors)
+        slope, offset, user_weight, match_weight = self.terms(priors)
         z = slope * logits.astype(np.float64) + offset
         if self.user_weight or self.unseen_user_weight:
             z += user_weight * self.user_prior(priors)
+        if self.uses_match:
+            z += match_weight * self.match(priors)
         return z
 
+    def match(self, priors: PairPriors) -> np.ndarray:
+        """Each pair's semantic match, shape (n,); an error where this layer reads it and it was not computed."""
+        if priors.match is None:
+            raise ValueError(
+                f"this output layer weighs the semantic match: the pairs need the column {MATCH_COLUMN} "
+                "(tasks/semantic_match.py, from the encoder saved with the model)"
+            )
+        return priors.match
+
     def contributions(self, logit: float, priors: PairPriors) -> dict[str, float]:
-        """One pair's log-odds, term by term: text (slope x logit), intercept, ad prior, user prior; their
-        sum is log_odds() of the pair."""
-        slope, offset, user_weight = (float(t[0]) for t in self.terms(priors))
+        """One pair's log-odds, term by term: text (slope x logit), semantic match, intercept, ad prior, user
+        prior; their sum is log_odds() of the pair."""
+        slope, offset, user_weight, match_weight = (float(t[0]) for t in self.terms(priors))
         cold = bool(self.is_cold(priors)[0])
         intercept = self.intercept if not cold or self.unseen_slope is None else float(self.unseen_intercept)
         uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
         return {
             "text": slope * float(logit),
+            "semantic_match": match_weight * float(self.match(priors)[0]) if self.uses_match else 0.0,
             "intercept": intercept,
             "ad_prior": offset - intercept,
             "user_prior": user_weight * float(self.user_prior(priors)[0]) if uses_user_prior else 0.0,
@@ -158,11 +191,6 @@ class Calibration:
 
     def apply(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.log_odds(logits, priors)))
-
-    @property
-    def uses_text(self) -> bool:
-        """False for the priors-only layer served when fine-tuning never beat the untrained model."""
-        return bool(self.slope or self.unseen_slope)
 
 
 def probability_log_odds(p: np.ndarray | float) -> np.ndarray:
@@ -179,11 +207,13 @@ def fit_calibration(
     with_ad_prior: bool = False,
     with_user_prior: bool = False,
     min_cold_clicks: int = 100,
+    with_match: bool = False,
 ) -> Calibration:
     """Fit the output layer on held-out pairs (validation), never on training data.
 
     Platt scaling (slope, intercept) alone (no template), or with the weights of the priors named, using
-    the template's prior strengths and global rate. logits None: no text term (slope 0, the priors only).
+    the template's prior strengths and global rate, and of the semantic match (with_match: priors.match).
+    logits None: no logit term (slope 0).
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
     on cold_fit_rows (cold pairs, else the least-shown ads' pairs, with at least min_cold_clicks clicks).
     """
@@ -194,18 +224,25 @@ def fit_calibration(
         return Calibration(**_logistic_fit(labels, text=text))
     priors = priors or PairPriors(len(labels))
     user = template.user_prior(priors) if with_user_prior else None
-    everything = _logistic_fit(labels, text=text, user=user)
+    match = template.match(priors) if with_match else None
+    everything = _logistic_fit(labels, text=text, user=user, match=match)
     if not with_ad_prior:
         return replace(template, **everything)
     warm = ~template.is_cold(priors)
     seen = (
-        _logistic_fit(labels[warm], text=_rows(text, warm), ad=template.ad_prior(priors)[warm], user=_rows(user, warm))
+        _logistic_fit(
+            labels[warm],
+            text=_rows(text, warm),
+            ad=template.ad_prior(priors)[warm],
+            user=_rows(user, warm),
+            match=_rows(match, warm),
+        )
         if _both_classes(labels[warm])
         else everything | {"ad_weight": 0.0}
     )
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
     if _both_classes(labels[rows]):
-        unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows))
+        unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows), match=_rows(match, rows))
     else:
         unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
     return replace(template, **seen, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
@@ -252,13 +289,17 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 
 def _logistic_fit(
-    labels: np.ndarray, text: np.ndarray | None = None, ad: np.ndarray | None = None, user: np.ndarray | None = None
+    labels: np.ndarray,
+    text: np.ndarray | None = None,
+    ad: np.ndarray | None = None,
+    user: np.ndarray | None = None,
+    match: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """slope (0 without text), intercept and the weights of the given priors, by a logistic fit with a weak
+    """slope (0 without text), intercept and the weights of the given terms, by a logistic fit with a weak
     prior on the standardised weights (OUTPUT_LAYER_PRIOR_VARIANCE; the intercept is not penalised)."""
     from sklearn.linear_model import LogisticRegression
 
-    features = {"slope": text, "ad_weight": ad, "user_weight": user}
+    features = {"slope": text, "ad_weight": ad, "user_weight": user, "match_weight": match}
     features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
     if not features:  # the intercept alone: the log-odds of the click rate
         return {"slope": 0.0, "intercept": float(probability_log_odds(labels.mean()))}

@@ -44,7 +44,7 @@ CHAMPION_HISTORY_TAG = "champion_history"
 METRICS_PER_BATCH = 1000  # the most metrics MLflow takes in one log_batch call
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 # what ctr_pyfunc.py imports: copied into the model (code_paths) so it serves without adrank installed
-SERVING_MODULES = ("__init__.py", "model.py", "output_layer.py", "two_tower.py")
+SERVING_MODULES = ("__init__.py", "model.py", "output_layer.py", "semantic_match.py", "two_tower.py")
 # its exact requirements, pinned to the versions that trained it (torch without a local +cpu/+cu tag)
 SERVING_REQUIREMENTS = (
     *("torch", "transformers", "tokenizers", "safetensors", "mlflow", "pandas", "numpy", "polars", "scipy"),

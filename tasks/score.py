@@ -24,9 +24,10 @@ from transformers import PreTrainedTokenizerBase
 
 from tasks.config import RankingConfig
 from tasks.model import embed_texts, predict_logits, quantize_int8
-from tasks.output_layer import AD_PRIOR_COLUMNS, USER_PRIOR_COLUMNS, Calibration, PairPriors
+from tasks.output_layer import AD_PRIOR_COLUMNS, MATCH_COLUMN, USER_PRIOR_COLUMNS, Calibration, PairPriors
 from tasks.pairs import RankingInputs
 from tasks.progress import StageProgress
+from tasks.semantic_match import MatchEncoder
 from tasks.two_tower import TwoTower
 
 # pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
@@ -47,12 +48,22 @@ class RankingModel:
     two_tower: TwoTower | None
     max_length: int
     batch_size: int
+    match_encoder: MatchEncoder | None = None  # the semantic match's frozen base encoder (None: no match term)
 
     @classmethod
     def from_pyfunc(cls, model: mlflow.pyfunc.PyFuncModel, quantize: bool = False) -> RankingModel:
         inner = model.unwrap_python_model()
         two_tower = getattr(inner, "two_tower", None)  # versions registered before two-stage ranking have none
-        ranker = cls(inner.model, inner.tokenizer, inner.calibration, two_tower, inner.max_length, inner.batch_size)
+        match_encoder = getattr(inner, "match_encoder", None)  # and before the semantic match
+        ranker = cls(
+            inner.model,
+            inner.tokenizer,
+            inner.calibration,
+            two_tower,
+            inner.max_length,
+            inner.batch_size,
+            match_encoder,
+        )
         return ranker.quantized() if quantize else ranker
 
     def quantized(self) -> RankingModel:
@@ -85,6 +96,8 @@ class StageOneAds:
     terms: np.ndarray  # (ads,): slope * anchor (or learned ad bias) + intercept + ad prior, exact per ad
     user_weights: np.ndarray  # (ads,): the weight of the user prior for each ad (seen, unseen in training)
     reference: np.ndarray  # (dim,): mean P(reference users), subtracted from every user's P
+    ad_match: np.ndarray | None = None  # (ads, hidden): the semantic match's unit embeddings (None: no match)
+    match_weights: np.ndarray | None = None  # (ads,): the match's weight for each ad (seen, unseen in training)
 
 
 def score_candidates(
@@ -105,6 +118,8 @@ def score_candidates(
     stats.two_stage = is_two_stage(model, ads.height, k)
     if stats.two_stage and stage1_ads is None:
         stage1_ads = prepare_stage1(model, ads, stats)
+    # the ads' match embeddings (or None): each ad encoded once a run
+    ad_match = stage1_ads.ad_match if stage1_ads is not None else _match_embeddings(model, ads, "ad_text")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     progress = StageProgress("rerank: score users", users.height, "users", rate_unit="pairs")
@@ -112,11 +127,15 @@ def score_candidates(
         for start in range(0, users.height, ranking.user_chunk_size):
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
+            user_match = _match_embeddings(model, chunk, "user_text")
             if stats.two_stage:
-                pairs = _stage1(model, chunk, ads, stage1_ads, allowed, k, stats, log_bids)
+                rows, cols = _stage1(model, chunk, stage1_ads, allowed, k, stats, log_bids, user_match)
             else:
                 rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
-                pairs = _pairs(chunk, ads, rows, cols)
+            pairs = _pairs(chunk, ads, rows, cols)
+            if ad_match is not None:
+                match = np.einsum("ij,ij->i", user_match[rows], ad_match[cols])
+                pairs = pairs.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
             top = _stage2(model, pairs, ranking.top_n, stats, ranking.objective)
             writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
             stats.rows += top.height
@@ -134,7 +153,7 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
     """Ad projections and exact per-ad terms: the cross-encoder's mean logit against the reference
     users (see tasks/two_tower.py) and the output layer's per-ad terms."""
     tower, calibration = model.two_tower, model.calibration
-    slope, offset, user_weights = calibration.terms(PairPriors.of(ads))
+    slope, offset, user_weights, match_weights = calibration.terms(PairPriors.of(ads))
     tower_logits = slope / (tower.logit_scale or calibration.slope)  # older towers learned slope * logit
     started = time.perf_counter()
     embeddings = torch.from_numpy(_embed(model, ads["ad_text"]))
@@ -157,25 +176,27 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
         stats.anchor_pairs += logits.size
     stats.seconds["anchor"] += time.perf_counter() - started
     terms = (terms + offset).astype(np.float32)
-    return StageOneAds(projections.astype(np.float32), terms, user_weights=user_weights, reference=reference)
+    ad_match = _match_embeddings(model, ads, "ad_text")
+    return StageOneAds(projections.astype(np.float32), terms, user_weights, reference, ad_match, match_weights)
 
 
 def _stage1(
     model: RankingModel,
     chunk: pl.DataFrame,
-    ads: pl.DataFrame,
     stage1_ads: StageOneAds,
     allowed: np.ndarray | None,
     k: int,
     stats: ScoringStats,
     log_bids: np.ndarray | None = None,
-) -> pl.DataFrame:
+    user_match: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's top k ads by the stage-1 score: (chunk row, ad row) index arrays."""
     started = time.perf_counter()
     projections = project_users(model, chunk)
     stats.seconds["encode"] += time.perf_counter() - started
 
     started = time.perf_counter()
-    scores = stage1_scores(model, chunk, projections, stage1_ads)
+    scores = stage1_scores(model, chunk, projections, stage1_ads, user_match)
     if log_bids is not None:
         scores = -np.logaddexp(0.0, -scores) + log_bids  # log(sigmoid(log-odds) x bid)
     if allowed is not None:
@@ -186,7 +207,7 @@ def _stage1(
     keep = np.isfinite(scores[rows, cols])  # fewer than k allowed candidates
     stats.stage1_pairs += scores.size
     stats.seconds["stage1"] += time.perf_counter() - started
-    return _pairs(chunk, ads, rows[keep], cols[keep])
+    return rows[keep], cols[keep]
 
 
 def project_users(model: RankingModel, users: pl.DataFrame) -> np.ndarray:
@@ -196,14 +217,28 @@ def project_users(model: RankingModel, users: pl.DataFrame) -> np.ndarray:
 
 
 def stage1_scores(
-    model: RankingModel, users: pl.DataFrame, projections: np.ndarray, stage1_ads: StageOneAds
+    model: RankingModel,
+    users: pl.DataFrame,
+    projections: np.ndarray,
+    stage1_ads: StageOneAds,
+    user_match: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Stage-1 log-odds of every user x ad, shape (users, ads): the output layer's terms, exact per ad and
-    for the user prior, around the two-tower's estimate of the cross-encoder's logit (users: their
-    P(user) and prior counts)."""
+    """Stage-1 log-odds of every user x ad, shape (users, ads): the output layer's terms, exact per ad, for the
+    user prior and for the semantic match (user_match: the users' unit match embeddings), around the
+    two-tower's estimate of the cross-encoder's logit (users: their P(user) and prior counts)."""
     scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
+    if stage1_ads.ad_match is not None:  # exact: the dot product of the two unit vectors, weighted per ad
+        scores += (user_match @ stage1_ads.ad_match.T) * stage1_ads.match_weights.astype(np.float32)
     user_prior = model.calibration.user_prior(PairPriors.of(users))
     return scores + np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
+
+
+def _match_embeddings(model: RankingModel, frame: pl.DataFrame, column: str) -> np.ndarray | None:
+    """The semantic match's unit embeddings of the frame's texts, or None when the served layer does not
+    weigh the match."""
+    if model.match_encoder is None or not model.calibration.uses_match:
+        return None
+    return model.match_encoder.embed(frame[column].to_list())
 
 
 def _embed(model: RankingModel, texts) -> np.ndarray:

@@ -45,6 +45,7 @@ from tasks.output_layer import (
     save_calibration,
 )
 from tasks.progress import StageProgress
+from tasks.semantic_match import MATCH_COLUMN, MatchEncoder, load_match_encoder, save_match_encoder, with_match
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 SELECTION_METRICS = ("logloss", "auc", "gauc")  # the selection decision's intervals (text_gain)
@@ -63,10 +64,10 @@ class TrainResult:
     stopped_early: bool
     # one row per validation: step, epoch, train_loss, valid_logloss, valid_auc (served), valid_raw_logloss
     history: list[dict[str, float]] = field(default_factory=list)
-    best_step: int = 0  # the step whose weights were kept (0: none beat the priors alone, served without text)
+    best_step: int = 0  # the step whose weights were kept (0: none beat step 0, served without the logit)
     step_losses: list[float] = field(default_factory=list)  # training loss of each optimizer step, in order
     valid_pctr: np.ndarray | None = None  # (valid pairs,): the served pCTR of the kept step on validation
-    # the selection decision on validation: the best trained step's served score minus the priors alone's
+    # the selection decision on validation: the best trained step's served score minus step 0's
     # (step 0), per metric (logloss: below 0 is better), with paired user-bootstrap intervals
     text_gain: dict[str, Interval] = field(default_factory=dict)
     best_trained_step: int | None = None  # the trained step text_gain is of (None: no step was trained)
@@ -97,8 +98,8 @@ def fine_tune(
     on_step: Callable[[int, list[int], torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train on train_path, early-stop on the served score's validation logloss (the output layer fitted on
-    each validation's logits, cross-fitted), against step 0, the priors alone; save the kept model and its
-    output layer (without text if step 0 was kept) to out_dir.
+    each validation's logits, cross-fitted), against step 0 (the output layer without the logit: the priors
+    and the semantic match); save the kept model and its output layer to out_dir.
 
     Under torchrun (a process group set up by tasks/train_worker.py) each rank trains on its share of every
     step's pairs through DistributedDataParallel; rank 0 alone validates, decides, saves and calibrates, and
@@ -125,6 +126,8 @@ def fine_tune(
     columns = [c for c in wanted if c in present]
     train = pl.read_parquet(train_path, columns=columns)
     valid = pl.read_parquet(valid_path)  # with the prior counts, for the output layer
+    match_encoder = base_match_encoder(settings, device)  # frozen: the match is the same at every step
+    valid = with_match(valid, match_encoder)
     valid_priors = PairPriors.of(valid)
     tuned = (
         train
@@ -163,8 +166,9 @@ def fine_tune(
     def validate(step: int, epoch: float, train_loss: float) -> tuple[float, np.ndarray | None]:
         """Score validation as it will be served: the output layer fitted on these logits (cross-fitted, see
         cross_fitted_pctr), then logloss and AUC of its pCTR (a raw logloss also punishes base-rate shifts
-        that the output layer removes). Step 0 is the output layer without text (the priors alone): what is
-        served unless a trained step beats it; an untrained head's logit is a random projection of the text."""
+        that the output layer removes). Step 0 is the output layer without the logit (the priors and the semantic
+        match): what is served unless a trained step beats it; an untrained head's logit is a random projection
+        of the text."""
         logits = None
         if step > 0:
             texts = valid["user_text"], valid["ad_text"]
@@ -198,8 +202,8 @@ def fine_tune(
             return True
         return False
 
-    # 4. the priors alone (step 0; the untrained weights saved with them) are the first candidate, unless a
-    # killed run with this data and config left a state
+    # 4. step 0, the output layer without the logit (the untrained weights saved with it), is the first candidate,
+    # unless a killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
     best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(valid.height, dtype=np.float32)
@@ -293,13 +297,15 @@ def fine_tune(
             if result.stopped_early:
                 break
 
-    # 6. fit the output layer on the kept step's validation logits (none at step 0: the priors alone), saved
+    # 6. fit the output layer on the kept step's validation logits (none at step 0), saved
     # beside its weights; the selection decision's interval
     if not lead:
         return result
     kept_logits = None if result.best_step == 0 else best_valid_logits
     calibration = calibrate(settings, train, valid, kept_logits)
     save_calibration(calibration, out_dir)
+    if match_encoder is not None:
+        save_match_encoder(match_encoder, out_dir)
     result.valid_pctr = served_pctr(calibration, kept_logits, valid_priors)
     result.valid_clicks = int(valid_labels.sum())
     if best_trained["step"] is not None:
@@ -316,8 +322,21 @@ def fine_tune(
     return result
 
 
+def uses_match(settings: Settings) -> bool:
+    """Whether the output layer weighs the semantic match (model.calibration names it)."""
+    return "match" in settings.model.calibration.split("+")
+
+
+def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder | None:
+    """The base model as the semantic match's encoder (None: model.calibration does not use it)."""
+    if not uses_match(settings):
+        return None
+    cfg = settings.model
+    return load_match_encoder(cfg.base_model, device, cfg.max_seq_length, settings.training.eval_batch_size)
+
+
 def served_pctr(calibration: Calibration, logits: np.ndarray | None, priors: PairPriors) -> np.ndarray:
-    """The output layer's pCTR; logits None: the priors alone (a layer fitted without text)."""
+    """The output layer's pCTR; logits None: step 0 (a layer fitted without the logit)."""
     return calibration.apply(np.zeros(priors.n, dtype=np.float32) if logits is None else logits, priors)
 
 
@@ -327,7 +346,7 @@ def cross_fitted_pctr(
     """The served validation pCTR out of sample: validation users are split in CROSS_FIT_FOLDS folds and each
     fold is scored by the output layer fitted on the others. Fitted and scored on the same pairs, any extra
     term (a text logit, even a random one) would lower the logloss a little; across folds, text wins the
-    selection only if it predicts users it was not fitted on. logits None: the priors alone."""
+    selection only if it predicts users it was not fitted on. logits None: step 0, no logit."""
     keys = valid["user_id"] if "user_id" in valid.columns else pl.Series(range(valid.height))
     folds = (keys.hash(seed=0) % CROSS_FIT_FOLDS).to_numpy()
     labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
@@ -345,7 +364,7 @@ def cross_fitted_pctr(
 
 
 def text_gain(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logits: np.ndarray) -> dict[str, Interval]:
-    """What the text term adds on validation: the served score with these logits minus the priors alone
+    """What the text term adds on validation: the served score with these logits minus step 0 (no logit)
     (both cross-fitted: cross_fitted_pctr), per metric, with paired user-bootstrap intervals."""
     labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
     pctr = {
@@ -362,7 +381,7 @@ def text_gain(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logi
 def selection_summary(result: TrainResult) -> str:
     """One line: which step was kept and how sure that choice is."""
     kept = f"kept step {result.best_step}" + (
-        " (no trained step beat the priors alone: the model serves them without text, text weight 0)"
+        " (no trained step beat step 0: the model serves its output layer without the logit, slope 0)"
         if result.best_step == 0
         else ""
     )
@@ -371,7 +390,7 @@ def selection_summary(result: TrainResult) -> str:
     gains = ", ".join(f"{metric} {gain}" for metric, gain in result.text_gain.items())
     return (
         f"selection on validation ({result.valid_clicks} clicks): best trained step {result.best_trained_step} "
-        f"minus the priors alone: {gains} (95% paired user bootstrap); {kept}"
+        f"minus step 0 (no logit): {gains} (95% paired user bootstrap); {kept}"
     )
 
 
@@ -558,7 +577,7 @@ def calibrate(
     settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, valid_logits: np.ndarray | None
 ) -> Calibration:
     """The output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit (none
-    without logits: the priors alone), plus the priors settings.model.calibration names, each pair's
+    without logits: step 0), plus the semantic match and the priors settings.model.calibration names, each pair's
     point-in-time counts shrunk towards train's click rate."""
     method, labels = settings.model.calibration, valid["is_clicked"].cast(pl.Int8).to_numpy()
     if method == "none":  # the raw logit; without one (step 0 kept), the untrained head's is not served either
@@ -566,8 +585,12 @@ def calibrate(
     if method == "platt":
         return fit_calibration(valid_logits, labels)
     terms = set(method.split("+"))
-    for prior, columns in (("user_prior", USER_PRIOR_COLUMNS), ("ad_prior", AD_PRIOR_COLUMNS)):
-        if prior in terms:
+    for term, columns in (
+        ("user_prior", USER_PRIOR_COLUMNS),
+        ("ad_prior", AD_PRIOR_COLUMNS),
+        ("match", (MATCH_COLUMN,)),
+    ):
+        if term in terms:
             _require_columns(valid, columns, f"model.calibration = {method}")
     return fit_calibration(
         valid_logits,
@@ -577,6 +600,7 @@ def calibrate(
         with_ad_prior="ad_prior" in terms,
         with_user_prior="user_prior" in terms,
         min_cold_clicks=settings.model.cold_fit_min_clicks,
+        with_match="match" in terms,
     )
 
 

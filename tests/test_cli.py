@@ -88,7 +88,7 @@ def test_the_demo_summary_says_which_gate_held_a_version_and_what_step_0_serves(
     held = promotion_line({"promoted": False, "gates": gates})
     assert held == "not promoted, held by the popularity gate (vs popularity: worse beyond the noise on gauc (overall))"
     assert promotion_line({"promoted": True, "gates": gates}).startswith("promoted to champion")
-    assert "serves them without text" in kept_step_line(0) and kept_step_line(400).startswith("kept step 400")
+    assert "without the fine-tuned logit" in kept_step_line(0) and kept_step_line(400).startswith("kept step 400")
 
 
 @pytest.mark.fault

@@ -137,7 +137,7 @@ def test_worse_model_is_registered_but_not_promoted(first_retrain, worse_retrain
     assert table[("fine_tuned", "overall")] < table[(CHAMPION, "overall")]
     assert result["version"] == "2" and not result["promoted"] and result["kept_step"] == 0
     layer = load_version(settings, "2").unwrap_python_model().calibration
-    assert layer.slope == layer.unseen_slope == 0 and not layer.uses_text  # registered with text weight 0
+    assert layer.slope == layer.unseen_slope == 0  # registered with logit weight 0
     client = MlflowClient()
     name = settings.tracking.registered_model
     assert client.get_model_version_by_alias(name, CHAMPION).version == 1

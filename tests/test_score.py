@@ -26,6 +26,7 @@ from tasks.score import (
     score_candidates,
     stage1_scores,
 )
+from tasks.semantic_match import load_match_encoder, with_match
 from tasks.two_tower import TwoTower, distill_two_tower, load_two_tower
 
 N_USERS, N_ADS = 11, 30
@@ -279,7 +280,10 @@ class BilinearCrossEncoder(torch.nn.Module):
         return SequenceClassifierOutput(logits=(self.user(e_user) * self.ad(e_ad)).sum(-1, keepdim=True))
 
 
-def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_stage2(ranking_model, inputs):
+def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_stage2(
+    ranking_model, inputs, tiny_model_dir
+):
+    """Exact for every term of the output layer, the semantic match included (its own weight for cold ads)."""
     tokenizer = ranking_model.tokenizer
     torch.manual_seed(11)
     cross_encoder = BilinearCrossEncoder(tokenizer.vocab_size, 16, 6, tokenizer.cls_token_id).eval()
@@ -293,17 +297,30 @@ def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_
             layer.bias.zero_()
         tower.user_bias.weight.zero_()
         tower.ad_bias.weight.zero_()
-    model = replace(ranking_model, cross_encoder=cross_encoder, two_tower=tower)
-    users, ads, calibration = inputs.users, inputs.ads, ranking_model.calibration
+    calibration = replace(ranking_model.calibration, match_weight=1.5, unseen_match_weight=-4.0)
+    match_encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 64, 7)
+    model = replace(
+        ranking_model,
+        cross_encoder=cross_encoder,
+        two_tower=tower,
+        calibration=calibration,
+        match_encoder=match_encoder,
+    )
+    users, ads = inputs.users, inputs.ads
 
     stage1_ads = prepare_stage1(model, ads, ScoringStats())
-    stage1 = stage1_scores(model, users, project_users(model, users), stage1_ads)  # (users, ads)
+    user_match = match_encoder.embed(users["user_text"].to_list())
+    stage1 = stage1_scores(model, users, project_users(model, users), stage1_ads, user_match)  # (users, ads)
     repeated = users.select(pl.all().repeat_by(ads.height).explode())
     logits = predict_logits(
         cross_encoder, tokenizer, repeated["user_text"], np.tile(ads["ad_text"].to_numpy(), users.height), 64, 7
     )
-    pairs = pl.concat([repeated, pl.concat([ads] * users.height)], how="horizontal")
+    pairs = with_match(pl.concat([repeated, pl.concat([ads] * users.height)], how="horizontal"), match_encoder)
     stage2 = calibration.log_odds(logits, PairPriors.of(pairs)).reshape(users.height, ads.height)
+    match_term = stage2 - replace(calibration, match_weight=0.0, unseen_match_weight=0.0).log_odds(
+        logits, PairPriors.of(pairs)
+    ).reshape(users.height, ads.height)
+    assert np.abs(match_term).std() > 0.05  # the match moves the scores: the check below covers it
 
     seen = ~calibration.is_cold(PairPriors.of(ads))
     assert seen.any() and (~seen).any() and logits.std() > 0.1

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from tasks.config import packaged_model_path
+from tasks.metrics import logloss
 from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
 from tasks.output_layer import Calibration, PairPriors, cold_fit_rows, fit_calibration, load_calibration
+from tasks.semantic_match import MATCH_FOLDER, saved_match_encoder, with_match
 from tasks.train import SELECTION_FILE, ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
 from tests.conftest import build_settings
 
@@ -207,6 +210,31 @@ def test_prior_weights_are_fitted_and_cold_ads_get_weights_fitted_on_cold_pairs_
     assert calibration.apply(np.array([0.3]))[0] == pytest.approx(1 / (1 + np.exp(-z0)))
 
 
+def test_the_semantic_match_gets_its_weight_for_warm_and_for_cold_ads():
+    # clicks drawn from 2 x match (a cosine) + the ad's quality (+-0.8), which its prior knows unless it is cold
+    rng, n, big = np.random.default_rng(4), 60000, 10.0**7
+    cold, quality = rng.random(n) < 0.3, np.where(rng.random(n) < 0.5, 0.8, -0.8)
+    match = np.clip(rng.normal(0.3, 0.3, n), -1, 1)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(2.0 * match + quality)))).astype(int)
+    ad_counts = (np.where(cold, 0.0, np.round(big / (1 + np.exp(-quality)))), np.where(cold, 0.0, big))
+    priors = PairPriors(n, ad_counts=ad_counts, match=match)
+    template = Calibration(global_log_odds=0.0, ad_prior_strength=5.0, user_prior_strength=20.0)
+    layer = fit_calibration(None, labels, priors, template, with_ad_prior=True, with_match=True)
+    assert layer.slope == 0 and layer.match_weight == pytest.approx(2.0, abs=0.25)
+    assert layer.unseen_match_weight == pytest.approx(2.0, abs=0.35)
+    without = fit_calibration(None, labels, priors, template, with_ad_prior=True)
+    assert without.match_weight == 0 and logloss(labels, layer.apply(np.zeros(len(labels)), priors)) < logloss(
+        labels, without.apply(np.zeros(len(labels)), priors)
+    )
+    # explain's terms sum to the served log-odds, the match's included
+    one = priors.take(np.array([int(np.flatnonzero(cold)[0])]))
+    terms = layer.contributions(0.0, one)
+    assert terms["semantic_match"] == pytest.approx(layer.unseen_match_weight * one.match[0])
+    assert sum(terms.values()) == pytest.approx(layer.log_odds(np.zeros(1), one)[0])
+    with pytest.raises(ValueError, match="semantic_match"):  # a layer that weighs the match needs it
+        layer.apply(np.zeros(1), replace(one, match=None))
+
+
 def test_with_too_few_cold_clicks_the_cold_weights_come_from_the_least_shown_ads():
     impressions = np.array([0, 0, 1, 1, 2, 5, 9, 9], dtype=float)
     labels = np.array([1, 0, 1, 1, 0, 1, 1, 0])
@@ -224,7 +252,7 @@ def test_without_logits_the_layer_is_the_priors_alone():
     logits, labels, priors, _ = hit_or_flop_pairs(20000, 3, cold_share=0.3)
     template = Calibration(global_log_odds=0.0, ad_prior_strength=5.0, user_prior_strength=20.0)
     priors_only = fit_calibration(None, labels, priors, template, with_ad_prior=True, with_user_prior=True)
-    assert priors_only.slope == priors_only.unseen_slope == 0 and not priors_only.uses_text
+    assert priors_only.slope == priors_only.unseen_slope == 0
     assert priors_only.ad_weight > 0.5 and priors_only.user_weight > 0.5
     np.testing.assert_allclose(priors_only.apply(logits, priors), priors_only.apply(np.zeros(20000), priors))
     assert fit_calibration(None, labels).slope == 0  # Platt without a logit: the click rate alone
@@ -243,9 +271,10 @@ def test_a_calibration_saved_before_point_in_time_ad_counts_scores_as_it_did(tmp
 
 def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, make_settings, toy_pairs):
     tuned = fine_tune(make_settings(training={"epochs": 1}), *toy_pairs, tmp_path / "a")
-    hybrid = load_calibration(tuned.checkpoint)  # default: text + ad prior + user prior
+    hybrid = load_calibration(tuned.checkpoint)  # default: text + semantic match + ad prior + user prior
     assert hybrid.ad_weight > 0 and not hybrid.ad_log_odds and "validation pairs" in hybrid.cold_fit
-    warm = PairPriors(2, ad_counts=(np.array([95.0, 5.0]), np.array([100.0, 100.0])))
+    assert hybrid.match_weight != 0 and (tuned.checkpoint / MATCH_FOLDER / "model.safetensors").exists()
+    warm = PairPriors(2, ad_counts=(np.array([95.0, 5.0]), np.array([100.0, 100.0])), match=np.zeros(2))
     click_ad, skip_ad = hybrid.log_odds(np.zeros(2), warm)
     assert click_ad > skip_ad  # the ads' earlier click rates
     selection = json.loads((tuned.checkpoint / SELECTION_FILE).read_text())
@@ -253,7 +282,8 @@ def test_fine_tuning_saves_a_calibration_that_is_used_when_loading(tmp_path, mak
 
     settings = make_settings(training={"epochs": 1}, model={"calibration": "platt"})
     platt = load_calibration(fine_tune(settings, *toy_pairs, tmp_path / "b").checkpoint)
-    assert platt.ad_weight == 0 and not platt.ad_log_odds
+    assert platt.ad_weight == platt.match_weight == 0 and not platt.ad_log_odds
+    assert not (tmp_path / "b" / MATCH_FOLDER).exists()  # no match term: no encoder saved for it
     assert load_calibration(tmp_path) == Calibration()  # no file: identity
 
 
@@ -268,9 +298,11 @@ def test_a_run_where_no_step_beats_the_priors_serves_them_without_text(
     result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
     assert result.best_step == 0 and result.best_trained_step is not None and result.best_trained_step > 0
     layer = load_calibration(result.checkpoint)
-    assert layer.slope == 0 and layer.unseen_slope == 0 and not layer.uses_text
+    assert layer.slope == 0 and layer.unseen_slope == 0
     assert result.text_gain["auc"].mean == 0  # the best trained step scores validation as the priors do
-    valid = pl.read_parquet(toy_pairs[1])
+    valid = with_match(
+        pl.read_parquet(toy_pairs[1]), saved_match_encoder(result.checkpoint, torch.device("cpu"), 64, 8)
+    )
     np.testing.assert_allclose(result.valid_pctr, layer.apply(np.zeros(valid.height), PairPriors.of(valid)))
 
 
