@@ -1,7 +1,8 @@
 """CTR peers on the same pairs: logistic regression on one-hot ids and side features, gradient-boosted
 trees (LightGBM) and FuxiCTR's DeepFM, given the same information as adrank (content_features): ids,
 profile, every genre, year, the user's and the ad's point-in-time click counts and the genres of the user's
-history."""
+history. A text-aware LightGBM also reads the pair's texts, as adrank renders them (text_features: TF-IDF
+of the user text and the ad text, their cosine and a low-rank projection of each)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ LIGHTGBM_PARAMS = {
     "verbose": -1,
 }
 EARLY_STOPPING_ROUNDS = 30
+TFIDF_COMPONENTS = 32  # SVD components of each text's TF-IDF vector given to the text-aware LightGBM
+TFIDF_PARAMS = {"sublinear_tf": True, "min_df": 2, "ngram_range": (1, 2)}
 # FuxiCTR's DeepFM: its model_zoo defaults (embedding_dim 10, three ReLU layers of 64, Adam at 1e-3), with
 # batches sized for ~70k pairs on a CPU; at most DEEPFM_EPOCHS epochs, stopped after DEEPFM_PATIENCE epochs
 # without a better validation AUC - logloss (each of those also divides the learning rate by 10)
@@ -87,6 +90,30 @@ def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame
         columns["year"] = year["year"].cast(pl.Float64)
     extra = pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
     return with_prior_counts(pd.concat([side_features(pairs, users, ads), extra], axis=1), pairs)
+
+
+def text_features(splits: dict[str, pl.DataFrame], seed: int) -> dict[str, pd.DataFrame]:
+    """Per split: the TF-IDF cosine of each pair's user text and ad text, both texts' TF-IDF projected on
+    TFIDF_COMPONENTS SVD components, and the components' products (the user x ad interactions trees find
+    hard). Vocabulary and projection are fitted on the training split's texts only."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    train = splits["train"]
+    texts = pl.concat([train["user_text"], train["ad_text"]]).unique().sort().to_list()
+    vectorizer = TfidfVectorizer(**TFIDF_PARAMS).fit(texts)
+    components = min(TFIDF_COMPONENTS, len(vectorizer.vocabulary_) - 1, len(texts) - 1)  # SVD's rank bound
+    svd = TruncatedSVD(components, random_state=seed).fit(vectorizer.transform(texts))
+    out = {}
+    for name, frame in splits.items():
+        users, ads = (vectorizer.transform(frame[column].to_list()) for column in ("user_text", "ad_text"))
+        user_svd, ad_svd = svd.transform(users), svd.transform(ads)
+        columns = {"tfidf_cosine": np.asarray(users.multiply(ads).sum(axis=1)).ravel()}  # rows are unit length
+        for i in range(components):
+            columns |= {f"user_svd_{i}": user_svd[:, i], f"ad_svd_{i}": ad_svd[:, i]}
+            columns[f"product_svd_{i}"] = user_svd[:, i] * ad_svd[:, i]
+        out[name] = pd.DataFrame(columns)
+    return out
 
 
 def logistic_regression(train: pd.DataFrame, labels: np.ndarray, test: pd.DataFrame, seed: int) -> np.ndarray:

@@ -3,6 +3,7 @@
     python benchmarks/quality.py --data ../shared/datasets/ml-100k --quick   # ~35 min a seed on 2 idle CPU cores
     python benchmarks/quality.py --data ../shared/datasets/ml-100k           # full: meant for a GPU
     python benchmarks/quality.py --logs /path/to/contract/logs --name mydata  # any data in the log contract
+    python benchmarks/quality.py --sample --quick                             # the embedded sample market
 
 What is measured is adrank's default config (tasks/config.py), with --quick's scale overrides only (QUICK),
 at the recorded commit. Protocol (benchmarks/protocol.py): for each seed, a seeded 10% of the items is removed
@@ -11,13 +12,15 @@ each impression's day (what rerank knows: user and ad counts, histories), split 
 cutoffs (last 10% test, 10% before validation). Slices (tasks/evaluate.py): ranked_users (the users rerank
 ranks that day: the headline), cold_start (ads never shown before the day), new_ads (no train or validation
 pair), users_without_history. Every model and lever is chosen on validation; the test split is scored once
-per run. Peers get the same information at the same moment (benchmarks/baselines.py::content_features).
+per run. Peers get the same information at the same moment (benchmarks/baselines.py::content_features;
+the text-aware LightGBM also the pair's texts: text_features).
 Intervals: paired user-level bootstrap, averaged over seeds (tasks/intervals.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 import subprocess
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines, protocol  # noqa: E402
 from benchmarks.docs_blocks import command_line, hardware, write_block  # noqa: E402
 from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
-from tasks.config import Settings, flat_params, load_settings  # noqa: E402
+from tasks.config import SampleDataConfig, Settings, flat_params, load_settings  # noqa: E402
 from tasks.evaluate import (  # noqa: E402
     SLICE_COLUMNS,
     SLICES,
@@ -52,6 +56,7 @@ from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa:
 from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
 from tasks.pairs import split_fractions  # noqa: E402
 from tasks.registry import configure_tracking, git_commit  # noqa: E402
+from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
 from tasks.train import calibrate, fine_tune  # noqa: E402
@@ -66,7 +71,7 @@ DEFAULT = "fine_tuned"
 # the default's output layer without priors (the logit and the semantic match), without any text, and without
 # the fine-tuned logit (step 0: the priors and the zero-shot semantic match)
 TEXT_ONLY, PRIORS_ONLY, ZERO_SHOT = "fine_tuned_text_only", "priors_only", "priors_and_match"
-PEERS = ["popularity", "lightgbm", "deepfm"]
+PEERS = ["popularity", "lightgbm", "lightgbm_text", "deepfm"]
 HEADLINE = "ranked_users"  # the users the nightly rerank ranks
 HEADLINE_RUN = "quality-ml100k-quick"  # the reported run whose headline README quotes
 # levers (config overrides) tried with --levers on the first seed against the default, judged on validation only
@@ -92,7 +97,12 @@ def parse_args() -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="MovieLens-100K folder (converted to the log contract)")
     source.add_argument("--logs", type=Path, help="a data set already in adrank's log contract")
-    parser.add_argument("--name", default="ml100k", help="data set name in output file names")
+    source.add_argument(
+        "--sample", action="store_true", help="the embedded sample market (adrank sample-data's defaults, seed 7)"
+    )
+    parser.add_argument(
+        "--name", help="data set name in output file names (default: ml100k, sample, or the --logs folder's name)"
+    )
     parser.add_argument("--quick", action="store_true", help="subsampled CPU mode (see QUICK)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--levers", action="store_true", help="only compare LEVERS on validation (first seed)")
@@ -100,7 +110,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="reuse seeds scored in --work by the same commit")
     parser.add_argument("--work", type=Path, default=Path("adrank_home/benchmarks"), help="scratch folder")
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs", help="where benchmarks.md lives")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.name = args.name or ("ml100k" if args.data else "sample" if args.sample else args.logs.resolve().name)
+    return args
 
 
 def quick_overrides(args: argparse.Namespace) -> dict:
@@ -239,6 +251,10 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     for name, fit in (("lightgbm", baselines.lightgbm), ("deepfm", baselines.deepfm)):
         fit_args = features["train"], labels["train"], features["valid"], labels["valid"], features["test"], seed
         predictions[name] = timed(name, fit, *fit_args)
+    texts = baselines.text_features(splits, seed)
+    with_text = {name: pd.concat([features[name], texts[name]], axis=1) for name in splits}
+    fit_args = with_text["train"], labels["train"], with_text["valid"], labels["valid"], with_text["test"], seed
+    predictions["lightgbm_text"] = timed("lightgbm_text", baselines.lightgbm, *fit_args)
 
     # adrank's default as it ships (its saved output layer); that layer without priors (text only) and
     # without text (priors only)
@@ -422,6 +438,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.data:
         logs, data_checksum = work / f"{args.name}-logs", checksum(args.data)
         convert_movielens(args.data, logs)
+    elif args.sample:
+        logs, market = work / f"{args.name}-logs", SampleDataConfig()
+        generate_sample_logs(market, logs)  # replaces only a folder it wrote (tasks/folders.py)
+        data_checksum = hashlib.sha256(market.model_dump_json().encode()).hexdigest()  # seeded: config names data
     else:
         logs, data_checksum = args.logs.resolve(), "n/a (--logs)"
     if args.levers:

@@ -418,13 +418,15 @@ class StackConfig(BaseModel):
 
 class SampleDataConfig(BaseModel):
     seed: int = Field(7, description="Seed of the synthetic market.")
-    users: int = Field(200, ge=2, description="Synthetic users.")
-    advertisers: int = Field(12, ge=1, description="Synthetic advertisers.")
-    ads: int = Field(40, ge=2, description="Synthetic ads, including cold-start ones.")
+    users: int = Field(1000, ge=2, description="Synthetic users.")
+    advertisers: int = Field(24, ge=1, description="Synthetic advertisers.")
+    ads: int = Field(120, ge=2, description="Synthetic ads, including cold-start ones (a quarter of them).")
     days: int = Field(21, ge=3, description="Days of impressions.")
     impressions_per_user_day: float = Field(1.0, gt=0, description="Mean impressions per user and day.")
     targeted_share: float = Field(0.5, ge=0, le=1, description="Impressions the ad server targets by occupation.")
-    cold_start_days: int = Field(3, ge=1, description="New ads appear in the last this many days.")
+    cold_start_days: int = Field(
+        21, ge=1, description="New ads appear on each of the last this many days (at most `days`: every day)."
+    )
     start_date: date = Field(date(2026, 10, 1), description="First day of the synthetic log.")
 
 

@@ -1,9 +1,11 @@
 """A seeded synthetic ad market in adrank's log contract: the embedded default data.
 
-Users have demographics and hidden topic interests (correlated with age and occupation); ads have
-natural-language copy about one topic; a click is drawn from a logistic model of interest <-> ad
-topic, ad quality, position bias and noise. New ads appear in the last days (cold start), so only
-their text says whom they suit.
+Users have demographics, hidden topic interests (correlated with occupation) and a profile column of
+recent web searches drawn from those interests, in words of their own (never the ads' products or
+the topic's name); ads have natural-language copy about one topic; a click is drawn from a logistic
+model of interest <-> ad topic, ad quality, position bias and noise. New ads appear on each of the
+last `cold_start_days` days (cold start), so only their text says whom they suit. docs/data.md states
+the click model.
 """
 
 from __future__ import annotations
@@ -82,6 +84,107 @@ TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
     ),
 }
 HOOKS = ["Discover the", "Meet the", "Try our", "Save on the", "Introducing the", "Get the"]
+# topic -> what people interested in it search for: their words, not the ads'
+SEARCHES: dict[str, list[str]] = {
+    "travel": [
+        "cheap flights in october",
+        "things to do in porto",
+        "best time to visit the algarve",
+        "boutique hotels near the old town",
+        "packing list for a short trip",
+        "train or plane to paris",
+    ],
+    "fitness": [
+        "how to do a proper squat",
+        "couch to 5k week one",
+        "protein after a workout",
+        "stretches for lower back pain",
+        "late night workout class",
+        "how to lose belly fat",
+    ],
+    "gaming": [
+        "elden ring boss guide",
+        "best fps settings",
+        "steam sale dates",
+        "how to reduce input lag",
+        "co-op games to play with friends",
+        "speedrun fastest times",
+    ],
+    "cooking": [
+        "easy weeknight dinner recipes",
+        "homemade pizza dough",
+        "what to cook with leftover rice",
+        "slow cooker beef stew",
+        "how to make bread rise",
+        "best way to sharpen knives",
+    ],
+    "finance": [
+        "how much to save for retirement",
+        "compound growth calculator",
+        "isa allowance this year",
+        "how to pay off debt fast",
+        "what is an etf",
+        "mortgage rates today",
+    ],
+    "fashion": [
+        "autumn outfit ideas",
+        "how to style white sneakers",
+        "capsule wardrobe basics",
+        "what to wear to a wedding",
+        "sustainable clothing brands",
+        "what goes with a trench",
+    ],
+    "pets": [
+        "puppy will not stop chewing",
+        "how often to feed a kitten",
+        "why does my kitten scratch the sofa",
+        "puppy allergy symptoms",
+        "how to trim puppy claws",
+        "adopt a rescue greyhound",
+    ],
+    "parenting": [
+        "infant nap schedule 6 months",
+        "tantrums at two what to do",
+        "weaning first purees",
+        "preparing a room for a newborn",
+        "how to childproof stairs",
+        "school run tips",
+    ],
+    "outdoors": [
+        "easy hikes near me",
+        "rules for overnight stays in the hills",
+        "national park trails",
+        "what to bring on a ramble",
+        "bouldering for beginners",
+        "best lakes for kayaking",
+    ],
+    "music": [
+        "learn ukulele chords quickly",
+        "how to read notes on a stave",
+        "best albums of the year",
+        "concert tickets on saturday",
+        "recording vocals in a bedroom",
+        "jazz standards to learn",
+    ],
+    "home": [
+        "cannot fall asleep at night",
+        "declutter lounge ideas",
+        "cut heating bills",
+        "carpet stains that will not shift",
+        "cosy bedroom ideas",
+        "draughty house in winter",
+    ],
+    "tech": [
+        "notebook battery drains quickly",
+        "how to back up photos",
+        "video call looks blurry",
+        "usb c hub recommendations",
+        "speed up a slow computer",
+        "password manager worth it",
+    ],
+}
+SEARCHES_PER_USER = 3
+OFF_INTEREST_SEARCH_SHARE = 0.2  # searches about a random topic: people search for more than they buy
 
 # occupation -> topics it leans towards; the hidden interests draw from these
 OCCUPATIONS: dict[str, list[str]] = {
@@ -127,7 +230,7 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
 
 def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> pa.Table:
     start = datetime.combine(config.start_date, time())
-    first_cold_day = config.days - config.cold_start_days
+    first_cold_day = max(0, config.days - config.cold_start_days)
     n_cold = max(1, config.ads // 4)
     advertiser_topics = [topics[i % len(topics)] for i in range(config.advertisers)]
     rows: dict[str, list] = {
@@ -155,7 +258,7 @@ def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[s
 def _make_users(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> tuple[pa.Table, np.ndarray]:
     occupations = list(OCCUPATIONS)
     interests = np.zeros((config.users, len(topics)))  # (users, topics), rows sum to 1
-    rows: dict[str, list] = {k: [] for k in ("user_id", "age", "gender", "city", "occupation")}
+    rows: dict[str, list] = {k: [] for k in ("user_id", "age", "gender", "city", "occupation", "recent_searches")}
     for u in range(config.users):
         occupation = occupations[rng.integers(len(occupations))]
         age = int(np.clip(rng.normal(40 if occupation != "retiree" else 70, 12), 18, 90))
@@ -170,7 +273,21 @@ def _make_users(config: SampleDataConfig, rng: np.random.Generator, topics: list
         rows["gender"].append(str(rng.choice(["female", "male", "non-binary"], p=[0.49, 0.49, 0.02])))
         rows["city"].append(CITIES[rng.integers(len(CITIES))])
         rows["occupation"].append(occupation)
+        rows["recent_searches"].append(_searches(rng, interests[u], topics))
     return pa.table(rows), interests
+
+
+def _searches(rng: np.random.Generator, interests: np.ndarray, topics: list[str]) -> str:
+    """SEARCHES_PER_USER distinct searches, each about a topic drawn by the user's interests (or, with
+    OFF_INTEREST_SEARCH_SHARE, any topic)."""
+    chosen: list[str] = []
+    while len(chosen) < SEARCHES_PER_USER:
+        off_interest = rng.random() < OFF_INTEREST_SEARCH_SHARE
+        topic = topics[rng.integers(len(topics))] if off_interest else topics[rng.choice(len(topics), p=interests)]
+        search = SEARCHES[topic][rng.integers(len(SEARCHES[topic]))]
+        if search not in chosen:
+            chosen.append(search)
+    return "; ".join(chosen)
 
 
 def _make_impressions(

@@ -70,3 +70,26 @@ def test_deepfm_learns_the_ids_and_profile_and_scores_unseen_values():
     unseen = baselines.side_features(pl.DataFrame({"user_id": ["u0", "u1"], "ad_id": ["a3", "a1"]}), users, ads)
     new_ad, known = baselines.deepfm(features[0], y_train, features[1], y_valid, unseen, seed=0)
     assert 0 < new_ad < 1 and 0 < known < 1
+
+
+def test_the_text_aware_peer_reads_the_texts_and_ranks_new_ads_by_them():
+    """Clicks follow whether the ad's copy names the user's hobby; test ads are new (ids never trained on)."""
+    hobbies = ["guitar", "tax", "garden", "chess"]
+
+    def split(n: int, ad_words: list[str], seed: int) -> tuple[pl.DataFrame, np.ndarray]:
+        r = np.random.default_rng(seed)
+        user_hobby, ad_hobby = r.integers(0, 4, n), r.integers(0, 4, n)
+        frame = pl.DataFrame(
+            {
+                "user_text": [f"recent searches: best {hobbies[h]} tips" for h in user_hobby],
+                "ad_text": [f"{ad_words[r.integers(len(ad_words))]} for your {hobbies[h]}" for h in ad_hobby],
+            }
+        )
+        return frame, (r.random(n) < np.where(user_hobby == ad_hobby, 0.8, 0.1)).astype(int)
+
+    (train, y_train), (valid, y_valid) = split(3000, ["deals", "offers"], 1), split(500, ["deals", "offers"], 2)
+    test, y_test = split(500, ["new kit", "fresh picks"], 3)
+    texts = baselines.text_features({"train": train, "valid": valid, "test": test}, seed=0)
+    assert {"tfidf_cosine", "user_svd_0", "ad_svd_0", "product_svd_0"} <= set(texts["test"].columns)
+    trees = baselines.lightgbm(texts["train"], y_train, texts["valid"], y_valid, texts["test"], seed=0)
+    assert roc_auc(y_test, trees) > 0.75

@@ -1,9 +1,11 @@
+import re
+
 import duckdb
 import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
 from tasks.logs import open_logs
-from tasks.sample_data import generate_sample_logs
+from tasks.sample_data import SEARCHES, SEARCHES_PER_USER, TOPICS, generate_sample_logs
 
 SMALL = SampleDataConfig(users=30, advertisers=4, ads=10, days=6, cold_start_days=2)
 
@@ -66,3 +68,23 @@ def test_regenerating_replaces_the_old_folder(tmp_path):
     generate_sample_logs(SMALL, tmp_path / "logs")
     assert not stray.exists()
     assert duckdb.sql(f"select count(*) from '{tmp_path}/logs/ads/*.parquet'").fetchone()[0] == SMALL.ads
+
+
+def test_users_search_in_their_own_words_about_their_interests(tmp_path):
+    """Searches never name a topic or an ad's product or brand: the text must carry meaning, not ad copy."""
+    ad_words = set(TOPICS) | {
+        word
+        for advertisers, products, _ in TOPICS.values()
+        for phrase in (*advertisers, *products)
+        for word in re.findall(r"[a-z0-9]+", phrase.lower())
+        if len(word) > 2 and word not in ("with", "from", "for", "the", "and")
+    }
+    for searches in SEARCHES.values():
+        for search in searches:
+            assert not set(re.findall(r"[a-z0-9]+", search)) & ad_words, search
+    generate_sample_logs(SMALL, tmp_path / "logs")
+    users = pq.read_table(tmp_path / "logs" / "users").to_pylist()
+    known = {search for searches in SEARCHES.values() for search in searches}
+    for user in users:
+        searches = user["recent_searches"].split("; ")
+        assert len(set(searches)) == SEARCHES_PER_USER and set(searches) <= known
