@@ -73,7 +73,8 @@ DEFAULT = "fine_tuned"
 TEXT_ONLY, PRIORS_ONLY, ZERO_SHOT = "fine_tuned_text_only", "priors_only", "priors_and_match"
 PEERS = ["popularity", "lightgbm", "lightgbm_text", "deepfm"]
 HEADLINE = "ranked_users"  # the users the nightly rerank ranks
-HEADLINE_RUN = "quality-ml100k-quick"  # the reported run whose headline README quotes
+# the reported runs whose headline README quotes -> README's block
+HEADLINE_RUNS = {"quality-ml100k-quick": "quality-headline", "quality-sample-quick": "quality-sample-headline"}
 # levers (config overrides) tried with --levers on the first seed against the default, judged on validation only
 HISTORY_WITH_GENRES = {"history_length": 5, "history_item_template": "{title} {description}"}
 LEVERS = {
@@ -84,6 +85,7 @@ LEVERS = {
     "prior_offsets": {"training": {"user_prior_offset": True, "ad_prior_offset": True}},
     "no_semantic_match": {"model": {"calibration": "platt+ad_prior+user_prior"}},
     "top_2_layers_trained": {"training": {"trainable_layers": 2}},
+    "match_offset": {"training": {"match_offset": True}},
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000
@@ -576,7 +578,7 @@ def headline(result: dict) -> str:
     versus = result["versus_best_peer"]["gauc"][slice_name]
     text, new_ads = result["text_contribution"][slice_name]["gauc"], result["text_contribution"]["new_ads"]["gauc"]
     return (
-        f"Headline (commit `{result['git_commit'][:7]}`, {len(result['seeds'])} seeds, gAUC "
+        f"Headline (`{result['data']}`, commit `{result['git_commit'][:7]}`, {len(result['seeds'])} seeds, gAUC "
         f"[95% paired interval]): on the users rerank ranks (`{slice_name}`) the default scores "
         f"{default[slice_name]['gauc']:.3f}; minus the best peer ({versus['peer']}) {_interval(versus)}; minus its "
         f"priors alone (what the text adds) {_interval(text)}; on ads new to the model the text adds "
@@ -613,8 +615,8 @@ def levers_section(record: dict) -> str:
 def write_outputs(out_dir: Path, stem: str, result: dict) -> None:
     (out_dir / "benchmarks" / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_block(out_dir / "benchmarks.md", stem, section(result), f"Quality: {result['data']} ({result['mode']})")
-    if stem == HEADLINE_RUN:
-        write_block(out_dir.parent / "README.md", "quality-headline", headline(result), "Benchmarks")
+    if stem in HEADLINE_RUNS:
+        write_block(out_dir.parent / "README.md", HEADLINE_RUNS[stem], headline(result), "Benchmarks")
 
 
 def log_to_mlflow(settings: Settings, result: dict, image: Path) -> None:

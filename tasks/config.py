@@ -188,6 +188,11 @@ class TrainingConfig(BaseModel):
         description="With ad_prior_offset: share of training pairs without the offset (as cold ads are), "
         "so the text still learns ad quality.",
     )
+    match_offset: bool = Field(
+        False,
+        description="Fine-tune on logit + the semantic match times its weight in a logistic fit on the training "
+        "pairs (a fixed offset), so the cross-encoder learns what the zero-shot match does not already say.",
+    )
     ranking_loss_weight: float = Field(
         0.0,
         ge=0,
@@ -469,7 +474,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _offsets_are_served(self) -> Settings:
         # a prior trained in as an offset only reaches the served score through the output layer's prior term
-        for offset, prior in (("user_prior_offset", "user_prior"), ("ad_prior_offset", "ad_prior")):
+        offsets = (("user_prior_offset", "user_prior"), ("ad_prior_offset", "ad_prior"), ("match_offset", "match"))
+        for offset, prior in offsets:
             if getattr(self.training, offset) and prior not in self.model.calibration.split("+"):
                 raise ValueError(
                     f"training.{offset} = true needs model.calibration with {prior} (it is "

@@ -221,16 +221,16 @@ def fit_calibration(
         return _one_class(labels, logits, template)
     text = None if logits is None else np.asarray(logits, dtype=np.float64)
     if template is None:
-        return Calibration(**_logistic_fit(labels, text=text))
+        return Calibration(**logistic_fit(labels, text=text))
     priors = priors or PairPriors(len(labels))
     user = template.user_prior(priors) if with_user_prior else None
     match = template.match(priors) if with_match else None
-    everything = _logistic_fit(labels, text=text, user=user, match=match)
+    everything = logistic_fit(labels, text=text, user=user, match=match)
     if not with_ad_prior:
         return replace(template, **everything)
     warm = ~template.is_cold(priors)
     seen = (
-        _logistic_fit(
+        logistic_fit(
             labels[warm],
             text=_rows(text, warm),
             ad=template.ad_prior(priors)[warm],
@@ -242,7 +242,7 @@ def fit_calibration(
     )
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
     if _both_classes(labels[rows]):
-        unseen = _logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows), match=_rows(match, rows))
+        unseen = logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows), match=_rows(match, rows))
     else:
         unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
     return replace(template, **seen, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
@@ -288,7 +288,7 @@ def _both_classes(labels: np.ndarray) -> bool:
     return len(labels) > 0 and labels.min() != labels.max()
 
 
-def _logistic_fit(
+def logistic_fit(
     labels: np.ndarray,
     text: np.ndarray | None = None,
     ad: np.ndarray | None = None,

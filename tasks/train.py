@@ -40,6 +40,7 @@ from tasks.output_layer import (
     USER_PRIOR_COLUMNS,
     Calibration,
     PairPriors,
+    logistic_fit,
     fit_calibration,
     probability_log_odds,
     save_calibration,
@@ -144,9 +145,12 @@ def fine_tune(
             "interval at the end)"
         )
     offsets = user_prior_offsets(settings, train, tuned) + ad_prior_offsets(settings, train, tuned, in_train=True)
+    valid_offsets = user_prior_offsets(settings, train, valid) + ad_prior_offsets(settings, train, valid)
+    if cfg.match_offset:
+        tuned_match, match_weight = match_offsets(match_encoder, tuned)
+        offsets, valid_offsets = offsets + tuned_match, valid_offsets + match_weight * valid[MATCH_COLUMN].to_numpy()
     offsets = torch.tensor(offsets, dtype=torch.float32)
     groups = torch.tensor(user_days(tuned)) if cfg.ranking_loss_weight > 0 else None  # (pairs,) user-day ids
-    valid_offsets = user_prior_offsets(settings, train, valid) + ad_prior_offsets(settings, train, valid)
 
     # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay.
     # A step takes step_pairs of the epoch's order (the effective batch), shared out among the ranks.
@@ -508,6 +512,15 @@ def ad_prior_offsets(
     if in_train:
         offsets[np.random.default_rng(cfg.seed).random(pairs.height) < cfg.ad_prior_offset_dropout] = 0.0
     return offsets
+
+
+def match_offsets(encoder: MatchEncoder, pairs: pl.DataFrame) -> tuple[np.ndarray, float]:
+    """training.match_offset: each training pair's semantic match times its weight in a logistic fit of the
+    pairs' clicks on it (the training pairs' own: no validation label is read), and that weight."""
+    match = encoder.match(pairs["user_text"].to_list(), pairs["ad_text"].to_list())
+    labels = pairs["is_clicked"].cast(pl.Int8).to_numpy()
+    weight = logistic_fit(labels, match=match)["match_weight"] if labels.min() != labels.max() else 0.0
+    return weight * match, weight
 
 
 def resume_dir(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, world: int = 1) -> Path:

@@ -16,6 +16,7 @@ BLOCKS = {
     "quality-ml100k-quick": (DOC, "quality-ml100k-quick.json", quality.section),
     "quality-sample-quick": (DOC, "quality-sample-quick.json", quality.section),
     "quality-headline": (REPO / "README.md", "quality-ml100k-quick.json", quality.headline),
+    "quality-sample-headline": (REPO / "README.md", "quality-sample-quick.json", quality.headline),
     "levers-ml100k-quick": (DOC, "levers-ml100k-quick.json", quality.levers_section),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),

@@ -20,8 +20,16 @@ from tasks.config import packaged_model_path
 from tasks.metrics import logloss
 from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
 from tasks.output_layer import Calibration, PairPriors, cold_fit_rows, fit_calibration, load_calibration
-from tasks.semantic_match import MATCH_FOLDER, saved_match_encoder, with_match
-from tasks.train import SELECTION_FILE, ad_prior_offsets, epoch_order, fine_tune, pairwise_loss, user_days
+from tasks.semantic_match import MATCH_FOLDER, load_match_encoder, saved_match_encoder, with_match
+from tasks.train import (
+    SELECTION_FILE,
+    ad_prior_offsets,
+    epoch_order,
+    fine_tune,
+    match_offsets,
+    pairwise_loss,
+    user_days,
+)
 from tests.conftest import build_settings
 
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
@@ -469,3 +477,24 @@ def test_a_resume_state_saves_over_what_a_kill_during_the_last_swap_left(tmp_pat
     (stale / "trainer.pt").write_bytes(b"partial")
     save_resume_state(folder, model, optimizer, schedule, state | {"step": 6})
     assert json.loads((folder / "state.json").read_text())["step"] == 6 and not stale.exists()
+
+
+def test_the_match_offset_is_the_match_times_its_weight_on_the_training_pairs(tmp_path, tiny_model_dir):
+    encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 32, 8)
+    rng = np.random.default_rng(0)
+    words = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]
+    pairs = pl.DataFrame(
+        {
+            "user_text": [f"searches {w} {v}" for w, v in rng.choice(words, (4000, 2))],
+            "ad_text": [f"ad for {w}" for w in rng.choice(words, 4000)],
+        }
+    )
+    match = encoder.match(pairs["user_text"].to_list(), pairs["ad_text"].to_list())
+    z = 8.0 * (match - match.mean()) / match.std()
+    pairs = pairs.with_columns(is_clicked=pl.Series(rng.random(4000) < 1 / (1 + np.exp(-z))))
+    offsets, weight = match_offsets(encoder, pairs)
+    assert weight > 0 and np.allclose(offsets, weight * match)
+    with pytest.raises(ValueError, match="match_offset"):  # an offset the served layer would drop
+        build_settings(
+            Path("/tmp"), tiny_model_dir, None, training={"match_offset": True}, model={"calibration": "platt"}
+        )
