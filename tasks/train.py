@@ -40,8 +40,8 @@ from tasks.output_layer import (
     USER_PRIOR_COLUMNS,
     Calibration,
     PairPriors,
-    logistic_fit,
     fit_calibration,
+    logistic_fit,
     probability_log_odds,
     save_calibration,
 )
