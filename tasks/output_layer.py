@@ -103,6 +103,9 @@ class Calibration:
     unseen_user_weight: float | None = None
     unseen_match_weight: float | None = None
     cold_fit: str = ""  # which validation pairs the unseen weights were fitted on, for people
+    # the mean validation logit: explain shows the text term around it (a logit that barely spreads gets a
+    # large slope, and slope x logit alone would be a large number that the intercept cancels)
+    reference_logit: float = 0.0
     # versions registered before point-in-time ad counts carry a frozen table of the training split's ad
     # log-odds instead: an ad is cold when it is not in the table
     ad_log_odds: dict[str, float] = field(default_factory=dict)
@@ -175,16 +178,17 @@ class Calibration:
         return priors.match
 
     def contributions(self, logit: float, priors: PairPriors) -> dict[str, float]:
-        """One pair's log-odds, term by term: text (slope x logit), semantic match, intercept, ad prior, user
-        prior; their sum is log_odds() of the pair."""
+        """One pair's log-odds, term by term: text (slope x the logit's distance from reference_logit), semantic
+        match, intercept (with slope x reference_logit), ad prior, user prior; their sum is log_odds() of the
+        pair."""
         slope, offset, user_weight, match_weight = (float(t[0]) for t in self.terms(priors))
         cold = bool(self.is_cold(priors)[0])
         intercept = self.intercept if not cold or self.unseen_slope is None else float(self.unseen_intercept)
         uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
         return {
-            "text": slope * float(logit),
+            "text": slope * (float(logit) - self.reference_logit),
             "semantic_match": match_weight * float(self.match(priors)[0]) if self.uses_match else 0.0,
-            "intercept": intercept,
+            "intercept": intercept + slope * self.reference_logit,
             "ad_prior": offset - intercept,
             "user_prior": user_weight * float(self.user_prior(priors)[0]) if uses_user_prior else 0.0,
         }
@@ -211,17 +215,20 @@ def fit_calibration(
 ) -> Calibration:
     """Fit the output layer on held-out pairs (validation), never on training data.
 
-    Platt scaling (slope, intercept) alone (no template), or with the weights of the priors named, using
-    the template's prior strengths and global rate, and of the semantic match (with_match: priors.match).
-    logits None: no logit term (slope 0).
+    Platt scaling (slope, intercept) alone (no template), or with the weights of the priors named, using the
+    template's prior strengths and global rate, and of the semantic match (with_match: priors.match); the
+    mean logit is kept as reference_logit (explain centres the text term on it). logits None: no logit term
+    (slope 0).
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
     on cold_fit_rows (cold pairs, else the least-shown ads' pairs, with at least min_cold_clicks clicks).
     """
     if labels.min() == labels.max():  # nothing to fit: the logit as it is, or without text the rate itself
         return _one_class(labels, logits, template)
     text = None if logits is None else np.asarray(logits, dtype=np.float64)
+    reference = {} if text is None else {"reference_logit": float(text.mean())}
     if template is None:
-        return Calibration(**logistic_fit(labels, text=text))
+        return Calibration(**logistic_fit(labels, text=text), **reference)
+    template = replace(template, **reference)
     priors = priors or PairPriors(len(labels))
     user = template.user_prior(priors) if with_user_prior else None
     match = template.match(priors) if with_match else None

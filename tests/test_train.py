@@ -234,7 +234,16 @@ def test_the_semantic_match_gets_its_weight_for_warm_and_for_cold_ads():
     assert without.match_weight == 0 and logloss(labels, layer.apply(np.zeros(len(labels)), priors)) < logloss(
         labels, without.apply(np.zeros(len(labels)), priors)
     )
-    # explain's terms sum to the served log-odds, the match's included
+    # explain's terms sum to the served log-odds, the match's included; the text term is centred on the mean
+    # validation logit (a logit that barely spreads gets a large slope: slope x logit alone is a large number)
+    logits = quality + np.random.default_rng(6).normal(0.0, 1.0, n)  # a text logit that reads the quality
+    shifted = fit_calibration(logits + 50.0, labels, priors, template, with_ad_prior=True, with_match=True)
+    assert shifted.reference_logit == pytest.approx(float(np.mean(logits)) + 50.0)
+    warm = priors.take(np.array([int(np.flatnonzero(~cold)[0])]))
+    centred = shifted.contributions(float(logits[~cold][0]) + 50.0, warm)
+    assert abs(centred["text"]) < 10 and sum(centred.values()) == pytest.approx(
+        shifted.log_odds(logits[~cold][:1] + 50.0, warm)[0]
+    )
     one = priors.take(np.array([int(np.flatnonzero(cold)[0])]))
     terms = layer.contributions(0.0, one)
     assert terms["semantic_match"] == pytest.approx(layer.unseen_match_weight * one.match[0])
