@@ -59,7 +59,7 @@ from tasks.registry import configure_tracking, git_commit  # noqa: E402
 from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
-from tasks.train import calibrate, fine_tune  # noqa: E402
+from tasks.train import calibrate, fine_tune, uses_match  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
@@ -269,7 +269,7 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     predictions[TEXT_ONLY] = served(text_only, test, default["logits"]["test"])
     priors = output_layer(settings, layer_terms(settings, ("ad_prior", "user_prior")), scored, None)
     predictions[PRIORS_ONLY] = served(priors, test, None)
-    if "match" in settings.model.calibration.split("+"):
+    if uses_match(settings):
         predictions[ZERO_SHOT] = served(output_layer(settings, settings.model.calibration, scored, None), test, None)
 
     table = evaluation_table(test, predictions)
