@@ -69,7 +69,7 @@ SEEDS = (42, 43, 44)  # training seed and cold-item draw
 QUICK = {"train_pairs": 10000, "valid_pairs": 2000, "valid_clicks": 500, "epochs": 1, "eval_every_steps": 200}
 DEFAULT = "fine_tuned"
 # the default's output layer without priors (the logit and the semantic match), without any text, and without
-# the fine-tuned logit (step 0: the priors and the zero-shot semantic match)
+# the fine-tuned logit (step 0: the priors and the semantic match, its encoder tuned on the clicks)
 TEXT_ONLY, PRIORS_ONLY, ZERO_SHOT = "fine_tuned_text_only", "priors_only", "priors_and_match"
 PEERS = ["popularity", "lightgbm", "lightgbm_text", "deepfm"]
 HEADLINE = "ranked_users"  # the users the nightly rerank ranks
@@ -86,6 +86,7 @@ LEVERS = {
     "no_semantic_match": {"model": {"calibration": "platt+ad_prior+user_prior"}},
     "top_2_layers_trained": {"training": {"trainable_layers": 2}},
     "match_offset": {"training": {"match_offset": True}},
+    "zero_shot_match": {"training": {"match_epochs": 0}},
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000
@@ -545,7 +546,7 @@ def markdown_tables(result: dict) -> str:
         + "\n".join(rows)
         + "\n\nWhat the text adds: the default minus its output layer without text (`priors_only`: no fine-tuned "
         "logit, no semantic match), mean over seeds [95% paired user bootstrap]. `priors_and_match` is the default "
-        "without its fine-tuned logit (step 0: the priors and the zero-shot semantic match):\n\n"
+        "without its fine-tuned logit (step 0: the priors and the semantic match):\n\n"
         + "\n".join(contribution)
         + "\n\nThe default minus the best peer per slice and metric (calibration ratio: difference of |ratio − 1|; "
         "logloss and ECE: below 0 is better):\n\n"

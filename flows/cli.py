@@ -343,7 +343,7 @@ def kept_step_line(kept_step: int) -> str:
     if kept_step == 0:
         return (
             "kept step 0: no trained step beat the untrained model on validation, so this version serves its output "
-            "layer without the fine-tuned logit (the priors and the zero-shot semantic match, if configured)"
+            "layer without the fine-tuned logit (the priors and the semantic match, if configured)"
         )
     return f"kept step {kept_step} (its served validation score beat step 0, the untrained model)"
 

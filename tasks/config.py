@@ -193,6 +193,22 @@ class TrainingConfig(BaseModel):
         description="Fine-tune on logit + the semantic match times its weight in a logistic fit on the training "
         "pairs (a fixed offset), so the cross-encoder learns what the zero-shot match does not already say.",
     )
+    match_epochs: int = Field(
+        1,
+        ge=0,
+        description="Epochs of tuning the semantic match's encoder on the training clicks (each clicked ad "
+        "against the other ads of its batch) before the cross-encoder trains; 0 keeps the base model's zero-shot "
+        "similarity.",
+    )
+    match_batch_size: int = Field(
+        32, ge=2, description="Clicks per step of the match's tuning: each one's negatives are the others' ads."
+    )
+    match_learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate of the match's tuning.")
+    match_scale: float = Field(
+        20.0,
+        gt=0,
+        description="The match tuning's softmax reads cosine x match_scale (a cosine alone spans [-1, 1]: too flat).",
+    )
     ranking_loss_weight: float = Field(
         0.0,
         ge=0,

@@ -32,7 +32,7 @@ class CrossEncoderCTR(PythonModel):
         self.model, self.tokenizer = load_cross_encoder(checkpoint, device)
         self.calibration = load_calibration(checkpoint)
         self.two_tower = load_two_tower(checkpoint)  # stage 1 of rerank; None if absent
-        # the semantic match's frozen base encoder; None for versions registered without one
+        # the semantic match's encoder as fitted (tuned on clicks, frozen); None for versions registered without one
         self.match_encoder = saved_match_encoder(checkpoint, device, self.max_length, self.batch_size)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:

@@ -48,7 +48,7 @@ class RankingModel:
     two_tower: TwoTower | None
     max_length: int
     batch_size: int
-    match_encoder: MatchEncoder | None = None  # the semantic match's frozen base encoder (None: no match term)
+    match_encoder: MatchEncoder | None = None  # the semantic match's encoder, as fitted (None: no match term)
 
     @classmethod
     def from_pyfunc(cls, model: mlflow.pyfunc.PyFuncModel, quantize: bool = False) -> RankingModel:
