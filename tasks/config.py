@@ -113,8 +113,9 @@ class ModelConfig(BaseModel):
     ] = Field(
         "platt+match+ad_prior+user_prior",
         description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
-        "the semantic match (match: the base encoder's zero-shot cosine of the user text and the ad text, "
-        "tasks/semantic_match.py; the encoder is saved with the model), plus (a hybrid text + ID model) weighted "
+        "the semantic match (match: the cosine of the user text and the ad text in the base encoder's embedding "
+        "space, tuned on the clicks: training.match_epochs, tasks/semantic_match.py; the encoder is saved with the "
+        "model), plus (a hybrid text + ID model) weighted "
         "log-odds of the ad's click rate (ad_prior) and the user's (user_prior), each counted over the logs before "
         "the request's day, as rerank counts them; cold ads (never shown before) get weights of their own, fitted "
         "without the ad prior. 'none': the raw logit.",

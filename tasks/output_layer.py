@@ -7,8 +7,8 @@ ad_log_odds and user_log_odds are the ad's and the user's click rates before the
 counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
 (never shown before the request) has no prior, and its text was never trained on: it gets weights of its
 own, unseen_*, fitted on the validation pairs of cold ads, or of the least-shown ads when too few are cold.
-semantic_match is the pretrained encoder's zero-shot cosine of the user text and the ad text
-(tasks/semantic_match.py), in the pairs' MATCH_COLUMN.
+semantic_match is the cosine of the user text and the ad text in the pretrained encoder's embedding space,
+tuned on the training clicks (tasks/semantic_match.py), in the pairs' MATCH_COLUMN.
 
 The served model imports this module (tasks/ctr_pyfunc.py): numpy, no adrank config.
 """
