@@ -87,6 +87,7 @@ LEVERS = {
     "top_2_layers_trained": {"training": {"trainable_layers": 2}},
     "match_offset": {"training": {"match_offset": True}},
     "zero_shot_match": {"training": {"match_epochs": 0}},
+    "cross_encoder_from_match": {"training": {"cross_encoder_from_match": True}},
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000

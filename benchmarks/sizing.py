@@ -4,7 +4,8 @@ impressions, on a CPU worker from this project's measured rates, and on one GPU 
     python benchmarks/sizing.py   # prints the markdown table docs/deploy.md holds
 
 CPU figures: docs/benchmarks/scoring.json (scoring rates per stage, FLOPs per pair), docs/benchmarks/monitor.json
-(the monitor's own cost) and the demo's fine-tune (docs/benchmarks.md): 2 CPU cores. GPU figures are projected,
+(the monitor's own cost), docs/benchmarks/match_rates.json (the semantic match: tuning and embedding) and the
+demo's fine-tune (docs/benchmarks.md): 2 CPU cores. GPU figures are projected,
 not measured: the FLOPs per pair at an assumed share of an H100/H200's dense bf16 peak, in series with
 tokenisation on the GPU node's CPU cores; benchmarks/gpu.sh measures the real ones.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCORING = json.loads((REPO / "docs/benchmarks/scoring.json").read_text())
 MONITOR = json.loads((REPO / "docs/benchmarks/monitor.json").read_text())
+MATCH = json.loads((REPO / "docs/benchmarks/match_rates.json").read_text())
 
 # measured on this project's 2-core machine
 CPU_TRAIN_PAIRS_PER_S = 26.0  # the demo's fine-tune: 2 x 207 steps of 16 pairs in 251 s (docs/benchmarks.md)
@@ -37,6 +39,7 @@ K, REFERENCE_USERS, EPOCHS = 100, 8, 2
 TRAIN_DAYS = 14  # days of logs a retrain reads (an assumption of this guide)
 VALIDATIONS = EPOCHS + 1  # step 0 and after each epoch
 DISTILL_PAIRS = 200 * 20
+CLICK_RATE = 0.05  # share of training pairs clicked (an assumption: the sample market clicks 15%, news logs 4%)
 WINDOW_HOURS = 4.0
 
 
@@ -45,25 +48,38 @@ class Rates:
     train: float  # training pairs/s
     score: float  # cross-encoder passes/s (stage 2, validation, test, monitor)
     encode: float  # texts/s encoded for stage 1
+    match_embed: float  # texts/s embedded for the semantic match (each user and ad once a night)
+    match_tune: float  # clicks/s of the match's tuning (a user text and an ad text, forward and backward)
     stage1: float = CPU_RATES["matmul_pairs_per_s"]  # user x ad scores/s: numpy on the CPU in both cases
     tokenize: float = math.inf  # pairs/s; on CPU already inside the measured rates
 
 
-CPU = Rates(train=CPU_TRAIN_PAIRS_PER_S, score=CPU_RATES["ce_passes_per_s"], encode=CPU_RATES["encodings_per_s"])
+CPU = Rates(
+    train=CPU_TRAIN_PAIRS_PER_S,
+    score=CPU_RATES["ce_passes_per_s"],
+    encode=CPU_RATES["encodings_per_s"],
+    match_embed=MATCH["match_embed_texts_per_s"],
+    match_tune=MATCH["match_tuning_clicks_per_s"],
+)
 _gpu_score = GPU_PEAK_BF16 * GPU_MFU["scoring"] / FORWARD_FLOPS
 _gpu_tokenize = TOKENIZE_PAIRS_PER_S_PER_CORE * GPU_NODE_CORES
 GPU = Rates(
     train=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS),
     score=1 / (1 / _gpu_score + 1 / _gpu_tokenize),  # predict_logits tokenises a block, then scores it
     encode=1 / (1 / _gpu_score + 1 / _gpu_tokenize),
+    # a text is about half a pair's tokens: embedding two costs about one pass, tuning on a click one training pair
+    match_embed=2 / (1 / _gpu_score + 1 / _gpu_tokenize),
+    match_tune=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS),
     tokenize=_gpu_tokenize,
 )
 
 
 def rerank_hours(users: int, ads: int, rates: Rates) -> float:
-    """Two-stage rerank at K: encode users and ads, anchor every ad, score users x ads, rescore users x K."""
+    """Two-stage rerank at K: encode users and ads (for stage 1 and for the match), anchor every ad, score
+    users x ads, rescore users x K."""
     seconds = (
         (users + ads) / rates.encode
+        + (users + ads) / rates.match_embed
         + REFERENCE_USERS * ads / rates.score
         + users * ads / rates.stage1
         + users * min(K, ads) / rates.score
@@ -72,19 +88,24 @@ def rerank_hours(users: int, ads: int, rates: Rates) -> float:
 
 
 def retrain_hours(impressions_per_day: int, rates: Rates, sample_pairs: int | None = None) -> float:
-    """Fine-tune EPOCHS over the training pairs (80% of TRAIN_DAYS of impressions, or sample_pairs), validate
-    VALIDATIONS times on 10%, score test (10%) with the fine-tuned and the base model, distil the two-tower."""
+    """Tune the match on the trained pairs' clicks (one epoch), fine-tune EPOCHS over the training pairs (80% of
+    TRAIN_DAYS of impressions, or sample_pairs), validate VALIDATIONS times on 10%, score test (10%) with the
+    fine-tuned and the base model, distil the two-tower; the match of validation and test (two texts a pair,
+    at most: identical texts are embedded once)."""
     pairs = impressions_per_day * TRAIN_DAYS
     trained = min(0.8 * pairs, sample_pairs or math.inf)
     scored = VALIDATIONS * 0.1 * pairs + 2 * 0.1 * pairs + DISTILL_PAIRS
-    seconds = trained / rates.tokenize + EPOCHS * trained / rates.train + scored / rates.score
+    match = CLICK_RATE * trained / rates.match_tune + 2 * 0.2 * pairs / rates.match_embed
+    seconds = trained / rates.tokenize + EPOCHS * trained / rates.train + scored / rates.score + match
     return seconds / 3600
 
 
 def monitor_hours(impressions_per_day: int, rates: Rates) -> float:
-    """One day monitored: the pipeline's own cost (measured with a tiny model) plus scoring every impression."""
+    """One day monitored: the pipeline's own cost (measured with a tiny model) plus scoring every impression
+    (the cross-encoder, and the match of its two texts)."""
     pipeline = impressions_per_day * MONITOR_PIPELINE_S_PER_IMPRESSION
-    return (pipeline + impressions_per_day / rates.score) / 3600
+    scoring = impressions_per_day / rates.score + 2 * impressions_per_day / rates.match_embed
+    return (pipeline + scoring) / 3600
 
 
 SCENARIOS = [(10_000, 1_000, 100_000), (100_000, 5_000, 1_000_000), (1_000_000, 50_000, 10_000_000)]
@@ -121,8 +142,10 @@ def table() -> str:
 def rates_summary() -> str:
     return (
         f"CPU (measured, 2 cores): training {CPU.train:.0f} pairs/s, cross-encoder {CPU.score:.0f} passes/s, "
-        f"stage-1 encodings {CPU.encode:.0f}/s, stage-1 scores {CPU.stage1:.3g}/s. "
-        f"GPU* (projected): training {GPU.train:,.0f} pairs/s, cross-encoder {GPU.score:,.0f} passes/s "
+        f"stage-1 encodings {CPU.encode:.0f}/s, stage-1 scores {CPU.stage1:.3g}/s, match embeddings "
+        f"{CPU.match_embed:.0f} texts/s, match tuning {CPU.match_tune:.0f} clicks/s. "
+        f"GPU* (projected): training {GPU.train:,.0f} pairs/s, cross-encoder {GPU.score:,.0f} passes/s, match "
+        f"embeddings {GPU.match_embed:,.0f} texts/s, match tuning {GPU.match_tune:,.0f} clicks/s "
         f"(model alone {_gpu_score:,.0f}/s, tokenisation {_gpu_tokenize:,.0f}/s on {GPU_NODE_CORES} cores)."
     )
 

@@ -201,6 +201,11 @@ class TrainingConfig(BaseModel):
         "against the other ads of its batch) before the cross-encoder trains; 0 keeps the base model's zero-shot "
         "similarity.",
     )
+    cross_encoder_from_match: bool = Field(
+        False,
+        description="Start the cross-encoder's transformer from the match's tuned encoder (not the base model): "
+        "it begins with what the clicks taught the match.",
+    )
     match_batch_size: int = Field(
         32, ge=2, description="Clicks per step of the match's tuning: each one's negatives are the others' ads."
     )
@@ -499,6 +504,11 @@ class Settings(BaseSettings):
                     f"{self.model.calibration!r}): without it the served score drops the offset the text "
                     "model was trained around"
                 )
+        if self.training.cross_encoder_from_match and "match" not in self.model.calibration.split("+"):
+            raise ValueError(
+                f"training.cross_encoder_from_match = true needs model.calibration with match (it is "
+                f"{self.model.calibration!r}): without the match no encoder is tuned to start from"
+            )
         return self
 
     @property

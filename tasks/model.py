@@ -265,5 +265,9 @@ def predict_ctr(
         priors = PairPriors(len(user_texts), legacy_user_counts, None, list(priors))
     elif priors is None and legacy_user_counts is not None:
         priors = PairPriors(len(user_texts), legacy_user_counts)
-    logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
-    return (calibration or Calibration()).apply(logits, priors)
+    calibration = calibration or Calibration()
+    if calibration.uses_logit:
+        logits = predict_logits(model, tokenizer, user_texts, ad_texts, max_length, batch_size)
+    else:  # the layer ignores the logit (step 0 kept): the cross-encoder need not run
+        logits = np.zeros(len(user_texts), dtype=np.float32)
+    return calibration.apply(logits, priors)

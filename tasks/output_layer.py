@@ -158,6 +158,11 @@ class Calibration:
     def uses_match(self) -> bool:
         return bool(self.match_weight or self.unseen_match_weight)
 
+    @property
+    def uses_logit(self) -> bool:
+        """False for a layer fitted without the logit (fine-tuning kept step 0): the logit changes nothing."""
+        return bool(self.slope or self.unseen_slope)
+
     def log_odds(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
         priors = priors or PairPriors(len(logits))
         slope, offset, user_weight, match_weight = self.terms(priors)

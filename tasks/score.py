@@ -173,7 +173,7 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
         ad_texts = np.tile(ads["ad_text"].to_numpy(), len(references))
         logits = _logits(model, user_texts, ad_texts).reshape(len(references), ads.height)
         terms = slope * logits.mean(axis=0)
-        stats.anchor_pairs += logits.size
+        stats.anchor_pairs += logits.size if calibration.uses_logit else 0
     stats.seconds["anchor"] += time.perf_counter() - started
     terms = (terms + offset).astype(np.float32)
     ad_match = _match_embeddings(model, ads, "ad_text")
@@ -246,7 +246,10 @@ def _embed(model: RankingModel, texts) -> np.ndarray:
 
 
 def _logits(model: RankingModel, user_texts, ad_texts) -> np.ndarray:
-    """Cross-encoder logits, at most STAGE2_BLOCK_PAIRS tokenised pairs held at once."""
+    """Cross-encoder logits, at most STAGE2_BLOCK_PAIRS tokenised pairs held at once; zeros, without running
+    it, when the output layer ignores the logit (fine-tuning kept step 0)."""
+    if not model.calibration.uses_logit:
+        return np.zeros(len(user_texts), dtype=np.float32)
     blocks = [
         predict_logits(
             model.cross_encoder,
@@ -271,7 +274,7 @@ def _stage2(
     scored = pairs.join(texts.with_columns(pl.Series("logit", logits)), on=["user_text", "ad_text"], how="left")
     pctr = model.calibration.apply(scored["logit"].to_numpy(), PairPriors.of(scored))
     stats.stage2_pairs += pairs.height
-    stats.stage2_unique_texts += texts.height
+    stats.stage2_unique_texts += texts.height if model.calibration.uses_logit else 0
     stats.seconds["stage2"] += time.perf_counter() - started
     scored = scored.with_columns(pl.Series("pctr", pctr, dtype=pl.Float64))
     ecpm = pl.col("pctr") * pl.col("bid") * IMPRESSIONS_PER_ECPM if objective == "ecpm" else pl.lit(None)

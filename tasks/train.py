@@ -149,6 +149,8 @@ def fine_tune(
         if lead and losses:
             trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
             print(f"semantic match tuned on {clicks.height} clicks: {len(losses)} steps, {trend}")
+        if cfg.cross_encoder_from_match:
+            model.base_model.load_state_dict(match_encoder.model.state_dict())
     valid = with_match(valid, match_encoder)
     valid_priors = PairPriors.of(valid)
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)

@@ -112,6 +112,35 @@ def test_two_stage_rescores_k_per_user_with_the_cross_encoder(ranking_model, inp
     np.testing.assert_allclose(joined["pctr"], joined["pctr_all"], rtol=1e-5)
 
 
+def test_a_layer_without_the_logit_ranks_by_its_other_terms_without_running_the_cross_encoder(
+    ranking_model, inputs, tmp_path
+):
+    """Fine-tuning kept step 0: the layer's slopes are 0, so rerank scores the priors (and match) alone."""
+    layer = replace(ranking_model.calibration, slope=0.0, unseen_slope=0.0)
+    model = replace(ranking_model, calibration=layer)
+    calls = []
+    hook = model.cross_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        two_stage, stats = run(model, inputs, tmp_path, "two", candidates_k=8, top_n=8)
+        exhaustive, _ = run(model, inputs, tmp_path, "all", candidates_k=None, top_n=N_ADS)
+    finally:
+        hook.remove()
+    assert not calls and stats.anchor_pairs == stats.stage2_unique_texts == 0 and stats.stage2_pairs == N_USERS * 8
+    users, ads = inputs.users, inputs.ads
+    pairs = pl.concat(
+        [users.select(pl.all().repeat_by(ads.height).explode()), pl.concat([ads] * users.height)], how="horizontal"
+    )
+    expected = pairs.select("user_id", "ad_id").with_columns(
+        pctr_layer=layer.apply(np.zeros(pairs.height), PairPriors.of(pairs))
+    )
+    joined = exhaustive.join(expected, on=["user_id", "ad_id"])
+    assert joined.height == N_USERS * N_ADS and joined["pctr"].std() > 0.01
+    np.testing.assert_allclose(joined["pctr"], joined["pctr_layer"], rtol=1e-6)
+    ranked = two_stage.join(expected, on=["user_id", "ad_id"])  # stage 2 serves the layer's pCTR too
+    assert ranked.height == N_USERS * 8
+    np.testing.assert_allclose(ranked["pctr"], ranked["pctr_layer"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, N_USERS, 100])
 def test_chunk_boundaries_neither_drop_nor_duplicate_pairs(ranking_model, inputs, tmp_path, chunk):
     every = {"candidates_k": None, "top_n": N_ADS}

@@ -551,3 +551,19 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     # one user's clicks: another click of the same user is no negative, so there is nothing to learn
     one_user = clicks(32).with_columns(user_id=pl.lit("u0"))
     assert tune_match_encoder(encoder, one_user, replace(tuning, epochs=1)) == [0.0, 0.0]
+
+
+def test_the_cross_encoder_can_start_from_the_tuned_match_encoder(tmp_path, make_settings, toy_pairs):
+    def weights(folder: Path, name: str) -> torch.Tensor:  # one transformer weight of a saved model
+        model, _ = load_cross_encoder(str(folder), torch.device("cpu"))
+        return parameter(model, name).detach()
+
+    name = "encoder.layer.0.attention.self.query.weight"
+    for from_match in (True, False):
+        training = {"epochs": 0, "cross_encoder_from_match": from_match, "match_learning_rate": 1e-2}
+        result = fine_tune(make_settings(training=training), *toy_pairs, tmp_path / str(from_match))
+        match = saved_match_encoder(result.checkpoint, torch.device("cpu"), 64, 8).model
+        tuned = dict(match.named_parameters())[name].detach()
+        assert torch.equal(weights(result.checkpoint, name), tuned) == from_match
+    with pytest.raises(ValueError, match="cross_encoder_from_match"):
+        make_settings(training={"cross_encoder_from_match": True}, model={"calibration": "platt"})
