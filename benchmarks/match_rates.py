@@ -1,7 +1,7 @@
 """Throughput of the semantic match on this machine, beside the cross-encoder's, in one run: the sizing guide's
 (benchmarks/sizing.py) rates for the match's share of a night.
 
-    python benchmarks/match_rates.py          # ~4 min on 2 CPU cores
+    python benchmarks/match_rates.py          # ~1 min on 2 CPU cores
 
 On the embedded sample market's training pairs (adrank sample-data's defaults, built as retrain builds them),
 with the default config's packaged base model: tuning the match's encoder (clicks/s: each click is a user
