@@ -46,7 +46,7 @@ SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_
 # `adrank demo --full` runs the configured scale instead; flags override either.
 DEMO_SCALE = {
     "sample": {"users": 500},  # half the sample market's users, when the demo writes it
-    "training": {"epochs": 1, "sample_pairs": 800, "eval_every_steps": 25, "learning_rate": 2e-4},
+    "training": {"epochs": 1, "sample_pairs": 800, "learning_rate": 2e-4},  # validated once, after the epoch
     "stage1": {"distill_users": 60},
     "ranking": {"candidates_k": 6, "top_n": 6},
 }
