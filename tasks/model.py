@@ -74,13 +74,18 @@ class MeanPooledClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> SequenceClassifierOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, hidden)
+        pooled = mean_pooled(hidden, attention_mask)  # (batch, hidden)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))  # (batch, 1)
 
     def save_pretrained(self, folder: str | Path, **kwargs) -> None:
         self.encoder.save_pretrained(folder, safe_serialization=True)
         save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, Path(folder) / MEAN_HEAD_FILE)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each sequence's token vectors, padding masked out: (batch, seq, hidden) -> (batch, hidden)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def saved_pooling(path: str | Path, default: str = "cls") -> str:
@@ -199,13 +204,12 @@ def embed_texts(
         return np.empty((0, model.config.hidden_size), dtype=np.float32)
     unique, inverse = np.unique(np.asarray(list(texts), dtype=object).astype(str), return_inverse=True)
 
-    def mean_pooled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embedded(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = model.base_model(**batch).last_hidden_state.float()  # (batch, seq, hidden)
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1)
+        return mean_pooled(hidden, batch["attention_mask"])
 
     encodings = _tokenize_texts(tokenizer, unique, max_length)
-    return _infer(model, tokenizer, encodings, batch_size, (model.config.hidden_size,), mean_pooled)[inverse]
+    return _infer(model, tokenizer, encodings, batch_size, (model.config.hidden_size,), embedded)[inverse]
 
 
 def _infer(

@@ -22,7 +22,7 @@ import polars as pl
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from tasks.model import embed_texts, quiet_transformers
+from tasks.model import embed_texts, mean_pooled, quiet_transformers
 from tasks.output_layer import MATCH_COLUMN
 
 MATCH_FOLDER = "match_encoder"  # inside a saved model: the match's encoder, as fitted
@@ -82,9 +82,9 @@ def tune_match_encoder(encoder: MatchEncoder, clicks: pl.DataFrame, tuning: Matc
     def embed(texts: list[str]) -> torch.Tensor:  # (texts, hidden), unit length, with gradients
         batch = tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt")
         batch = batch.to(device)
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+        return torch.nn.functional.normalize(
+            mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1
+        )
 
     for _ in range(tuning.epochs):
         order = torch.randperm(clicks.height, generator=generator).numpy()
