@@ -88,6 +88,8 @@ LEVERS = {
     "match_offset": {"training": {"match_offset": True}},
     "zero_shot_match": {"training": {"match_epochs": 0}},
     "cross_encoder_from_match": {"training": {"cross_encoder_from_match": True}},
+    "no_cross_encoder": {"training": {"epochs": 0}},  # the priors and the match alone: no cross-encoder run
+    "tuned_match_unguarded": {"training": {"match_guard": False}},
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000

@@ -201,6 +201,12 @@ class TrainingConfig(BaseModel):
         "against the other ads of its batch) before the cross-encoder trains; 0 keeps the base model's zero-shot "
         "similarity.",
     )
+    match_guard: bool = Field(
+        True,
+        description="Serve the tuned match only if step 0 (the priors and the match) scores validation better "
+        "with it than with the zero-shot encoder beyond the noise (the logloss difference's paired user-bootstrap "
+        "95% interval below 0); false: always serve the tuned one.",
+    )
     cross_encoder_from_match: bool = Field(
         False,
         description="Start the cross-encoder's transformer from the match's tuned encoder (not the base model): "

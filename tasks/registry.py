@@ -153,14 +153,18 @@ def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainRes
                 "valid_clicks": result.valid_clicks,
             }
         )
-        # the selection decision: the best trained step's served validation score minus the priors alone
+        # the selection decisions: the best trained step's served validation score minus the priors alone, and
+        # step 0's with the tuned match minus with the zero-shot one
         gains = {
-            f"selection.text_gain.{metric}{suffix}": value
-            for metric, gain in result.text_gain.items()
+            f"selection.{name}.{metric}{suffix}": value
+            for name in ("text_gain", "match_gain")
+            for metric, gain in getattr(result, name).items()
             for suffix, value in (("", gain.mean), ("_low", gain.low), ("_high", gain.high))
             if not math.isnan(value)
         }
         mlflow.log_metrics(gains)
+        if "match" in settings.model.calibration.split("+"):
+            mlflow.set_tag("match_encoder", "tuned" if result.match_tuned else "zero_shot")
         if result.best_step == 0:
             print(
                 "warning: early stopping kept step 0: fine-tuning did not beat the priors alone on validation, so "

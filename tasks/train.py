@@ -81,6 +81,10 @@ class TrainResult:
     text_gain: dict[str, Interval] = field(default_factory=dict)
     best_trained_step: int | None = None  # the trained step text_gain is of (None: no step was trained)
     valid_clicks: int = 0
+    # the match's tuning decision (tune_match): served with the tuned encoder or the zero-shot one, and step 0's
+    # validation score with the tuned encoder minus with the zero-shot one, per metric (empty: not tuned)
+    match_tuned: bool = False
+    match_gain: dict[str, Interval] = field(default_factory=dict)
 
 
 def freeze_lower_layers(model: torch.nn.Module, trainable_layers: int | None) -> None:
@@ -118,18 +122,11 @@ def fine_tune(
     rank, world = process_rank()
     lead = rank == 0  # validation, checkpoints, resume state, calibration and printing happen here
 
-    # 1. seed, device, base model with a fresh one-logit head (DDP: every rank starts from rank 0's weights)
+    # 1. seed, device, data (tokenised once, below; batches are padded per batch)
     seed_everything(cfg.seed)
     device = pick_device()
     if world > 1 and device.type == "cpu":  # the node's cores are shared by its ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    model, tokenizer = load_cross_encoder(
-        settings.model.base_model, device, dropout=settings.model.dropout, pooling=settings.model.pooling
-    )
-    freeze_lower_layers(model, cfg.trainable_layers)
-    trainer = DistributedDataParallel(model) if world > 1 else model  # forward passes; model is the module itself
-
-    # 2. data: tokenise once; batches are padded per batch
     present = pl.read_parquet_schema(train_path)
     wanted = ("ad_id", "user_id", "shown_at", "user_text", "ad_text", "is_clicked", *PRIOR_COLUMNS)
     columns = [c for c in wanted if c in present]
@@ -140,17 +137,23 @@ def fine_tune(
         if cfg.sample_pairs is None or cfg.sample_pairs >= train.height
         else train.sample(cfg.sample_pairs, seed=cfg.seed)
     )
-    # the match's encoder, tuned on the clicks first (every rank alike: same seed, same clicks; a resumed run
+
+    # 2. the match's encoder, tuned on the clicks first (every rank alike: same seed, same clicks; a resumed run
     # tunes again), then frozen: the match is the same at every step
     match_encoder = base_match_encoder(settings, device)
+    match_tuned, match_gain = False, {}
     if match_encoder is not None:
-        clicks = tuned.filter(pl.col("is_clicked").cast(pl.Boolean))
-        losses = tune_match_encoder(match_encoder, clicks, match_tuning(settings))
-        if lead and losses:
-            trend = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-            print(f"semantic match tuned on {clicks.height} clicks: {len(losses)} steps, {trend}")
-        if cfg.cross_encoder_from_match:
-            model.base_model.load_state_dict(match_encoder.model.state_dict())
+        match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead)
+    seed_everything(cfg.seed)  # the cross-encoder's run (head, dropout) is the same whatever the match did
+
+    # 3. base model with a fresh one-logit head (DDP: every rank starts from rank 0's weights)
+    model, tokenizer = load_cross_encoder(
+        settings.model.base_model, device, dropout=settings.model.dropout, pooling=settings.model.pooling
+    )
+    if cfg.cross_encoder_from_match:
+        model.base_model.load_state_dict(match_encoder.model.state_dict())
+    freeze_lower_layers(model, cfg.trainable_layers)
+    trainer = DistributedDataParallel(model) if world > 1 else model  # forward passes; model is the module itself
     valid = with_match(valid, match_encoder)
     valid_priors = PairPriors.of(valid)
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
@@ -170,7 +173,7 @@ def fine_tune(
     offsets = torch.tensor(offsets, dtype=torch.float32)
     groups = torch.tensor(user_days(tuned)) if cfg.ranking_loss_weight > 0 else None  # (pairs,) user-day ids
 
-    # 3. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay.
+    # 4. optimizer: AdamW, no weight decay on biases and norms; linear warm-up then linear decay.
     # A step takes step_pairs of the epoch's order (the effective batch), shared out among the ranks.
     step_pairs = cfg.batch_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(len(encodings) / step_pairs)
@@ -224,9 +227,10 @@ def fine_tune(
             return True
         return False
 
-    # 4. step 0, the output layer without the logit (the untrained weights saved with it), is the first candidate,
+    # 5. step 0, the output layer without the logit (the untrained weights saved with it), is the first candidate,
     # unless a killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
+    result.match_tuned, result.match_gain = match_tuned, match_gain
     best_valid_logits = np.zeros(valid.height, dtype=np.float32)
     best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(valid.height, dtype=np.float32)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -245,7 +249,7 @@ def fine_tune(
     elif lead:
         save_if_best(*validate(step=0, epoch=0.0, train_loss=math.nan))
 
-    # 5. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
+    # 6. train; validate each epoch (and every eval_every_steps); stop after `patience` misses
     trainer.train()
     with StageProgress("fine_tune", total_steps, "steps", rate_unit="pairs") as bar:
         bar.advance(result.steps, rated=0)
@@ -319,7 +323,7 @@ def fine_tune(
             if result.stopped_early:
                 break
 
-    # 6. fit the output layer on the kept step's validation logits (none at step 0), saved
+    # 7. fit the output layer on the kept step's validation logits (none at step 0), saved
     # beside its weights; the selection decision's interval
     if not lead:
         return result
@@ -338,6 +342,8 @@ def fine_tune(
     selection |= {
         "valid_clicks": result.valid_clicks,
         "text_gain": {m: g.as_dict() for m, g in result.text_gain.items()},
+        "match_tuned": result.match_tuned,
+        "match_gain": {m: g.as_dict() for m, g in result.match_gain.items()},
     }
     (out_dir / SELECTION_FILE).write_text(json.dumps(selection))  # travels with the weights into the registry
     shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
@@ -355,6 +361,37 @@ def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder
         return None
     cfg = settings.model
     return load_match_encoder(cfg.base_model, device, cfg.max_seq_length, settings.training.eval_batch_size)
+
+
+def tune_match(
+    settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, tuned: pl.DataFrame, valid: pl.DataFrame, lead: bool
+) -> tuple[bool, dict[str, Interval]]:
+    """Tune the match's encoder on the clicks of the tuned pairs, then keep it tuned only if step 0 (the priors
+    and the match) scores validation better with it than with the zero-shot encoder, beyond the noise: the
+    logloss difference's paired interval below 0 (training.match_guard). On a few hundred clicks the tuning can
+    lose what the encoder knew, or win a small validation by chance. Returns (kept tuned, the gain per metric)."""
+    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()}
+    zero_shot_valid = with_match(valid, encoder) if lead and settings.training.match_guard else None
+    clicks = tuned.filter(pl.col("is_clicked").cast(pl.Boolean))
+    losses = tune_match_encoder(encoder, clicks, match_tuning(settings))
+    if not losses:
+        return False, {}
+    gain, keep = {}, True
+    if zero_shot_valid is not None:
+        gain = served_gain(settings, train, (with_match(valid, encoder), None), (zero_shot_valid, None))
+        keep = gain["logloss"].high < 0  # NaN (too few clicks to tell): not shown better
+    (keep,) = from_lead([keep])  # every rank serves the same encoder
+    if not keep:
+        encoder.model.load_state_dict(zero_shot)
+    if lead:
+        gains = ", ".join(f"{metric} {interval}" for metric, interval in gain.items())
+        print(
+            f"semantic match tuned on {clicks.height} clicks: {len(losses)} steps, loss {losses[0]:.3f} -> "
+            f"{losses[-1]:.3f}"
+            + (f"; step 0 with it minus zero-shot on validation: {gains}" if gain else "")
+            + ("; kept the tuned encoder" if keep else "; kept the zero-shot encoder (not better beyond the noise)")
+        )
+    return keep, gain
 
 
 def match_tuning(settings: Settings) -> MatchTuning:
@@ -398,18 +435,27 @@ def cross_fitted_pctr(
 
 
 def text_gain(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logits: np.ndarray) -> dict[str, Interval]:
-    """What the text term adds on validation: the served score with these logits minus step 0 (no logit)
-    (both cross-fitted: cross_fitted_pctr), per metric, with paired user-bootstrap intervals."""
+    """What the text term adds on validation: the served score with these logits minus step 0 (no logit)."""
+    return served_gain(settings, train, (valid, logits), (valid, None))
+
+
+ServedOn = tuple[pl.DataFrame, np.ndarray | None]  # validation (with its match column) and the logits (None: step 0)
+
+
+def served_gain(settings: Settings, train: pl.DataFrame, model: ServedOn, baseline: ServedOn) -> dict[str, Interval]:
+    """The served validation score of model minus baseline (the same pairs, both cross-fitted:
+    cross_fitted_pctr), per metric, with paired user-bootstrap intervals."""
+    valid = model[0]
     labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
     pctr = {
-        "text": cross_fitted_pctr(settings, train, valid, logits),
-        "priors_only": cross_fitted_pctr(settings, train, valid, None),
+        "model": cross_fitted_pctr(settings, train, *model),
+        "baseline": cross_fitted_pctr(settings, train, *baseline),
     }
     users = (valid["user_id"] if "user_id" in valid.columns else pl.Series(range(valid.height))).cast(pl.String)
     lists = ranking_lists(users, valid["shown_at"]) if "shown_at" in valid.columns else None  # a user's day
     scored = Scored(users.to_numpy(), labels, pctr, lists)
     replicates = settings.promotion.bootstrap_replicates
-    return {m: paired_interval([scored], "text", "priors_only", m, replicates) for m in SELECTION_METRICS}
+    return {m: paired_interval([scored], "model", "baseline", m, replicates) for m in SELECTION_METRICS}
 
 
 def selection_summary(result: TrainResult) -> str:

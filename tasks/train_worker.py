@@ -28,6 +28,7 @@ from tasks.train import TrainResult, fine_tune
 
 # ranks wait here while rank 0 validates and saves (NCCL's default is 10 minutes)
 COLLECTIVE_TIMEOUT = timedelta(hours=1)
+GAINS = ("text_gain", "match_gain")  # TrainResult fields holding {metric: Interval}
 RESULT_FILE = "result.json"  # rank 0 writes it last: training finished on every rank
 
 
@@ -86,7 +87,8 @@ def write_result(result: TrainResult, folder: Path) -> None:
     if result.valid_pctr is not None:
         np.save(folder / "valid_pctr.npy", result.valid_pctr)
     scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "valid_pctr"}
-    scalars["text_gain"] = {metric: asdict(gain) for metric, gain in result.text_gain.items()}
+    for name in GAINS:
+        scalars[name] = {metric: asdict(gain) for metric, gain in getattr(result, name).items()}
     (folder / "result.tmp").write_text(json.dumps(scalars | {"checkpoint": str(result.checkpoint)}))
     os.replace(folder / "result.tmp", folder / RESULT_FILE)
 
@@ -94,9 +96,9 @@ def write_result(result: TrainResult, folder: Path) -> None:
 def read_result(folder: Path) -> TrainResult:
     scalars = json.loads((folder / RESULT_FILE).read_text())
     pctr = folder / "valid_pctr.npy"
-    gains = {metric: Interval(**gain) for metric, gain in scalars.get("text_gain", {}).items()}
+    gains = {name: {metric: Interval(**gain) for metric, gain in scalars.get(name, {}).items()} for name in GAINS}
     return TrainResult(
-        **scalars | {"checkpoint": Path(scalars["checkpoint"]), "text_gain": gains},
+        **scalars | {"checkpoint": Path(scalars["checkpoint"])} | gains,
         valid_pctr=np.load(pctr) if pctr.exists() else None,
     )
 

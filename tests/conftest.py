@@ -130,10 +130,7 @@ def signal_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_logs(tmp_path_factory.mktemp("signal") / "logs", impressions, SIGNAL_ADS, users)
 
 
-# match_epochs 0: the tiny random encoder's similarity is noise, and tuned on signal_logs' few hundred clicks it
-# wins the 54-click validation by chance over the cross-encoder these flow tests need to learn the ad text
-# (tests/test_train.py tests the tuning itself)
-SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0, "match_epochs": 0}
+SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
 # 72 test pairs: an ECE that noisy (popularity's own is 0.05 there) would make promotion a coin toss
 SIGNAL_PROMOTION = {"max_ece": 0.1}
 

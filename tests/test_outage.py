@@ -18,8 +18,7 @@ from flows.retrain import retrain
 from tasks.registry import TrackingUnavailable
 from tests.conftest import build_settings
 
-# match_epochs 0: see SIGNAL_TRAINING in tests/conftest.py
-TRAINING = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0, "match_epochs": 0}
+TRAINING = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
 PROMOTION = {"max_ece": 0.1}  # 72 test pairs: ECE noise is about +-0.05 (tests/test_flows.py)
 
 

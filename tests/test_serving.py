@@ -27,8 +27,7 @@ from tasks.registry import configure_tracking, serving_requirements
 from tests.conftest import build_settings
 
 SERVER_START_TIMEOUT_S = 300
-# match_epochs 0: see SIGNAL_TRAINING in tests/conftest.py
-SIGNAL_TRAINING = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0, "match_epochs": 0}
+SIGNAL_TRAINING = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
 
 
 def free_port() -> int:

@@ -499,7 +499,7 @@ def test_a_resume_state_saves_over_what_a_kill_during_the_last_swap_left(tmp_pat
 def test_the_match_offset_is_the_match_times_its_weight_on_the_training_pairs(tmp_path, tiny_model_dir):
     encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 32, 8)
     rng = np.random.default_rng(0)
-    words = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]
+    words = WORDS
     pairs = pl.DataFrame(
         {
             "user_text": [f"searches {w} {v}" for w, v in rng.choice(words, (4000, 2))],
@@ -521,7 +521,7 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     """Users who search a word click the ad for that word: the random tiny encoder barely knows it, tuned with
     in-batch negatives it ranks each user's ad first on held-out users; it is frozen afterwards."""
     rng = np.random.default_rng(0)
-    words = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]
+    words = WORDS
 
     def clicks(n: int) -> pl.DataFrame:
         picked = rng.choice(words, n)
@@ -553,6 +553,50 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     assert tune_match_encoder(encoder, one_user, replace(tuning, epochs=1)) == [0.0, 0.0]
 
 
+WORDS = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]
+
+
+def write_word_pairs(path: Path, users: int, seed: int, follows_text: bool) -> Path:
+    """Each user searches one of WORDS and is shown four ads, one per word; following the text they click the ad of
+    their word (and now and then another), without it a random one."""
+    rng = np.random.default_rng(seed)
+    searched = rng.choice(WORDS, users)
+    rows = []
+    for user, word in enumerate(searched):
+        for ad in [word, *rng.choice([w for w in WORDS if w != word], 3, replace=False)]:
+            clicked = (ad == word) == (rng.random() < 0.9) if follows_text else rng.random() < 0.25
+            rows.append(
+                (f"u{seed}-{user}", ad, f"age {rng.integers(18, 80)}, searches {word}", f"ad for {ad}", clicked)
+            )
+    columns = ["user_id", "ad_id", "user_text", "ad_text", "is_clicked"]
+    pl.DataFrame(rows, schema=columns, orient="row").write_parquet(path)
+    return path
+
+
+def test_the_tuned_match_is_served_only_if_it_beats_the_zero_shot_one_beyond_the_noise(tmp_path, make_settings):
+    """The match's guard: clicks that follow the text teach the encoder a match that wins validation beyond the
+    noise (kept); random clicks teach it noise (the zero-shot encoder is served), unless the guard is off."""
+    base = next(load_match_encoder(make_settings().model.base_model, torch.device("cpu"), 32, 8).model.parameters())
+    tuning = {"epochs": 0, "match_epochs": 4, "match_learning_rate": 1e-3, "match_batch_size": 16, "warmup_ratio": 0}
+    for follows_text, guard in ((True, True), (False, True), (False, False)):
+        folder = tmp_path / f"{follows_text}-{guard}"
+        folder.mkdir()
+        pairs = [
+            write_word_pairs(folder / f"{seed}.parquet", n, seed, follows_text) for seed, n in ((0, 480), (1, 240))
+        ]
+        settings = make_settings(training=tuning | {"match_guard": guard}, model={"calibration": "platt+match"})
+        result = fine_tune(settings, *pairs, folder / "model")
+        served = next(saved_match_encoder(result.checkpoint, torch.device("cpu"), 32, 8).model.parameters())
+        assert result.match_tuned == (follows_text or not guard) == (not torch.equal(served, base))
+        selection = json.loads((result.checkpoint / SELECTION_FILE).read_text())
+        assert selection["match_tuned"] == result.match_tuned
+        if guard:  # the decision's interval: tuned minus zero-shot logloss
+            assert (result.match_gain["logloss"].high < 0) == follows_text, result.match_gain
+            assert selection["match_gain"]["logloss"]["interval"][1] == result.match_gain["logloss"].high
+        else:
+            assert result.match_gain == {}
+
+
 def test_the_cross_encoder_can_start_from_the_tuned_match_encoder(tmp_path, make_settings, toy_pairs):
     def weights(folder: Path, name: str) -> torch.Tensor:  # one transformer weight of a saved model
         model, _ = load_cross_encoder(str(folder), torch.device("cpu"))
@@ -561,6 +605,7 @@ def test_the_cross_encoder_can_start_from_the_tuned_match_encoder(tmp_path, make
     name = "encoder.layer.0.attention.self.query.weight"
     for from_match in (True, False):
         training = {"epochs": 0, "cross_encoder_from_match": from_match, "match_learning_rate": 1e-2}
+        training |= {"match_guard": False}  # the tuned encoder, whether or not it beats the zero-shot one
         result = fine_tune(make_settings(training=training), *toy_pairs, tmp_path / str(from_match))
         match = saved_match_encoder(result.checkpoint, torch.device("cpu"), 64, 8).model
         tuned = dict(match.named_parameters())[name].detach()
