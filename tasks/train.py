@@ -142,8 +142,8 @@ def fine_tune(
     # tunes again), then frozen: the match is the same at every step
     match_encoder = base_match_encoder(settings, device)
     match_tuned, match_gain = False, {}
-    if match_encoder is not None:
-        match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead)
+    if match_encoder is not None:  # validation gets the served encoder's match (MATCH_COLUMN)
+        valid, match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead)
     seed_everything(cfg.seed)  # the cross-encoder's run (head, dropout) is the same whatever the match did
 
     # 3. base model with a fresh one-logit head (DDP: every rank starts from rank 0's weights)
@@ -154,7 +154,6 @@ def fine_tune(
         model.base_model.load_state_dict(match_encoder.model.state_dict())
     freeze_lower_layers(model, cfg.trainable_layers)
     trainer = DistributedDataParallel(model) if world > 1 else model  # forward passes; model is the module itself
-    valid = with_match(valid, match_encoder)
     valid_priors = PairPriors.of(valid)
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
     labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
@@ -365,20 +364,23 @@ def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder
 
 def tune_match(
     settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, tuned: pl.DataFrame, valid: pl.DataFrame, lead: bool
-) -> tuple[bool, dict[str, Interval]]:
+) -> tuple[pl.DataFrame, bool, dict[str, Interval]]:
     """Tune the match's encoder on the clicks of the tuned pairs, then keep it tuned only if step 0 (the priors
     and the match) scores validation better with it than with the zero-shot encoder, beyond the noise: the
     logloss difference's paired interval below 0 (training.match_guard). On a few hundred clicks the tuning can
-    lose what the encoder knew, or win a small validation by chance. Returns (kept tuned, the gain per metric)."""
-    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()}
-    zero_shot_valid = with_match(valid, encoder) if lead and settings.training.match_guard else None
+    lose what the encoder knew, or win a small validation by chance. Returns validation with the served
+    encoder's match, whether that encoder is the tuned one, and the gain per metric."""
     clicks = tuned.filter(pl.col("is_clicked").cast(pl.Boolean))
+    if settings.training.match_epochs == 0 or clicks.height < 2:
+        return with_match(valid, encoder), False, {}
+    guarded = lead and settings.training.match_guard
+    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()}
+    zero_shot_valid = with_match(valid, encoder) if guarded else None
     losses = tune_match_encoder(encoder, clicks, match_tuning(settings))
-    if not losses:
-        return False, {}
+    tuned_valid = with_match(valid, encoder)
     gain, keep = {}, True
     if zero_shot_valid is not None:
-        gain = served_gain(settings, train, (with_match(valid, encoder), None), (zero_shot_valid, None))
+        gain = served_gain(settings, train, (tuned_valid, None), (zero_shot_valid, None))
         keep = gain["logloss"].high < 0  # NaN (too few clicks to tell): not shown better
     (keep,) = from_lead([keep])  # every rank serves the same encoder
     if not keep:
@@ -391,7 +393,9 @@ def tune_match(
             + (f"; step 0 with it minus zero-shot on validation: {gains}" if gain else "")
             + ("; kept the tuned encoder" if keep else "; kept the zero-shot encoder (not better beyond the noise)")
         )
-    return keep, gain
+    if keep:
+        return tuned_valid, True, gain
+    return zero_shot_valid if zero_shot_valid is not None else with_match(valid, encoder), False, gain
 
 
 def match_tuning(settings: Settings) -> MatchTuning:
