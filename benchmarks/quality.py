@@ -189,6 +189,8 @@ def fine_tuned(
         "valid": kept,
         "text_gain": {metric: gain.as_dict() for metric, gain in result.text_gain.items()},
         "best_trained_step": result.best_trained_step,
+        "match_tuned": result.match_tuned,  # the served match's encoder: tuned, or zero-shot (the guard)
+        "match_gain": {metric: gain.as_dict() for metric, gain in result.match_gain.items()},
         "checkpoint": out_dir,
     }
 
@@ -287,7 +289,7 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
         "gates": first_champion_gates(settings, test, table, predictions, default["kept_step"]),
         "kept_step": {DEFAULT: default["kept_step"]},
         "validation": {DEFAULT: default["valid"]},
-        "selection": {"best_trained_step": default["best_trained_step"], "text_gain": default["text_gain"]},
+        "selection": {key: default[key] for key in ("best_trained_step", "text_gain", "match_tuned", "match_gain")},
         "cold_fit": default["layer"].cold_fit,
         "valid_clicks": int(labels["valid"].sum()),
         "cold_items": len(cold_items),
@@ -326,9 +328,8 @@ def run_levers(args: argparse.Namespace, logs: Path) -> dict:
         )
         labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
         scores = metrics(labels, pctr, ranking_lists(valid["user_id"], valid["shown_at"]))
-        results[name] = {"overrides": overrides, "kept_step": tuned["kept_step"]} | {
-            k: scores[k] for k in ("logloss", "auc", "gauc", "ndcg@10")
-        }
+        results[name] = {"overrides": overrides, "kept_step": tuned["kept_step"], "match_tuned": tuned["match_tuned"]}
+        results[name] |= {k: scores[k] for k in ("logloss", "auc", "gauc", "ndcg@10")}
         results[name] |= {"valid_pairs": valid.height, "valid_clicks": int(labels.sum())}
         results[name] |= {"seconds": round(time.monotonic() - started, 1), "git_commit": git_commit()}
         print(f"lever {name}: {results[name]}", flush=True)
@@ -564,13 +565,15 @@ def markdown_tables(result: dict) -> str:
 def section(result: dict) -> str:
     """docs/benchmarks.md's block of a reported run: how it was run, then markdown_tables."""
     kept = ", ".join(str(step) for step in result["kept_step"][result["default_model"]])
+    match = ", ".join("tuned" if chosen["match_tuned"] else "zero-shot" for chosen in result["selection"].values())
     return (
         f"Command: `{result['command']}` at commit `{result['git_commit'][:12]}`"
         + (" (with uncommitted changes)" if result["git_dirty"] else "")
         + f"  \nMode: {result['mode']} · features as of {result['features_as_of']} · seeds {result['seeds']} · "
         f"data sha256 `{result['data_checksum_sha256'][:16]}…` · {result['hardware']} · "
         f"wall time {result['seconds']['total'] / 60:.1f} min · pairs (first seed) {result['pairs']} · "
-        f"validation clicks {result['valid_clicks']} · kept steps {kept} · config: adrank's defaults except "
+        f"validation clicks {result['valid_clicks']} · kept steps {kept} · served match {match} · config: "
+        f"adrank's defaults except "
         f"{result['departures_from_defaults'] or 'nothing'}\n\n" + markdown_tables(result)
     )
 
@@ -593,8 +596,8 @@ def headline(result: dict) -> str:
 def levers_section(record: dict) -> str:
     """docs/benchmarks.md's block of a --levers run: each lever on validation, minus the default."""
     header = (
-        "| lever | config overrides | kept step | logloss | AUC | gAUC | NDCG@10 "
-        "| lever − default: logloss / AUC / gAUC [95%] | wall time |\n|---|---|---|---|---|---|---|---|---|"
+        "| lever | config overrides | kept step | served match | logloss | AUC | gAUC | NDCG@10 "
+        "| lever − default: logloss / AUC / gAUC [95%] | wall time |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for name, lever in record["levers"].items():
@@ -603,7 +606,8 @@ def levers_section(record: dict) -> str:
         gains = " / ".join(_interval(versus[m]) for m in ("logloss", "auc", "gauc")) if versus else "—"
         figures = " | ".join(f"{lever[m]:.4f}" for m in ("logloss", "auc", "gauc", "ndcg@10"))
         rows.append(
-            f"| {name} | `{overrides}` | {lever['kept_step']} | {figures} | {gains} | {lever['seconds'] / 60:.1f} min |"
+            f"| {name} | `{overrides}` | {lever['kept_step']} | {'tuned' if lever['match_tuned'] else 'zero-shot'} "
+            f"| {figures} | {gains} | {lever['seconds'] / 60:.1f} min |"
         )
     first = next(iter(record["levers"].values()))
     return (
