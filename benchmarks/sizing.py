@@ -90,12 +90,12 @@ def rerank_hours(users: int, ads: int, rates: Rates) -> float:
 def retrain_hours(impressions_per_day: int, rates: Rates, sample_pairs: int | None = None) -> float:
     """Tune the match on the trained pairs' clicks (one epoch), fine-tune EPOCHS over the training pairs (80% of
     TRAIN_DAYS of impressions, or sample_pairs), validate VALIDATIONS times on 10%, score test (10%) with the
-    fine-tuned and the base model, distil the two-tower; the match of validation and test (two texts a pair,
-    at most: identical texts are embedded once)."""
+    fine-tuned and the base model, distil the two-tower; the match of validation (twice: zero-shot and tuned,
+    for the match's guard) and of test (two texts a pair, at most: identical texts are embedded once)."""
     pairs = impressions_per_day * TRAIN_DAYS
     trained = min(0.8 * pairs, sample_pairs or math.inf)
     scored = VALIDATIONS * 0.1 * pairs + 2 * 0.1 * pairs + DISTILL_PAIRS
-    match = CLICK_RATE * trained / rates.match_tune + 2 * 0.2 * pairs / rates.match_embed
+    match = CLICK_RATE * trained / rates.match_tune + 2 * (2 * 0.1 + 0.1) * pairs / rates.match_embed
     seconds = trained / rates.tokenize + EPOCHS * trained / rates.train + scored / rates.score + match
     return seconds / 3600
 
