@@ -203,9 +203,9 @@ class TrainingConfig(BaseModel):
     )
     match_guard: bool = Field(
         True,
-        description="Serve the tuned match only if step 0 (the priors and the match) scores validation better "
-        "with it than with the zero-shot encoder beyond the noise (the logloss difference's paired user-bootstrap "
-        "95% interval below 0); false: always serve the tuned one.",
+        description="Serve the tuned match only if step 0 (the priors and the match) scores validation with it "
+        "better than with the zero-shot encoder beyond the noise on one of logloss, AUC and gAUC and worse on none "
+        "(paired user-bootstrap 95% intervals); false: always serve the tuned one.",
     )
     cross_encoder_from_match: bool = Field(
         False,

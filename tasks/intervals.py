@@ -57,6 +57,14 @@ class Interval:
         return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
 
 
+def beyond_the_noise(gains: dict[str, Interval], better: bool) -> list[str]:
+    """The metrics whose (model - baseline) interval excludes 0 in the model's favour (better) or against it:
+    above 0 for HIGHER_IS_BETTER metrics, below 0 for the others. A NaN interval is neither."""
+    favours = {metric: (g.low > 0 if metric in HIGHER_IS_BETTER else g.high < 0) for metric, g in gains.items()}
+    against = {metric: (g.high < 0 if metric in HIGHER_IS_BETTER else g.low > 0) for metric, g in gains.items()}
+    return [metric for metric, beyond in (favours if better else against).items() if beyond]
+
+
 def paired_interval(
     sets: list[Scored], model: str, baseline: str, metric: str, replicates: int, seed: int = 0
 ) -> Interval:

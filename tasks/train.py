@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from tasks.config import Settings
-from tasks.intervals import Interval, Scored, paired_interval
+from tasks.intervals import Interval, Scored, beyond_the_noise, paired_interval
 from tasks.metrics import logloss, ranking_lists, roc_auc
 from tasks.model import (
     collate,
@@ -366,10 +366,11 @@ def tune_match(
     settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, tuned: pl.DataFrame, valid: pl.DataFrame, lead: bool
 ) -> tuple[pl.DataFrame, bool, dict[str, Interval]]:
     """Tune the match's encoder on the clicks of the tuned pairs, then keep it tuned only if step 0 (the priors
-    and the match) scores validation better with it than with the zero-shot encoder, beyond the noise: the
-    logloss difference's paired interval below 0 (training.match_guard). On a few hundred clicks the tuning can
-    lose what the encoder knew, or win a small validation by chance. Returns validation with the served
-    encoder's match, whether that encoder is the tuned one, and the gain per metric."""
+    and the match) scores validation with it better than with the zero-shot encoder beyond the noise on one of
+    logloss, AUC and gAUC, and worse beyond the noise on none (paired user-bootstrap intervals, as a challenger
+    must beat a champion; training.match_guard). On a few hundred clicks the tuning can lose what the encoder
+    knew, or win a small validation by chance. Returns validation with the served encoder's match, whether
+    that encoder is the tuned one, and the gain per metric."""
     clicks = tuned.filter(pl.col("is_clicked").cast(pl.Boolean))
     if settings.training.match_epochs == 0 or clicks.height < 2:
         return with_match(valid, encoder), False, {}
@@ -378,10 +379,17 @@ def tune_match(
     zero_shot_valid = with_match(valid, encoder) if guarded else None
     losses = tune_match_encoder(encoder, clicks, match_tuning(settings))
     tuned_valid = with_match(valid, encoder)
-    gain, keep = {}, True
+    gain, keep, verdict = {}, True, "kept the tuned encoder (training.match_guard off)"
     if zero_shot_valid is not None:
         gain = served_gain(settings, train, (tuned_valid, None), (zero_shot_valid, None))
-        keep = gain["logloss"].high < 0  # NaN (too few clicks to tell): not shown better
+        better, worse = beyond_the_noise(gain, better=True), beyond_the_noise(gain, better=False)
+        keep = bool(better) and not worse
+        verdict = (
+            f"kept the tuned encoder (better beyond the noise on {', '.join(better)})"
+            if keep
+            else f"kept the zero-shot encoder (tuned: better beyond the noise on {', '.join(better) or 'nothing'}"
+            f", worse on {', '.join(worse) or 'nothing'})"
+        )
     (keep,) = from_lead([keep])  # every rank serves the same encoder
     if not keep:
         encoder.model.load_state_dict(zero_shot)
@@ -391,7 +399,7 @@ def tune_match(
             f"semantic match tuned on {clicks.height} clicks: {len(losses)} steps, loss {losses[0]:.3f} -> "
             f"{losses[-1]:.3f}"
             + (f"; step 0 with it minus zero-shot on validation: {gains}" if gain else "")
-            + ("; kept the tuned encoder" if keep else "; kept the zero-shot encoder (not better beyond the noise)")
+            + f"; {verdict}"
         )
     if keep:
         return tuned_valid, True, gain

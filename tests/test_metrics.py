@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 
 from tasks.evaluate import evaluation_table, popularity_ctr, to_markdown
+from tasks.intervals import Interval, beyond_the_noise
 from tasks.metrics import (
     expected_calibration_error,
     logloss,
@@ -100,3 +101,14 @@ def test_ranking_lists_are_a_users_day():
         pl.Series([datetime(2026, 5, 1, 23, 59), datetime(2026, 5, 2), datetime(2026, 5, 1)]),
     )
     assert lists.tolist() == ["u1 2026-05-01", "u1 2026-05-02", "u2 2026-05-01"]
+
+
+def test_beyond_the_noise_reads_each_metric_in_its_own_direction():
+    gains = {
+        "logloss": Interval(-0.02, -0.03, -0.01),  # lower is better: better
+        "auc": Interval(-0.02, -0.03, -0.01),  # higher is better: worse
+        "gauc": Interval(0.01, -0.01, 0.03),  # straddles 0: neither
+        "ece_equal_mass": Interval(math.nan, math.nan, math.nan),  # too few pairs: neither
+    }
+    assert beyond_the_noise(gains, better=True) == ["logloss"]
+    assert beyond_the_noise(gains, better=False) == ["auc"]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tasks.config import packaged_model_path
+from tasks.intervals import beyond_the_noise
 from tasks.metrics import logloss, roc_auc
 from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
 from tasks.output_layer import Calibration, PairPriors, cold_fit_rows, fit_calibration, load_calibration
@@ -590,8 +591,9 @@ def test_the_tuned_match_is_served_only_if_it_beats_the_zero_shot_one_beyond_the
         assert result.match_tuned == (follows_text or not guard) == (not torch.equal(served, base))
         selection = json.loads((result.checkpoint / SELECTION_FILE).read_text())
         assert selection["match_tuned"] == result.match_tuned
-        if guard:  # the decision's interval: tuned minus zero-shot logloss
-            assert (result.match_gain["logloss"].high < 0) == follows_text, result.match_gain
+        if guard:  # the decision's intervals: tuned minus zero-shot
+            assert bool(beyond_the_noise(result.match_gain, better=True)) == follows_text, result.match_gain
+            assert not beyond_the_noise(result.match_gain, better=False)
             assert selection["match_gain"]["logloss"]["interval"][1] == result.match_gain["logloss"].high
         else:
             assert result.match_gain == {}
