@@ -59,7 +59,7 @@ from tasks.registry import configure_tracking, git_commit  # noqa: E402
 from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
-from tasks.train import calibrate, fine_tune, uses_match  # noqa: E402
+from tasks.train import calibrate, fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
@@ -202,7 +202,7 @@ def output_layer(settings: Settings, method: str, splits: dict, valid_logits: np
 
 def layer_terms(settings: Settings, keep: tuple[str, ...]) -> str:
     """The default's model.calibration with only the terms in keep (platt is always kept)."""
-    return "+".join(t for t in settings.model.calibration.split("+") if t == "platt" or t in keep)
+    return "+".join(t for t in settings.model.terms if t == "platt" or t in keep)
 
 
 def served(layer: Calibration, pairs: pl.DataFrame, logits: np.ndarray | None) -> np.ndarray:
@@ -275,7 +275,7 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     predictions[TEXT_ONLY] = served(text_only, test, default["logits"]["test"])
     priors = output_layer(settings, layer_terms(settings, ("ad_prior", "user_prior")), scored, None)
     predictions[PRIORS_ONLY] = served(priors, test, None)
-    if uses_match(settings):
+    if "match" in settings.model.terms:
         predictions[ZERO_SHOT] = served(output_layer(settings, settings.model.calibration, scored, None), test, None)
 
     table = evaluation_table(test, predictions)

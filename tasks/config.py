@@ -114,8 +114,8 @@ class ModelConfig(BaseModel):
         "platt+match+ad_prior+user_prior",
         description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
         "the semantic match (match: the cosine of the user text and the ad text in the base encoder's embedding "
-        "space, tuned on the clicks: training.match_epochs, tasks/semantic_match.py; the encoder is saved with the "
-        "model), plus (a hybrid text + ID model) weighted "
+        "space, tuned on the clicks where that wins validation: training.match_epochs and match_guard, "
+        "tasks/semantic_match.py; the encoder is saved with the model), plus (a hybrid text + ID model) weighted "
         "log-odds of the ad's click rate (ad_prior) and the user's (user_prior), each counted over the logs before "
         "the request's day, as rerank counts them; cold ads (never shown before) get weights of their own, fitted "
         "without the ad prior. 'none': the raw logit.",
@@ -132,6 +132,11 @@ class ModelConfig(BaseModel):
     user_prior_strength: float = Field(
         20.0, gt=0, description="Pseudo-impressions at the global CTR added to each user's counts in the user prior."
     )
+
+    @property
+    def terms(self) -> list[str]:
+        """The output layer's terms: calibration split on '+' (e.g. ["platt", "match", "ad_prior"])."""
+        return self.calibration.split("+")
 
 
 class TrainingConfig(BaseModel):
@@ -210,7 +215,7 @@ class TrainingConfig(BaseModel):
     cross_encoder_from_match: bool = Field(
         False,
         description="Start the cross-encoder's transformer from the match's tuned encoder (not the base model): "
-        "it begins with what the clicks taught the match.",
+        "it begins with what the clicks taught the match (nothing, where match_guard served the zero-shot one).",
     )
     match_batch_size: int = Field(
         32, ge=2, description="Clicks per step of the match's tuning: each one's negatives are the others' ads."
@@ -504,13 +509,13 @@ class Settings(BaseSettings):
         # a prior trained in as an offset only reaches the served score through the output layer's prior term
         offsets = (("user_prior_offset", "user_prior"), ("ad_prior_offset", "ad_prior"), ("match_offset", "match"))
         for offset, prior in offsets:
-            if getattr(self.training, offset) and prior not in self.model.calibration.split("+"):
+            if getattr(self.training, offset) and prior not in self.model.terms:
                 raise ValueError(
                     f"training.{offset} = true needs model.calibration with {prior} (it is "
                     f"{self.model.calibration!r}): without it the served score drops the offset the text "
                     "model was trained around"
                 )
-        if self.training.cross_encoder_from_match and "match" not in self.model.calibration.split("+"):
+        if self.training.cross_encoder_from_match and "match" not in self.model.terms:
             raise ValueError(
                 f"training.cross_encoder_from_match = true needs model.calibration with match (it is "
                 f"{self.model.calibration!r}): without the match no encoder is tuned to start from"

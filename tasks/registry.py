@@ -163,7 +163,7 @@ def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainRes
             if not math.isnan(value)
         }
         mlflow.log_metrics(gains)
-        if "match" in settings.model.calibration.split("+"):
+        if "match" in settings.model.terms:
             mlflow.set_tag("match_encoder", "tuned" if result.match_tuned else "zero_shot")
         if result.best_step == 0:
             print(

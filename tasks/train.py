@@ -63,6 +63,7 @@ LOGIT_STATES = ("best_valid_logits", "best_trained_logits")  # (valid pairs,) ar
 LOGLOSS_TIE = 1e-9  # a step must beat the best by more than rounding (a text term adding nothing ties the priors)
 # validation users split in two for the selection: each half is scored by the output layer fitted on the other
 CROSS_FIT_FOLDS = 2
+ServedOn = tuple[pl.DataFrame, np.ndarray | None]  # validation (with its match column) and logits (None: step 0)
 
 
 @dataclass
@@ -349,51 +350,40 @@ def fine_tune(
     return result
 
 
-def uses_match(settings: Settings) -> bool:
-    """Whether the output layer weighs the semantic match (model.calibration names it)."""
-    return "match" in settings.model.calibration.split("+")
-
-
 def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder | None:
     """The base model as the semantic match's encoder, before tuning (None: model.calibration does not use it)."""
-    if not uses_match(settings):
+    if "match" not in settings.model.terms:
         return None
     cfg = settings.model
     return load_match_encoder(cfg.base_model, device, cfg.max_seq_length, settings.training.eval_batch_size)
 
 
 def tune_match(
-    settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, tuned: pl.DataFrame, valid: pl.DataFrame, lead: bool
+    settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, pairs: pl.DataFrame, valid: pl.DataFrame, lead: bool
 ) -> tuple[pl.DataFrame, bool, dict[str, Interval]]:
-    """Tune the match's encoder on the clicks of the tuned pairs, then keep it tuned only if step 0 (the priors
-    and the match) scores validation with it better than with the zero-shot encoder beyond the noise on one of
-    logloss, AUC and gAUC, and worse beyond the noise on none (paired user-bootstrap intervals, as a challenger
-    must beat a champion; training.match_guard). On a few hundred clicks the tuning can lose what the encoder
-    knew, or win a small validation by chance. Returns validation with the served encoder's match, whether
-    that encoder is the tuned one, and the gain per metric."""
-    clicks = tuned.filter(pl.col("is_clicked").cast(pl.Boolean))
-    if settings.training.match_epochs == 0 or clicks.height < 2:
-        return with_match(valid, encoder), False, {}
-    guarded = lead and settings.training.match_guard
-    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()}
-    zero_shot_valid = with_match(valid, encoder) if guarded else None
-    losses = tune_match_encoder(encoder, clicks, match_tuning(settings))
-    tuned_valid = with_match(valid, encoder)
-    gain, keep, verdict = {}, True, "kept the tuned encoder (training.match_guard off)"
+    """Tune the match's encoder on the clicks of the pairs fine-tuning trains on, then keep it tuned only if
+    step 0 (the priors and the match) scores validation with it better than with the zero-shot encoder beyond
+    the noise on one of logloss, AUC and gAUC, and worse beyond the noise on none (match_verdict;
+    training.match_guard). On a few hundred clicks the tuning can lose what the encoder knew, or win a small
+    validation by chance. Rank 0 embeds validation and decides; every rank gets its decision and its match
+    column. Returns validation with the served encoder's match, whether that encoder is the tuned one, and
+    the gain per metric (tuned minus zero-shot)."""
+    clicks = pairs.filter(pl.col("is_clicked").cast(pl.Boolean))
+    tune = settings.training.match_epochs > 0 and clicks.height >= 2
+    guarded = tune and settings.training.match_guard
+    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()} if guarded else {}
+    zero_shot_valid = with_match(valid, encoder) if lead and guarded else None
+    losses = tune_match_encoder(encoder, clicks, match_tuning(settings)) if tune else []
+    served_valid = with_match(valid, encoder) if lead else None
+    gain, keep, verdict = {}, tune, "kept the tuned encoder (training.match_guard off)"
     if zero_shot_valid is not None:
-        gain = served_gain(settings, train, (tuned_valid, None), (zero_shot_valid, None))
-        better, worse = beyond_the_noise(gain, better=True), beyond_the_noise(gain, better=False)
-        keep = bool(better) and not worse
-        verdict = (
-            f"kept the tuned encoder (better beyond the noise on {', '.join(better)})"
-            if keep
-            else f"kept the zero-shot encoder (tuned: better beyond the noise on {', '.join(better) or 'nothing'}"
-            f", worse on {', '.join(worse) or 'nothing'})"
-        )
+        gain = served_gain(settings, train, (served_valid, None), (zero_shot_valid, None))
+        keep, verdict = match_verdict(gain)
     (keep,) = from_lead([keep])  # every rank serves the same encoder
-    if not keep:
+    if guarded and not keep:
         encoder.model.load_state_dict(zero_shot)
-    if lead:
+        served_valid = zero_shot_valid
+    if lead and tune:
         gains = ", ".join(f"{metric} {interval}" for metric, interval in gain.items())
         print(
             f"semantic match tuned on {clicks.height} clicks: {len(losses)} steps, loss {losses[0]:.3f} -> "
@@ -401,9 +391,19 @@ def tune_match(
             + (f"; step 0 with it minus zero-shot on validation: {gains}" if gain else "")
             + f"; {verdict}"
         )
-    if keep:
-        return tuned_valid, True, gain
-    return zero_shot_valid if zero_shot_valid is not None else with_match(valid, encoder), False, gain
+    # rank 0's column on every rank: one embedding, and the same resume state key (resume_dir) everywhere
+    (match,) = from_lead([served_valid[MATCH_COLUMN].to_numpy() if lead else None])
+    return valid.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64)), keep, gain
+
+
+def match_verdict(gain: dict[str, Interval]) -> tuple[bool, str]:
+    """Serve the tuned match? Only if better beyond the noise on a metric and worse on none, as a challenger
+    must beat a champion (tasks/gates.py); and why, in words."""
+    better, worse = beyond_the_noise(gain, better=True), beyond_the_noise(gain, better=False)
+    if better and not worse:
+        return True, f"kept the tuned encoder (better beyond the noise on {', '.join(better)})"
+    listed = f"better beyond the noise on {', '.join(better) or 'nothing'}, worse on {', '.join(worse) or 'nothing'}"
+    return False, f"kept the zero-shot encoder (tuned: {listed})"
 
 
 def match_tuning(settings: Settings) -> MatchTuning:
@@ -449,9 +449,6 @@ def cross_fitted_pctr(
 def text_gain(settings: Settings, train: pl.DataFrame, valid: pl.DataFrame, logits: np.ndarray) -> dict[str, Interval]:
     """What the text term adds on validation: the served score with these logits minus step 0 (no logit)."""
     return served_gain(settings, train, (valid, logits), (valid, None))
-
-
-ServedOn = tuple[pl.DataFrame, np.ndarray | None]  # validation (with its match column) and the logits (None: step 0)
 
 
 def served_gain(settings: Settings, train: pl.DataFrame, model: ServedOn, baseline: ServedOn) -> dict[str, Interval]:

@@ -44,6 +44,9 @@ from tests.conftest import build_settings
 CLICK_AD, SKIP_AD = "Buy trail running shoes now", "Read the quarterly tax report"
 
 
+WORDS = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]  # searched, and sold by ads
+
+
 def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
     """Pairs whose label is decided by the ad text alone (with a few flipped labels); the ads' counts before
     each pair say the same for most pairs, a fifth are of cold ads (never shown before)."""
@@ -500,11 +503,10 @@ def test_a_resume_state_saves_over_what_a_kill_during_the_last_swap_left(tmp_pat
 def test_the_match_offset_is_the_match_times_its_weight_on_the_training_pairs(tmp_path, tiny_model_dir):
     encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 32, 8)
     rng = np.random.default_rng(0)
-    words = WORDS
     pairs = pl.DataFrame(
         {
-            "user_text": [f"searches {w} {v}" for w, v in rng.choice(words, (4000, 2))],
-            "ad_text": [f"ad for {w}" for w in rng.choice(words, 4000)],
+            "user_text": [f"searches {w} {v}" for w, v in rng.choice(WORDS, (4000, 2))],
+            "ad_text": [f"ad for {w}" for w in rng.choice(WORDS, 4000)],
         }
     )
     match = encoder.match(pairs["user_text"].to_list(), pairs["ad_text"].to_list())
@@ -522,10 +524,9 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     """Users who search a word click the ad for that word: the random tiny encoder barely knows it, tuned with
     in-batch negatives it ranks each user's ad first on held-out users; it is frozen afterwards."""
     rng = np.random.default_rng(0)
-    words = WORDS
 
     def clicks(n: int) -> pl.DataFrame:
-        picked = rng.choice(words, n)
+        picked = rng.choice(WORDS, n)
         return pl.DataFrame(
             {
                 "user_id": [f"u{i}" for i in rng.integers(0, 10**6, n)],
@@ -537,8 +538,8 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
 
     def held_out_auc(encoder: MatchEncoder) -> float:
         users = clicks(200)  # each user against every word's ad: its own word is the click
-        scores = encoder.embed(users["user_text"].to_list()) @ encoder.embed([f"ad for {w}" for w in words]).T
-        labels = users["ad_id"].to_numpy()[:, None] == np.array(words)[None, :]
+        scores = encoder.embed(users["user_text"].to_list()) @ encoder.embed([f"ad for {w}" for w in WORDS]).T
+        labels = users["ad_id"].to_numpy()[:, None] == np.array(WORDS)[None, :]
         return roc_auc(labels.ravel().astype(int), scores.ravel())
 
     encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 32, 64)
@@ -552,9 +553,6 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     # one user's clicks: another click of the same user is no negative, so there is nothing to learn
     one_user = clicks(32).with_columns(user_id=pl.lit("u0"))
     assert tune_match_encoder(encoder, one_user, replace(tuning, epochs=1)) == [0.0, 0.0]
-
-
-WORDS = ["tax", "guitar", "garden", "chess", "tent", "bread", "shoes", "laptop"]
 
 
 def write_word_pairs(path: Path, users: int, seed: int, follows_text: bool) -> Path:
