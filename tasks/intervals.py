@@ -60,9 +60,8 @@ class Interval:
 def beyond_the_noise(gains: dict[str, Interval], better: bool) -> list[str]:
     """The metrics whose (model - baseline) interval excludes 0 in the model's favour (better) or against it:
     above 0 for HIGHER_IS_BETTER metrics, below 0 for the others. A NaN interval is neither."""
-    favours = {metric: (g.low > 0 if metric in HIGHER_IS_BETTER else g.high < 0) for metric, g in gains.items()}
-    against = {metric: (g.high < 0 if metric in HIGHER_IS_BETTER else g.low > 0) for metric, g in gains.items()}
-    return [metric for metric, beyond in (favours if better else against).items() if beyond]
+    # the interval lies wholly above 0 where the sought direction is up (a better AUC, a worse logloss)
+    return [m for m, g in gains.items() if (g.low > 0 if (m in HIGHER_IS_BETTER) == better else g.high < 0)]
 
 
 def paired_interval(

@@ -682,7 +682,7 @@ def calibrate(
         return Calibration() if valid_logits is not None else Calibration(slope=0.0)
     if method == "platt":
         return fit_calibration(valid_logits, labels)
-    terms = set(method.split("+"))
+    terms = settings.model.terms
     for term, columns in (
         ("user_prior", USER_PRIOR_COLUMNS),
         ("ad_prior", AD_PRIOR_COLUMNS),
