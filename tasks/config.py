@@ -124,7 +124,14 @@ class ModelConfig(BaseModel):
         100,
         ge=1,
         description="Cold ads' weights are fitted on the validation pairs of cold ads, or, when those hold fewer "
-        "clicks than this, of the ads shown the fewest times before (tasks/output_layer.py cold_fit_rows).",
+        "clicks than this, of the ads shown the fewest times before (tasks/output_layer.py cold_fit_rows); new "
+        "users' weights (new_user_weights) only when their pairs hold this many.",
+    )
+    new_user_weights: bool = Field(
+        False,
+        description="New users (no impression before the request's day: no user prior, no history) get output-layer "
+        "weights of their own, fitted on their validation pairs of warm ads; the warm weights, which the users "
+        "rerank ranks get, are then fitted on users with a history alone.",
     )
     ad_prior_strength: float = Field(
         5.0, gt=0, description="Pseudo-impressions at the global CTR added to each ad's counts in the ad prior."

@@ -7,6 +7,9 @@ ad_log_odds and user_log_odds are the ad's and the user's click rates before the
 counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
 (never shown before the request) has no prior, and its text was never trained on: it gets weights of its
 own, unseen_*, fitted on the validation pairs of cold ads, or of the least-shown ads when too few are cold.
+Optionally, new users (no impression before the request: no user prior, an empty history) get weights of
+their own too, new_user_*, fitted on their pairs of warm ads: the text's weight for users with a history is
+then set by those users, not by the (often many more) users without one.
 semantic_match is the cosine of the user text and the ad text in the pretrained encoder's embedding space,
 tuned on the training clicks (tasks/semantic_match.py), in the pairs' MATCH_COLUMN.
 
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION_FILE = "calibration.json"
+# the weights of each set (warm ads; unseen_*: cold ads; new_user_*: new users' pairs of warm ads)
+WEIGHTS = ("slope", "intercept", "ad_weight", "user_weight", "match_weight")
 # a weakly informative prior on the fit's standardised weights (a Gaussian of variance C): negligible on a few
 # thousand validation pairs, it keeps a fit on a few dozen (a small market's validation) from wild weights
 OUTPUT_LAYER_PRIOR_VARIANCE = 6.25
@@ -103,6 +108,13 @@ class Calibration:
     unseen_user_weight: float | None = None
     unseen_match_weight: float | None = None
     cold_fit: str = ""  # which validation pairs the unseen weights were fitted on, for people
+    # weights for new users' pairs of warm ads (no user prior: its weight would be the intercept's); None: the
+    # ones above
+    new_user_slope: float | None = None
+    new_user_intercept: float | None = None
+    new_user_ad_weight: float | None = None
+    new_user_match_weight: float | None = None
+    new_user_fit: str = ""  # which validation pairs the new-user weights were fitted on, for people
     # the mean validation logit: explain shows the text term around it (a logit that barely spreads gets a
     # large slope, and slope x logit alone would be a large number that the intercept cancels)
     reference_logit: float = 0.0
@@ -138,30 +150,48 @@ class Calibration:
         rate = 1.0 / (1.0 + np.exp(-self.global_log_odds))
         return probability_log_odds((clicks + strength * rate) / (impressions + strength))
 
+    def is_new_user(self, priors: PairPriors) -> np.ndarray:
+        """Whether each pair's user is new (no impression before the request), shape (n,)."""
+        if priors.user_counts is None:
+            return np.ones(priors.n, dtype=bool)
+        return priors.user_counts[1] <= 0
+
+    def weights(self, priors: PairPriors) -> dict[str, np.ndarray]:
+        """Per pair, each weight (WEIGHTS) of the set that applies to it: unseen_* for cold ads, new_user_* for
+        new users' pairs of warm ads, else the warm weights; a weight a set lacks is 0."""
+        weights = {name: np.full(priors.n, float(getattr(self, name))) for name in WEIGHTS}
+        for prefix, rows in (
+            ("new_user_", lambda: self.is_new_user(priors)),
+            ("unseen_", lambda: self.is_cold(priors)),  # second: a new user's cold ad is a cold ad
+        ):
+            if getattr(self, f"{prefix}slope") is not None:
+                picked = rows()
+                for name, values in weights.items():
+                    values[picked] = getattr(self, f"{prefix}{name}", None) or 0.0
+        return weights
+
     def terms(self, priors: PairPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per pair: the logit's slope, the offset (intercept + ad prior term), the user prior's weight and
         the semantic match's weight."""
-        n = priors.n
-        slope, offset = np.full(n, self.slope), self.intercept + self.ad_weight * self.ad_prior(priors)
-        user_weight, match_weight = np.full(n, self.user_weight), np.full(n, self.match_weight)
-        if self.unseen_slope is not None:
-            cold = self.is_cold(priors)
-            slope[cold], offset[cold], user_weight[cold], match_weight[cold] = (
-                self.unseen_slope,
-                self.unseen_intercept,
-                self.unseen_user_weight or 0.0,
-                self.unseen_match_weight or 0.0,
-            )
-        return slope, offset, user_weight, match_weight
+        weights = self.weights(priors)
+        offset = weights["intercept"] + weights["ad_weight"] * self.ad_prior(priors)
+        return weights["slope"], offset, weights["user_weight"], weights["match_weight"]
+
+    def for_users_with_history(self) -> Calibration:
+        """This layer as it applies to users with impressions before the request (the users rerank ranks):
+        without the new-user weights, so that per-ad terms computed without user counts are theirs."""
+        return replace(
+            self, new_user_slope=None, new_user_intercept=None, new_user_ad_weight=None, new_user_match_weight=None
+        )
 
     @property
     def uses_match(self) -> bool:
-        return bool(self.match_weight or self.unseen_match_weight)
+        return bool(self.match_weight or self.unseen_match_weight or self.new_user_match_weight)
 
     @property
     def uses_logit(self) -> bool:
         """False for a layer fitted without the logit (fine-tuning kept step 0): the logit changes nothing."""
-        return bool(self.slope or self.unseen_slope)
+        return bool(self.slope or self.unseen_slope or self.new_user_slope)
 
     def log_odds(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
         priors = priors or PairPriors(len(logits))
@@ -186,16 +216,13 @@ class Calibration:
         """One pair's log-odds, term by term: text (slope x the logit's distance from reference_logit), semantic
         match, intercept (with slope x reference_logit), ad prior, user prior; their sum is log_odds() of the
         pair."""
-        slope, offset, user_weight, match_weight = (float(t[0]) for t in self.terms(priors))
-        cold = bool(self.is_cold(priors)[0])
-        intercept = self.intercept if not cold or self.unseen_slope is None else float(self.unseen_intercept)
-        uses_user_prior = bool(self.user_weight or self.unseen_user_weight)
+        w = {name: float(values[0]) for name, values in self.weights(priors).items()}
         return {
-            "text": slope * (float(logit) - self.reference_logit),
-            "semantic_match": match_weight * float(self.match(priors)[0]) if self.uses_match else 0.0,
-            "intercept": intercept + slope * self.reference_logit,
-            "ad_prior": offset - intercept,
-            "user_prior": user_weight * float(self.user_prior(priors)[0]) if uses_user_prior else 0.0,
+            "text": w["slope"] * (float(logit) - self.reference_logit),
+            "semantic_match": w["match_weight"] * float(self.match(priors)[0]) if self.uses_match else 0.0,
+            "intercept": w["intercept"] + w["slope"] * self.reference_logit,
+            "ad_prior": w["ad_weight"] * float(self.ad_prior(priors)[0]),
+            "user_prior": w["user_weight"] * float(self.user_prior(priors)[0]),
         }
 
     def apply(self, logits: np.ndarray, priors: PairPriors | None = None) -> np.ndarray:
@@ -217,6 +244,7 @@ def fit_calibration(
     with_user_prior: bool = False,
     min_cold_clicks: int = 100,
     with_match: bool = False,
+    with_new_user_weights: bool = False,
 ) -> Calibration:
     """Fit the output layer on held-out pairs (validation), never on training data.
 
@@ -226,6 +254,9 @@ def fit_calibration(
     (slope 0).
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
     on cold_fit_rows (cold pairs, else the least-shown ads' pairs, with at least min_cold_clicks clicks).
+    with_new_user_weights: new users' pairs of warm ads get weights of their own (fitted without the user
+    prior, a constant for them) when they hold min_cold_clicks clicks; the warm weights are then fitted on the
+    other users' pairs alone.
     """
     if labels.min() == labels.max():  # nothing to fit: the logit as it is, or without text the rate itself
         return _one_class(labels, logits, template)
@@ -237,27 +268,39 @@ def fit_calibration(
     priors = priors or PairPriors(len(labels))
     user = template.user_prior(priors) if with_user_prior else None
     match = template.match(priors) if with_match else None
-    everything = logistic_fit(labels, text=text, user=user, match=match)
-    if not with_ad_prior:
-        return replace(template, **everything)
-    warm = ~template.is_cold(priors)
-    seen = (
-        logistic_fit(
-            labels[warm],
-            text=_rows(text, warm),
-            ad=template.ad_prior(priors)[warm],
-            user=_rows(user, warm),
-            match=_rows(match, warm),
+    ad = template.ad_prior(priors) if with_ad_prior else None
+
+    def fit(rows: np.ndarray, with_user: bool = True) -> dict[str, float]:
+        return logistic_fit(
+            labels[rows],
+            text=_rows(text, rows),
+            ad=_rows(ad, rows),
+            user=_rows(user, rows) if with_user else None,
+            match=_rows(match, rows),
         )
-        if _both_classes(labels[warm])
-        else everything | {"ad_weight": 0.0}
-    )
+
+    everything = logistic_fit(labels, text=text, user=user, match=match)
+    warm = ~template.is_cold(priors) if with_ad_prior else np.ones(len(labels), dtype=bool)
+    new_user, described_new = {}, ""
+    if with_new_user_weights:
+        new_users = warm & template.is_new_user(priors)
+        clicks, known = int(labels[new_users].sum()), warm & ~new_users
+        if clicks >= min_cold_clicks and _both_classes(labels[new_users]) and _both_classes(labels[known]):
+            new_user = {f"new_user_{k}": v for k, v in fit(new_users, with_user=False).items()}
+            warm, described_new = known, f"{int(new_users.sum())} validation pairs of new users ({clicks} clicks)"
+        else:
+            described_new = f"none: new users' pairs hold {clicks} clicks (at least {min_cold_clicks} wanted)"
+    no_ad_weight = {"ad_weight": 0.0} if with_ad_prior else {}
+    seen = fit(warm) if _both_classes(labels[warm]) else everything | no_ad_weight
+    fitted = replace(template, **seen, **new_user, new_user_fit=described_new)
+    if not with_ad_prior:
+        return fitted
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
     if _both_classes(labels[rows]):
         unseen = logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows), match=_rows(match, rows))
     else:
         unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
-    return replace(template, **seen, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
+    return replace(fitted, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
 
 
 def _one_class(labels: np.ndarray, logits: np.ndarray | None, template: Calibration | None) -> Calibration:

@@ -152,7 +152,8 @@ def is_two_stage(model: RankingModel, ads: int, k: int | None) -> bool:
 def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) -> StageOneAds:
     """Ad projections and exact per-ad terms: the cross-encoder's mean logit against the reference
     users (see tasks/two_tower.py) and the output layer's per-ad terms."""
-    tower, calibration = model.two_tower, model.calibration
+    # per ad, for users with a history: every user rerank ranks was active in the days before
+    tower, calibration = model.two_tower, model.calibration.for_users_with_history()
     slope, offset, user_weights, match_weights = calibration.terms(PairPriors.of(ads))
     tower_logits = slope / (tower.logit_scale or calibration.slope)  # older towers learned slope * logit
     started = time.perf_counter()

@@ -699,6 +699,7 @@ def calibrate(
         with_user_prior="user_prior" in terms,
         min_cold_clicks=settings.model.cold_fit_min_clicks,
         with_match="match" in terms,
+        with_new_user_weights=settings.model.new_user_weights,
     )
 
 
