@@ -45,7 +45,7 @@ SAMPLE_QUERY = "select user_id, rank, ad_id, round(pctr, 4) as pctr from latest_
 # `adrank demo`'s own scale: every stage runs for real on the sample market, in about 2 minutes on 2 CPU cores.
 # `adrank demo --full` runs the configured scale instead; flags override either.
 DEMO_SCALE = {
-    "sample": {"users": 500},  # half the sample market's users, when the demo writes it
+    "sample": {"users": 150},  # 15% of the sample market's users (~12k impressions), when the demo writes it
     "training": {"epochs": 1, "sample_pairs": 800, "learning_rate": 2e-4},  # validated once, after the epoch
     "stage1": {"distill_users": 60},
     "ranking": {"candidates_k": 6, "top_n": 6},

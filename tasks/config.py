@@ -467,8 +467,17 @@ class SampleDataConfig(BaseModel):
     advertisers: int = Field(24, ge=1, description="Synthetic advertisers.")
     ads: int = Field(120, ge=2, description="Synthetic ads, including cold-start ones (a quarter of them).")
     days: int = Field(21, ge=3, description="Days of impressions.")
-    impressions_per_user_day: float = Field(1.0, gt=0, description="Mean impressions per user and day.")
-    targeted_share: float = Field(0.5, ge=0, le=1, description="Impressions the ad server targets by occupation.")
+    requests_per_user_day: float = Field(1.0, gt=0, description="Mean ad requests per user and day (Poisson).")
+    ads_per_request: int = Field(4, ge=1, description="Ads shown together in one request, at positions 1, 2, ...")
+    targeted_share: float = Field(0.5, ge=0, le=1, description="Slots the ad server targets by occupation.")
+    exploration_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Slots the ad server gives to ads launched in the last exploration_days (when any are), so "
+        "that new ads gather impressions: the cold slice.",
+    )
+    exploration_days: int = Field(3, ge=1, description="How recently an ad was launched to count as new to the server.")
     cold_start_days: int = Field(
         21, ge=1, description="New ads appear on each of the last this many days (at most `days`: every day)."
     )

@@ -26,6 +26,7 @@ class Explanation:
     log_odds: dict[str, float]  # text, semantic_match, intercept, ad_prior, user_prior: they sum to logit(pctr)
     ad_cold: bool  # the ad was never shown before run_date: the cold-ad weights, no ad prior
     ad_counts: tuple[int, int]  # the ad's impressions and clicks before run_date
+    new_user_weights: bool  # a new user (no impression before run_date) on a warm ad, with a layer that has them
     left_out: pl.DataFrame  # one row per history item: left_out_ad_id, left_out_text, pctr, pctr_change
     uses_logit: bool  # False: the version serves its output layer without the fine-tuned logit (kept step 0)
 
@@ -45,7 +46,9 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
         "pctr_change"
     )
     counts = (int(first["ad_prior_impressions"]), int(first["ad_prior_clicks"]))
-    cold = bool(model.calibration.is_cold(priors.take(np.arange(1)))[0])
+    first_pair, layer = priors.take(np.arange(1)), model.calibration
+    cold = bool(layer.is_cold(first_pair)[0])
+    new_user = layer.new_user_slope is not None and not cold and bool(layer.is_new_user(first_pair)[0])
     return Explanation(
         run_date,
         first["user_text"],
@@ -54,8 +57,9 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
         terms,
         cold,
         counts,
+        new_user,
         left_out,
-        bool(model.calibration.slope or model.calibration.unseen_slope),
+        layer.uses_logit,
     )
 
 
@@ -72,7 +76,8 @@ def to_text(explanation: Explanation, user_id: str, ad_id: str, version: str) ->
         if e.ad_cold
         else f"shown {impressions} times before, clicked {clicks}"
     )
-    lines.append(f"  output layer, log-odds by term (ad {seen}):")
+    weights = "; a new user (no impression before), so the new-user weights" if e.new_user_weights else ""
+    lines.append(f"  output layer, log-odds by term (ad {seen}{weights}):")
     if not e.uses_logit:
         lines.append(
             "    (kept step 0: its fine-tuning never beat the untrained model, so the fine-tuned logit weighs 0)"

@@ -308,28 +308,37 @@ def _make_impressions(
     rows: dict[str, list] = {k: [] for k in ("impression_id", "ts", "user_id", "ad_id", "clicked", "position", "date")}
     for day in range(config.days):
         for u in range(interests.shape[0]):
-            for _ in range(rng.poisson(config.impressions_per_user_day)):
+            for _ in range(rng.poisson(config.requests_per_user_day)):
                 second = day * 86400 + int(rng.integers(0, 86400))
                 eligible = active & (created <= second)
-                # the ad server targets by occupation part of the time, so on-interest ads are shown more
-                targeted = eligible & np.isin(ad_topic, leanings[u])
-                a = int(
-                    rng.choice(
-                        np.flatnonzero(
-                            targeted if targeted.any() and rng.random() < config.targeted_share else eligible
-                        )
-                    )
+                pools = (  # (slots' share, ads): new ads explored, occupation targeted, else any eligible ad
+                    (config.exploration_share, eligible & (created > second - config.exploration_days * 86400)),
+                    (config.targeted_share, eligible & np.isin(ad_topic, leanings[u])),
                 )
-                position = int(rng.integers(1, 5))
-                # click model: interest in the ad's topic dominates; position and quality shift it
-                logit = -3.0 + 6.0 * interests[u, ad_topic[a]] + ad_quality[a] - 0.3 * (position - 1)
-                logit += rng.normal(0.0, 0.3)
                 ts = start + timedelta(seconds=second)
-                rows["impression_id"].append(len(rows["impression_id"]) + 1)
-                rows["ts"].append(ts)
-                rows["user_id"].append(f"u{u:05d}")
-                rows["ad_id"].append(ad_ids[a])
-                rows["clicked"].append(bool(rng.random() < 1.0 / (1.0 + np.exp(-logit))))
-                rows["position"].append(position)
-                rows["date"].append(ts.date().isoformat())
+                for position in range(1, config.ads_per_request + 1):
+                    a = _pick_ad(rng, pools, eligible)
+                    if a is None:  # fewer eligible ads than slots
+                        break
+                    eligible[a] = False  # one request shows an ad once
+                    # click model: interest in the ad's topic dominates; position and quality shift it
+                    logit = -3.0 + 6.0 * interests[u, ad_topic[a]] + ad_quality[a] - 0.3 * (position - 1)
+                    logit += rng.normal(0.0, 0.3)
+                    rows["impression_id"].append(len(rows["impression_id"]) + 1)
+                    rows["ts"].append(ts)
+                    rows["user_id"].append(f"u{u:05d}")
+                    rows["ad_id"].append(ad_ids[a])
+                    rows["clicked"].append(bool(rng.random() < 1.0 / (1.0 + np.exp(-logit))))
+                    rows["position"].append(position)
+                    rows["date"].append(ts.date().isoformat())
     return pa.table(rows)
+
+
+def _pick_ad(rng: np.random.Generator, pools: tuple[tuple[float, np.ndarray], ...], eligible: np.ndarray) -> int | None:
+    """One slot's ad: from the first pool whose share the slot draws and that still holds an eligible ad, else
+    from every eligible ad; None when none is left."""
+    for share, pool in pools:
+        left = pool & eligible
+        if rng.random() < share and left.any():
+            return int(rng.choice(np.flatnonzero(left)))
+    return int(rng.choice(np.flatnonzero(eligible))) if eligible.any() else None

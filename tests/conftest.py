@@ -27,7 +27,7 @@ TINY_BERT = BertConfig(
     num_labels=1,
 )
 SMALL_MARKET = SampleDataConfig(
-    users=40, advertisers=6, ads=14, days=10, impressions_per_user_day=1.5, cold_start_days=2
+    users=40, advertisers=6, ads=14, days=10, requests_per_user_day=1.5, ads_per_request=1, cold_start_days=2
 )
 
 

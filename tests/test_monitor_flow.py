@@ -29,7 +29,9 @@ from tests.conftest import build_settings
 REPO = Path(__file__).resolve().parents[1]
 
 # 4 advertisers, so 4 topics: the most shown category reaches min_impressions on the shifted day
-MARKET = SampleDataConfig(users=300, advertisers=4, ads=24, days=12, impressions_per_user_day=2.0, cold_start_days=2)
+MARKET = SampleDataConfig(
+    users=300, advertisers=4, ads=24, days=12, requests_per_user_day=2.0, ads_per_request=1, cold_start_days=2
+)
 SHIFTED_DAY = MARKET.start_date + timedelta(days=MARKET.days - 1)  # the last day: one category's CTR halved
 HEALTHY_DAY = SHIFTED_DAY - timedelta(days=1)
 # per-slice calibration is judged from 100 impressions; the band is wide for a tiny random model on

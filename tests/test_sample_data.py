@@ -1,6 +1,8 @@
 import re
+from datetime import timedelta
 
 import duckdb
+import polars as pl
 import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
@@ -88,3 +90,24 @@ def test_users_search_in_their_own_words_about_their_interests(tmp_path):
     for user in users:
         searches = user["recent_searches"].split("; ")
         assert len(set(searches)) == SEARCHES_PER_USER and set(searches) <= known
+
+
+def test_a_request_shows_distinct_ads_at_positions_one_to_k_and_the_server_explores_new_ads(tmp_path):
+    def impressions(name: str, **config) -> pl.DataFrame:
+        generate_sample_logs(SMALL.model_copy(update=config), tmp_path / name)
+        ads = pl.read_parquet(tmp_path / name / "ads").select("ad_id", "created_at")
+        return pl.read_parquet(tmp_path / name / "impressions").join(ads, on="ad_id")
+
+    shown = impressions("default")
+    requests = shown.group_by("user_id", "ts").agg(
+        pl.len().alias("ads"), pl.col("ad_id").n_unique().alias("distinct"), pl.col("position").sort()
+    )
+    assert (requests["ads"] == requests["distinct"]).all() and requests["ads"].max() == SMALL.ads_per_request
+    assert all(positions.to_list() == list(range(1, len(positions) + 1)) for positions in requests["position"])
+
+    def new_ads_share(frame: pl.DataFrame) -> float:
+        launched = frame["created_at"] > frame["ts"] - timedelta(days=SMALL.exploration_days)
+        return float(launched.mean())
+
+    explored, never = impressions("explored", exploration_share=1.0), impressions("never", exploration_share=0.0)
+    assert new_ads_share(explored) > 1.5 * new_ads_share(never)  # few new ads, and each shown once a request

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,14 @@ from tasks.config import packaged_model_path
 from tasks.intervals import beyond_the_noise
 from tasks.metrics import logloss, roc_auc
 from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
-from tasks.output_layer import Calibration, PairPriors, cold_fit_rows, fit_calibration, load_calibration
+from tasks.output_layer import (
+    Calibration,
+    PairPriors,
+    cold_fit_rows,
+    fit_calibration,
+    load_calibration,
+    save_calibration,
+)
 from tasks.semantic_match import (
     MATCH_FOLDER,
     MatchEncoder,
@@ -262,6 +270,50 @@ def test_the_semantic_match_gets_its_weight_for_warm_and_for_cold_ads():
     assert sum(terms.values()) == pytest.approx(layer.log_odds(np.zeros(1), one)[0])
     with pytest.raises(ValueError, match="semantic_match"):  # a layer that weighs the match needs it
         layer.apply(np.zeros(1), replace(one, match=None))
+
+
+def test_new_users_get_weights_of_their_own_and_the_warm_weights_are_fitted_on_users_with_a_history(tmp_path):
+    # users with a history click by 0.2 x logit + 0.8 x ad quality + 0.7 x their log-odds; new users (no
+    # impression before: no user prior) by 1.0 x logit + 0.8 x ad quality - 0.3: the text matters more to them
+    rng, n, big = np.random.default_rng(3), 80000, 10.0**7  # long histories: shrinkage is negligible
+    cold, new = rng.random(n) < 0.2, rng.random(n) < 0.6
+    ad_term, user_rate = np.where(rng.random(n) < 0.5, 1.0, -1.0), rng.uniform(0.2, 0.8, n)
+    logits = ad_term + rng.normal(0, 1, n)
+    ad_counts = (np.where(cold, 0.0, np.round(big / (1 + np.exp(-ad_term)))), np.where(cold, 0.0, big))
+    user_counts = (np.where(new, 0.0, np.round(user_rate * big)), np.where(new, 0.0, big))
+    priors = PairPriors(n, user_counts, ad_counts)
+    user_log_odds = np.log(user_rate / (1 - user_rate))
+    z = np.where(new, 1.0 * logits + 0.8 * ad_term - 0.3, 0.2 * logits + 0.8 * ad_term + 0.7 * user_log_odds)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    template = Calibration(global_log_odds=0.0, ad_prior_strength=5.0, user_prior_strength=20.0)
+    fit = partial(fit_calibration, logits, labels, priors, template, with_ad_prior=True, with_user_prior=True)
+    one_set, split = fit(), fit(with_new_user_weights=True)
+    assert one_set.new_user_slope is None and 0.3 < one_set.slope < 0.9  # a slope for nobody
+    warm_new = new & ~cold
+    assert split.new_user_fit == f"{warm_new.sum()} validation pairs of new users ({labels[warm_new].sum()} clicks)"
+    assert split.slope == pytest.approx(0.2, abs=0.05) and split.user_weight == pytest.approx(0.7, abs=0.08)
+    assert split.new_user_slope == pytest.approx(1.0, abs=0.08)
+    assert split.new_user_ad_weight == pytest.approx(0.8, abs=0.1)
+    # each pair gets its set: cold ads the unseen weights (a new user's too), new users' warm ads theirs
+    slope = split.weights(priors)["slope"]
+    assert (slope[cold] == split.unseen_slope).all() and (slope[warm_new] == split.new_user_slope).all()
+    assert (slope[~cold & ~new] == split.slope).all()
+    known = ~new
+    assert logloss(labels[known], split.apply(logits, priors)[known]) < logloss(
+        labels[known], one_set.apply(logits, priors)[known]
+    )
+    # explain's terms sum to the served log-odds for a new user's warm ad
+    pair = priors.take(np.array([int(np.flatnonzero(warm_new)[0])]))
+    assert sum(split.contributions(0.7, pair).values()) == pytest.approx(split.log_odds(np.array([0.7]), pair)[0])
+    # rerank's per-ad terms are those of users with a history, whom it ranks; saved and loaded as fitted
+    no_users = PairPriors(1, ad_counts=pair.ad_counts)
+    assert split.for_users_with_history().terms(no_users)[0][0] == split.slope
+    assert split.terms(no_users)[0][0] == split.new_user_slope
+    save_calibration(split, tmp_path)
+    assert load_calibration(tmp_path) == split
+    # too few new users' clicks: no set of their own, and a sentence saying so
+    scarce = fit(with_new_user_weights=True, min_cold_clicks=int(labels[warm_new].sum()) + 1)
+    assert scarce.new_user_slope is None and scarce.new_user_fit.startswith("none: new users' pairs hold")
 
 
 def test_with_too_few_cold_clicks_the_cold_weights_come_from_the_least_shown_ads():
