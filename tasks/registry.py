@@ -167,8 +167,9 @@ def log_training(settings: Settings, run_id: str, built: Pairs, result: TrainRes
             mlflow.set_tag("match_encoder", "tuned" if result.match_tuned else "zero_shot")
         if result.best_step == 0:
             print(
-                "warning: early stopping kept step 0: fine-tuning did not beat the priors alone on validation, so "
-                "the model serves the priors without text (text weight 0)"
+                "warning: early stopping kept step 0: fine-tuning did not beat step 0 on validation, so the model "
+                "serves its output layer without the fine-tuned logit (the priors, and the semantic match if "
+                "configured: fine-tuned logit weight 0)"
             )
         mlflow.set_tag("stopped_early", str(result.stopped_early))
 
