@@ -48,7 +48,7 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
     counts = (int(first["ad_prior_impressions"]), int(first["ad_prior_clicks"]))
     first_pair, layer = priors.take(np.arange(1)), model.calibration
     cold = bool(layer.is_cold(first_pair)[0])
-    new_user = layer.new_user_slope is not None and not cold and bool(layer.is_new_user(first_pair)[0])
+    new_user = layer.weight_sets(first_pair)[0] == "new_user_"
     return Explanation(
         run_date,
         first["user_text"],

@@ -156,18 +156,24 @@ class Calibration:
             return np.ones(priors.n, dtype=bool)
         return priors.user_counts[1] <= 0
 
-    def weights(self, priors: PairPriors) -> dict[str, np.ndarray]:
-        """Per pair, each weight (WEIGHTS) of the set that applies to it: unseen_* for cold ads, new_user_* for
-        new users' pairs of warm ads, else the warm weights; a weight a set lacks is 0."""
-        weights = {name: np.full(priors.n, float(getattr(self, name))) for name in WEIGHTS}
-        for prefix, rows in (
-            ("new_user_", lambda: self.is_new_user(priors)),
-            ("unseen_", lambda: self.is_cold(priors)),  # second: a new user's cold ad is a cold ad
-        ):
+    def weight_sets(self, priors: PairPriors) -> np.ndarray:
+        """Per pair, the prefix of the weight set that applies to it: "unseen_" for cold ads, "new_user_" for
+        new users' pairs of warm ads, "" (the warm weights) else; a set the layer lacks never applies."""
+        sets = np.full(priors.n, "", dtype=object)
+        # unseen_ second: a new user's cold ad is a cold ad
+        for prefix, rows in (("new_user_", self.is_new_user), ("unseen_", self.is_cold)):
             if getattr(self, f"{prefix}slope") is not None:
-                picked = rows()
-                for name, values in weights.items():
-                    values[picked] = getattr(self, f"{prefix}{name}", None) or 0.0
+                sets[rows(priors)] = prefix
+        return sets
+
+    def weights(self, priors: PairPriors) -> dict[str, np.ndarray]:
+        """Per pair, each weight (WEIGHTS) of the set that applies to it (weight_sets); a weight a set lacks is 0."""
+        sets = self.weight_sets(priors)
+        weights = {name: np.full(priors.n, float(getattr(self, name))) for name in WEIGHTS}
+        for prefix in ("new_user_", "unseen_"):
+            picked = sets == prefix
+            for name, values in weights.items():
+                values[picked] = getattr(self, f"{prefix}{name}", None) or 0.0
         return weights
 
     def terms(self, priors: PairPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -270,11 +276,11 @@ def fit_calibration(
     match = template.match(priors) if with_match else None
     ad = template.ad_prior(priors) if with_ad_prior else None
 
-    def fit(rows: np.ndarray, with_user: bool = True) -> dict[str, float]:
+    def fit(rows: np.ndarray, with_ad: bool = True, with_user: bool = True) -> dict[str, float]:
         return logistic_fit(
             labels[rows],
             text=_rows(text, rows),
-            ad=_rows(ad, rows),
+            ad=_rows(ad, rows) if with_ad else None,
             user=_rows(user, rows) if with_user else None,
             match=_rows(match, rows),
         )
@@ -297,7 +303,7 @@ def fit_calibration(
         return fitted
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
     if _both_classes(labels[rows]):
-        unseen = logistic_fit(labels[rows], text=_rows(text, rows), user=_rows(user, rows), match=_rows(match, rows))
+        unseen = fit(rows, with_ad=False)
     else:
         unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
     return replace(fitted, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
