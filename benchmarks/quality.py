@@ -63,10 +63,10 @@ from tasks.train import calibrate, cross_fitted_pctr, fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
-# --quick: the cross-encoder fine-tunes 1 epoch on a seeded sample of the train split and validates on a seeded
-# sample of validation holding at least valid_clicks clicks (and valid_pairs pairs); peers fit all of train;
-# every model scores the full test split.
-QUICK = {"train_pairs": 10000, "valid_pairs": 2000, "valid_clicks": 500, "epochs": 1, "eval_every_steps": 200}
+# --quick: the cross-encoder fine-tunes 1 epoch on a seeded sample of the train split and compares its steps on a
+# seeded sample of validation of selection_pairs pairs and training.min_valid_clicks clicks; its output layer, and
+# every peer, get all of validation; peers fit all of train; every model scores the full test split.
+QUICK = {"train_pairs": 10000, "selection_pairs": 2000, "epochs": 1, "eval_every_steps": 200}
 DEFAULT = "fine_tuned"
 # the default's output layer without priors (the logit and the semantic match), without any text, and without
 # the fine-tuned logit (step 0: the priors and the semantic match, its encoder tuned on the clicks)
@@ -130,6 +130,7 @@ def quick_overrides(args: argparse.Namespace) -> dict:
         "epochs": QUICK["epochs"],
         "sample_pairs": QUICK["train_pairs"],
         "eval_every_steps": QUICK["eval_every_steps"],
+        "selection_pairs": QUICK["selection_pairs"],
     }
     return {"training": training}
 
@@ -178,7 +179,9 @@ def fine_tuned(
     model, tokenizer = load_cross_encoder(str(out_dir), device)
     match_encoder = saved_match_encoder(out_dir, device, *args)
     logits = {
-        name: predict_logits(model, tokenizer, splits[name]["user_text"], splits[name]["ad_text"], *args)
+        name: result.valid_logits  # computed by fine_tune (a trained step kept)
+        if name == "valid" and result.valid_logits is not None
+        else predict_logits(model, tokenizer, splits[name]["user_text"], splits[name]["ad_text"], *args)
         for name in scored
     }
     kept = next(row for row in result.history if row["step"] == result.best_step)
@@ -210,16 +213,6 @@ def served(layer: Calibration, pairs: pl.DataFrame, logits: np.ndarray | None) -
     return layer.apply(np.zeros(pairs.height) if logits is None else logits, PairPriors.of(pairs))
 
 
-def validation_sample(valid: pl.DataFrame, seed: int) -> pl.DataFrame:
-    """A seeded sample of validation with at least QUICK's valid_clicks clicks and valid_pairs pairs (all of
-    it if it holds fewer), in time order: choices made on fewer clicks are noise (an AUC's standard error is
-    ~0.03 at 65 clicks)."""
-    shuffled = valid.sample(fraction=1.0, shuffle=True, seed=seed)
-    clicks = shuffled["is_clicked"].cast(pl.Int64).cum_sum()
-    enough = clicks.search_sorted(QUICK["valid_clicks"], side="left") + 1
-    return shuffled.head(max(QUICK["valid_pairs"], enough)).sort("shown_at", "impression_id")
-
-
 def prepare_seed(args: argparse.Namespace, logs: Path, seed: int, **overrides) -> tuple:
     """Hold out the seed's cold items, build pairs as of day start and split them: settings, splits, paths."""
     settings = bench_settings(args, logs, seed)
@@ -228,8 +221,6 @@ def prepare_seed(args: argparse.Namespace, logs: Path, seed: int, **overrides) -
     cold_items = protocol.hold_out_items(logs, seed_logs, seed, test_from)
     settings = bench_settings(args, seed_logs, seed, **overrides)
     splits = protocol.time_split_pairs(settings, valid_from, test_from)
-    if args.quick:
-        splits["valid"] = validation_sample(splits["valid"], seed)
     paths = {}
     for name, frame in splits.items():
         paths[name] = settings.pairs_dir / f"bench-{name}.parquet"

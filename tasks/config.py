@@ -157,6 +157,13 @@ class TrainingConfig(BaseModel):
         description="Fine-tune on a seeded random sample of this many training pairs (None: all); the ad prior "
         "still counts every training pair. For CPU-bound runs.",
     )
+    selection_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Compare steps on a seeded sample of validation of at least this many pairs and "
+        "training.min_valid_clicks clicks (None: all of it); the output layer is still fitted on all of "
+        "validation. Each comparison scores its pairs with the cross-encoder: for CPU-bound runs.",
+    )
     batch_size: int = Field(
         16,
         ge=1,

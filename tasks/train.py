@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from tasks.config import Settings
+from tasks.config import Settings, TrainingConfig
 from tasks.intervals import Interval, Scored, beyond_the_noise, paired_interval
 from tasks.metrics import logloss, ranking_lists, roc_auc
 from tasks.model import (
@@ -59,10 +59,11 @@ from tasks.semantic_match import (
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 SELECTION_METRICS = ("logloss", "auc", "gauc")  # the selection decision's intervals (text_gain)
 SELECTION_FILE = "selection.json"  # beside the kept weights: the kept step and its text_gain
-LOGIT_STATES = ("best_valid_logits", "best_trained_logits")  # (valid pairs,) arrays of the resume state
+LOGIT_STATES = ("best_valid_logits", "best_trained_logits")  # (selection pairs,) arrays of the resume state
 LOGLOSS_TIE = 1e-9  # a step must beat the best by more than rounding (a text term adding nothing ties the priors)
 # validation users split in two for the selection: each half is scored by the output layer fitted on the other
 CROSS_FIT_FOLDS = 2
+ROW = "_row"  # a sample's position in validation, to keep validation's order
 ServedOn = tuple[pl.DataFrame, np.ndarray | None]  # validation (with its match column) and logits (None: step 0)
 
 
@@ -77,11 +78,12 @@ class TrainResult:
     best_step: int = 0  # the step whose weights were kept (0: none beat step 0, served without the logit)
     step_losses: list[float] = field(default_factory=list)  # training loss of each optimizer step, in order
     valid_pctr: np.ndarray | None = None  # (valid pairs,): the served pCTR of the kept step on validation
+    valid_logits: np.ndarray | None = None  # (valid pairs,): the kept step's logits (None: step 0, no logit)
     # the selection decision on validation: the best trained step's served score minus step 0's
     # (step 0), per metric (logloss: below 0 is better), with paired user-bootstrap intervals
     text_gain: dict[str, Interval] = field(default_factory=dict)
     best_trained_step: int | None = None  # the trained step text_gain is of (None: no step was trained)
-    valid_clicks: int = 0
+    valid_clicks: int = 0  # of the pairs the steps were compared on (training.selection_pairs)
     # the match's tuning decision (tune_match): served with the tuned encoder or the zero-shot one, and step 0's
     # validation score with the tuned encoder minus with the zero-shot one, per metric (empty: not tuned)
     match_tuned: bool = False
@@ -146,6 +148,7 @@ def fine_tune(
     if match_encoder is not None:  # validation gets the served encoder's match (MATCH_COLUMN)
         valid, match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead)
     seed_everything(cfg.seed)  # the cross-encoder's run (head, dropout) is the same whatever the match did
+    selection = selection_sample(valid, cfg)  # the pairs each step is compared on; the output layer gets all
 
     # 3. base model with a fresh one-logit head (DDP: every rank starts from rank 0's weights)
     model, tokenizer = load_cross_encoder(
@@ -158,18 +161,19 @@ def fine_tune(
     valid_priors = PairPriors.of(valid)
     encodings = tokenize_pairs(tokenizer, tuned["user_text"], tuned["ad_text"], max_length)
     labels = torch.tensor(tuned["is_clicked"].cast(pl.Float32).to_numpy())
-    valid_labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
-    if lead and valid_labels.sum() < cfg.min_valid_clicks:
+    selection_labels = selection["is_clicked"].cast(pl.Int8).to_numpy()
+    if lead and selection_labels.sum() < cfg.min_valid_clicks:
         print(
-            f"warning: validation holds {valid_labels.sum()} clicks (< training.min_valid_clicks "
+            f"warning: validation holds {selection_labels.sum()} clicks (< training.min_valid_clicks "
             f"{cfg.min_valid_clicks}): the kept step and the output layer rest on few clicks (see the selection "
             "interval at the end)"
         )
     offsets = user_prior_offsets(settings, train, tuned) + ad_prior_offsets(settings, train, tuned, in_train=True)
-    valid_offsets = user_prior_offsets(settings, train, valid) + ad_prior_offsets(settings, train, valid)
+    selection_offsets = user_prior_offsets(settings, train, selection) + ad_prior_offsets(settings, train, selection)
     if cfg.match_offset:
         tuned_match, match_weight = match_offsets(match_encoder, tuned)
-        offsets, valid_offsets = offsets + tuned_match, valid_offsets + match_weight * valid[MATCH_COLUMN].to_numpy()
+        offsets = offsets + tuned_match
+        selection_offsets = selection_offsets + match_weight * selection[MATCH_COLUMN].to_numpy()
     offsets = torch.tensor(offsets, dtype=torch.float32)
     groups = torch.tensor(user_days(tuned)) if cfg.ranking_loss_weight > 0 else None  # (pairs,) user-day ids
 
@@ -196,16 +200,16 @@ def fine_tune(
         of the text."""
         logits = None
         if step > 0:
-            texts = valid["user_text"], valid["ad_text"]
+            texts = selection["user_text"], selection["ad_text"]
             logits = predict_logits(model, tokenizer, *texts, max_length, cfg.eval_batch_size)
-        served = cross_fitted_pctr(settings, train, valid, logits)
-        raw = math.nan if logits is None else logloss(valid_labels, Calibration().apply(logits + valid_offsets))
+        served = cross_fitted_pctr(settings, train, selection, logits)
+        raw = math.nan if logits is None else logloss(selection_labels, Calibration().apply(logits + selection_offsets))
         row = {
             "step": step,
             "epoch": epoch,
             "train_loss": train_loss,
-            "valid_logloss": logloss(valid_labels, served),
-            "valid_auc": roc_auc(valid_labels, served),
+            "valid_logloss": logloss(selection_labels, served),
+            "valid_auc": roc_auc(selection_labels, served),
             "valid_raw_logloss": raw,
         }
         result.history.append(row)
@@ -222,7 +226,7 @@ def fine_tune(
         if valid_loss < result.best_valid_logloss - LOGLOSS_TIE:
             result.best_valid_logloss, result.best_step = valid_loss, result.steps
             if logits is not None:
-                best_valid_logits[:] = logits  # (valid pairs,): what the calibration is fitted on
+                best_valid_logits[:] = logits  # (selection pairs,)
             save_cross_encoder(model, tokenizer, out_dir)
             return True
         return False
@@ -231,8 +235,8 @@ def fine_tune(
     # unless a killed run with this data and config left a state
     result = TrainResult(checkpoint=out_dir, best_valid_logloss=math.inf, steps=0, stopped_early=False)
     result.match_tuned, result.match_gain = match_tuned, match_gain
-    best_valid_logits = np.zeros(valid.height, dtype=np.float32)
-    best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(valid.height, dtype=np.float32)
+    best_valid_logits = np.zeros(selection.height, dtype=np.float32)
+    best_trained, best_trained_logits = {"loss": math.inf, "step": None}, np.zeros(selection.height, dtype=np.float32)
     generator = torch.Generator().manual_seed(cfg.seed)
     resume = resume_dir(settings, tuned, valid, world)
     loop = {"epoch": 0, "batch": 0, "misses": 0, "running_loss": 0.0, "running_n": 0}
@@ -327,27 +331,49 @@ def fine_tune(
     # beside its weights; the selection decision's interval
     if not lead:
         return result
-    kept_logits = None if result.best_step == 0 else best_valid_logits
+    kept_logits = None
+    if result.best_step > 0:  # the kept weights' logits on all of validation (at hand if selection is all of it)
+        kept_logits = (
+            best_valid_logits if selection.height == valid.height else kept_step_logits(settings, out_dir, valid)
+        )
     calibration = calibrate(settings, train, valid, kept_logits)
     save_calibration(calibration, out_dir)
     if match_encoder is not None:
         save_match_encoder(match_encoder, out_dir)
-    result.valid_pctr = served_pctr(calibration, kept_logits, valid_priors)
-    result.valid_clicks = int(valid_labels.sum())
+    result.valid_pctr, result.valid_logits = served_pctr(calibration, kept_logits, valid_priors), kept_logits
+    result.valid_clicks = int(selection_labels.sum())
     if best_trained["step"] is not None:
         result.best_trained_step = best_trained["step"]
-        result.text_gain = text_gain(settings, train, valid, best_trained_logits)
+        result.text_gain = text_gain(settings, train, selection, best_trained_logits)
     print(selection_summary(result))
-    selection = {"kept_step": result.best_step, "best_trained_step": result.best_trained_step, "steps": result.steps}
-    selection |= {
+    decision = {"kept_step": result.best_step, "best_trained_step": result.best_trained_step, "steps": result.steps}
+    decision |= {
         "valid_clicks": result.valid_clicks,
         "text_gain": {m: g.as_dict() for m, g in result.text_gain.items()},
         "match_tuned": result.match_tuned,
         "match_gain": {m: g.as_dict() for m, g in result.match_gain.items()},
     }
-    (out_dir / SELECTION_FILE).write_text(json.dumps(selection))  # travels with the weights into the registry
+    (out_dir / SELECTION_FILE).write_text(json.dumps(decision))  # travels with the weights into the registry
     shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     return result
+
+
+def selection_sample(valid: pl.DataFrame, cfg: TrainingConfig) -> pl.DataFrame:
+    """The validation pairs each step is compared on: all of them, or (training.selection_pairs) a seeded
+    sample of at least that many pairs and training.min_valid_clicks clicks, in validation's order."""
+    if cfg.selection_pairs is None or cfg.selection_pairs >= valid.height:
+        return valid
+    shuffled = valid.with_row_index(ROW).sample(fraction=1.0, shuffle=True, seed=cfg.seed)
+    clicks = shuffled["is_clicked"].cast(pl.Int64).cum_sum()
+    enough = int(clicks.search_sorted(cfg.min_valid_clicks, side="left")) + 1
+    return shuffled.head(max(cfg.selection_pairs, enough)).sort(ROW).drop(ROW)
+
+
+def kept_step_logits(settings: Settings, checkpoint: Path, pairs: pl.DataFrame) -> np.ndarray:
+    """The logits of the weights fine_tune kept (saved in checkpoint) on pairs."""
+    model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
+    texts = pairs["user_text"], pairs["ad_text"]
+    return predict_logits(model, tokenizer, *texts, settings.model.max_seq_length, settings.training.eval_batch_size)
 
 
 def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder | None:

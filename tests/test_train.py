@@ -20,7 +20,7 @@ import torch
 from tasks.config import packaged_model_path
 from tasks.intervals import beyond_the_noise
 from tasks.metrics import logloss, roc_auc
-from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr
+from tasks.model import MeanPooledClassifier, load_cross_encoder, predict_ctr, predict_logits
 from tasks.output_layer import (
     Calibration,
     PairPriors,
@@ -41,10 +41,12 @@ from tasks.semantic_match import (
 from tasks.train import (
     SELECTION_FILE,
     ad_prior_offsets,
+    calibrate,
     epoch_order,
     fine_tune,
     match_offsets,
     pairwise_loss,
+    selection_sample,
     user_days,
 )
 from tests.conftest import build_settings
@@ -119,6 +121,33 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, make_settings, toy_p
     assert result.stopped_early and result.steps == 4 and result.best_step == 2
     assert [row["step"] for row in result.history] == [0, 2, 4]
     assert result.history[1]["valid_logloss"] == result.best_valid_logloss < result.history[0]["valid_logloss"]
+
+
+def test_steps_are_compared_on_a_sample_of_validation_and_the_output_layer_is_fitted_on_all_of_it(
+    tmp_path, make_settings, toy_pairs
+):
+    valid = pl.read_parquet(toy_pairs[1]).with_row_index("row")
+    sampled = make_settings(training={"selection_pairs": 16, "min_valid_clicks": 30}).training
+    sample = selection_sample(valid, sampled)
+    assert sample["is_clicked"].sum() == 30 and sample.height > 16  # pairs until min_valid_clicks clicks
+    assert sample["row"].is_sorted() and sample.equals(selection_sample(valid, sampled))  # seeded, in order
+    assert selection_sample(valid, make_settings().training).equals(valid)  # None: all of validation
+
+    training = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
+    training |= {"selection_pairs": 48, "min_valid_clicks": 10}
+    settings = make_settings(training=training, model={"calibration": "platt"})
+    result = fine_tune(settings, *toy_pairs, tmp_path / "ckpt")
+    compared = selection_sample(valid, settings.training)
+    assert 48 <= compared.height < valid.height and result.valid_clicks == compared["is_clicked"].sum()
+    assert result.best_step > 0 and len(result.valid_logits) == valid.height
+    model, tokenizer = load_cross_encoder(str(result.checkpoint), torch.device("cpu"))
+    kept = predict_logits(model, tokenizer, valid["user_text"], valid["ad_text"], settings.model.max_seq_length, 64)
+    np.testing.assert_allclose(result.valid_logits, kept, atol=1e-5)  # the kept weights', on all of validation
+    train = pl.read_parquet(toy_pairs[0])
+    on_all = calibrate(settings, train, valid, result.valid_logits)
+    assert load_calibration(result.checkpoint).slope == pytest.approx(on_all.slope)
+    on_sample = calibrate(settings, train, compared, kept[compared["row"].to_numpy()])
+    assert on_sample.slope != pytest.approx(on_all.slope)
 
 
 def test_zero_epochs_saves_the_fresh_head(tmp_path, make_settings, toy_pairs):
