@@ -18,6 +18,12 @@ BLOCKS = {
     "quality-headline": (REPO / "README.md", "quality-ml100k-quick.json", quality.headline),
     "quality-sample-headline": (REPO / "README.md", "quality-sample-quick.json", quality.headline),
     "levers-ml100k-quick": (DOC, "levers-ml100k-quick.json", quality.levers_section),
+    # the same script at 00bcca2 (the output layer on all of validation), kept beside the older levers
+    "levers-ml100k-quick-full-validation": (
+        DOC,
+        "levers-ml100k-quick-full-validation.json",
+        quality.levers_section,
+    ),
     "levers-sample-quick": (DOC, "levers-sample-quick.json", quality.levers_section),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
