@@ -29,6 +29,7 @@ from tasks.train import TrainResult, fine_tune
 # ranks wait here while rank 0 validates and saves (NCCL's default is 10 minutes)
 COLLECTIVE_TIMEOUT = timedelta(hours=1)
 GAINS = ("text_gain", "match_gain")  # TrainResult fields holding {metric: Interval}
+ARRAYS = ("valid_pctr", "valid_logits")  # TrainResult fields holding (valid pairs,) arrays: saved as .npy
 RESULT_FILE = "result.json"  # rank 0 writes it last: training finished on every rank
 
 
@@ -82,11 +83,12 @@ def process_group() -> Iterator[int]:
 
 
 def write_result(result: TrainResult, folder: Path) -> None:
-    """valid_pctr.npy, then RESULT_FILE (all but valid_pctr), renamed into place last: its presence says
-    training finished."""
-    if result.valid_pctr is not None:
-        np.save(folder / "valid_pctr.npy", result.valid_pctr)
-    scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "valid_pctr"}
+    """<array>.npy for each ARRAYS field, then RESULT_FILE (the rest), renamed into place last: its presence
+    says training finished."""
+    for name in ARRAYS:
+        if getattr(result, name) is not None:
+            np.save(folder / f"{name}.npy", getattr(result, name))
+    scalars = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in ARRAYS}
     for name in GAINS:
         scalars[name] = {metric: asdict(gain) for metric, gain in getattr(result, name).items()}
     (folder / "result.tmp").write_text(json.dumps(scalars | {"checkpoint": str(result.checkpoint)}))
@@ -95,12 +97,9 @@ def write_result(result: TrainResult, folder: Path) -> None:
 
 def read_result(folder: Path) -> TrainResult:
     scalars = json.loads((folder / RESULT_FILE).read_text())
-    pctr = folder / "valid_pctr.npy"
+    arrays = {name: np.load(folder / f"{name}.npy") for name in ARRAYS if (folder / f"{name}.npy").exists()}
     gains = {name: {metric: Interval(**gain) for metric, gain in scalars.get(name, {}).items()} for name in GAINS}
-    return TrainResult(
-        **scalars | {"checkpoint": Path(scalars["checkpoint"])} | gains,
-        valid_pctr=np.load(pctr) if pctr.exists() else None,
-    )
+    return TrainResult(**scalars | {"checkpoint": Path(scalars["checkpoint"])} | gains | arrays)
 
 
 def main(argv: list[str]) -> None:

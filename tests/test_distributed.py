@@ -109,6 +109,7 @@ def test_two_processes_train_the_model_one_process_trains_on_their_combined_batc
             [row["valid_logloss"] for row in single.history], abs=1e-5
         )
         assert result.valid_pctr == pytest.approx(single.valid_pctr, abs=1e-5)
+        assert result.valid_logits == pytest.approx(single.valid_logits, abs=1e-5)  # relayed from rank 0 too
     for folder in ("acc", "ddp"):
         difference = max_weight_difference(tmp_path / "single", tmp_path / folder)
         print(f"max abs weight difference, 1 process x batch 16 vs {folder}: {difference:.2e}")
