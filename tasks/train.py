@@ -334,7 +334,9 @@ def fine_tune(
     kept_logits = None
     if result.best_step > 0:  # the kept weights' logits on all of validation (at hand if selection is all of it)
         kept_logits = (
-            best_valid_logits if selection.height == valid.height else kept_step_logits(settings, out_dir, valid)
+            best_valid_logits
+            if selection.height == valid.height
+            else kept_step_logits(settings, out_dir, valid, device)
         )
     calibration = calibrate(settings, train, valid, kept_logits)
     save_calibration(calibration, out_dir)
@@ -369,9 +371,9 @@ def selection_sample(valid: pl.DataFrame, cfg: TrainingConfig) -> pl.DataFrame:
     return shuffled.head(max(cfg.selection_pairs, enough)).sort(ROW).drop(ROW)
 
 
-def kept_step_logits(settings: Settings, checkpoint: Path, pairs: pl.DataFrame) -> np.ndarray:
+def kept_step_logits(settings: Settings, checkpoint: Path, pairs: pl.DataFrame, device: torch.device) -> np.ndarray:
     """The logits of the weights fine_tune kept (saved in checkpoint) on pairs."""
-    model, tokenizer = load_cross_encoder(str(checkpoint), pick_device())
+    model, tokenizer = load_cross_encoder(str(checkpoint), device)
     texts = pairs["user_text"], pairs["ad_text"]
     return predict_logits(model, tokenizer, *texts, settings.model.max_seq_length, settings.training.eval_batch_size)
 
