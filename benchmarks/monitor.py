@@ -39,7 +39,7 @@ from tasks.evaluate import to_markdown  # noqa: E402
 from tasks.publish import publish_rankings  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.sql_files import load_sql  # noqa: E402
-from tasks.warehouse import table_dir  # noqa: E402
+from tasks.warehouse import table_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 START = date(2026, 1, 1)
@@ -238,7 +238,8 @@ def main() -> None:
     seconds = time.time() - monitor_started
     summary = state.result()
     # each day's stretch ends when its model_daily_metrics file lands
-    ends = sorted(f.stat().st_mtime for f in table_dir(settings.warehouse, "model_daily_metrics").rglob("*.parquet"))
+    metrics_files = table_path(settings.warehouse, "model_daily_metrics").glob("run_date=*/*.parquet")
+    ends = sorted(f.stat().st_mtime for f in metrics_files)
     peaks, begin = [], monitor_started
     for end in ends:
         peaks.append(max((rss for t, rss in sampler.samples if begin <= t <= end), default=float("nan")))

@@ -24,9 +24,10 @@ COMMANDS = {
     "rerank": "run the rerank flow: score active users x ads with the champion, write ad_rankings",
     "monitor": "run the monitor flow: ranked days with impressions -> model_daily_metrics, input_drift, alerts",
     "models": "registered versions: aliases, trained window, test metrics, promotion decision and gates",
-    "rankings": "a user's published top ads (latest date, or --date)",
+    "rankings": "a user's published top ads (latest date, or --date), as published now or --as-of a time or version",
     "explain": "why an ad scores what it does for a user: texts, output-layer terms, each history title left out",
-    "views": "bring warehouse.duckdb's analyst views up to date with the published files (after ViewsNotUpdatedError)",
+    "unpublish": "undo a date's latest publish of ad_rankings: restore the one before it (or remove the date)",
+    "views": "(re)create warehouse.duckdb's analyst views over the published Delta tables",
     "config": "print the resolved config as JSON",
     "promote": "make a registered version the champion (logged on the version)",
     "rollback": "give the champion alias back to the previous champion",
@@ -36,7 +37,8 @@ COMMANDS = {
 ARGUMENTS = {
     "demo": "[--full]",
     "promote": "<version>",
-    "rankings": "--user <id> [--date YYYY-MM-DD]",
+    "rankings": "--user <id> [--date YYYY-MM-DD] [--as-of <ISO time or table version>]",
+    "unpublish": "--date YYYY-MM-DD",
     "explain": "--user <id> --ad <id> [--date YYYY-MM-DD]",
     "stack": "up|down|status",
 }
@@ -110,7 +112,7 @@ def run_failures() -> tuple[type[Exception], ...]:
     from tasks.logs import LogContractError
     from tasks.object_storage import LogSourceError
     from tasks.registry import PromotionError
-    from tasks.warehouse import ViewsNotUpdatedError
+    from tasks.warehouse_upgrade import WarehouseUpgradeError
 
     return (
         LogContractError,
@@ -118,7 +120,7 @@ def run_failures() -> tuple[type[Exception], ...]:
         MlflowException,
         LookupError,
         LogSourceError,
-        ViewsNotUpdatedError,
+        WarehouseUpgradeError,
         FileExistsError,
     )
 
@@ -146,18 +148,22 @@ def command_arguments(command: str, flags: list[str]) -> tuple[dict[str, str | b
         args["version" if command == "promote" else "action"], flags = flags[0], flags[1:]
     if command == "demo" and "--full" in flags:
         args["full"], flags = True, [flag for flag in flags if flag != "--full"]
-    if command in ("rankings", "explain"):
-        for name in ("user", "ad", "date"):
+    if command in ("rankings", "explain", "unpublish"):
+        for name in ("user", "ad", "date", "as-of"):
             if f"--{name}" in flags:
                 at = flags.index(f"--{name}")
                 if at + 1 >= len(flags):
                     raise UsageError(f"--{name} needs a value")
                 args[name], flags = flags[at + 1], flags[:at] + flags[at + 2 :]
-        required = ("user",) if command == "rankings" else ("user", "ad")
-        if missing := [name for name in required if name not in args]:
-            raise UsageError(f"missing {', '.join('--' + m for m in missing)}")
+        required = {"rankings": ("user",), "explain": ("user", "ad"), "unpublish": ("date",)}[command]
         if command == "rankings" and "ad" in args:
             raise UsageError("--ad is for adrank explain")
+        if unknown := [name for name in args if f"--{name}" not in ARGUMENTS[command]]:
+            raise UsageError(f"--{unknown[0]} is not an argument of adrank {command}")
+        if missing := [name for name in required if name not in args]:
+            raise UsageError(f"missing {', '.join('--' + m for m in missing)}")
+        if "as-of" in args:
+            args["as-of"] = parse_as_of(args["as-of"])
     return args, flags
 
 
@@ -194,7 +200,9 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
     elif command == "models":
         print_models(settings)
     elif command == "rankings":
-        return print_rankings(settings, args["user"])
+        return print_rankings(settings, args["user"], args.get("as-of"))
+    elif command == "unpublish":
+        return unpublish_date(settings)
     elif command == "explain":
         print_explanation(settings, args["user"], args["ad"])
     else:
@@ -204,12 +212,36 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
 
 def update_views(settings: Settings) -> int:
     from tasks.warehouse import ensure_views
+    from tasks.warehouse_upgrade import upgrade_layout
 
-    if not ensure_views(settings.warehouse, move_old_files=True):
+    upgrade_layout(settings.warehouse)
+    if not ensure_views(settings.warehouse):
         print(f"adrank views: {settings.warehouse} is held by another process; close it and rerun", file=sys.stderr)
         return EXIT_FAILED
-    print(f"the views of {settings.warehouse} read every published file")
+    print(f"the views of {settings.warehouse} read every published table")
     return EXIT_OK
+
+
+def unpublish_date(settings: Settings) -> int:
+    from tasks.table_history import unpublish
+
+    run_date = settings.ranking.run_date
+    version = unpublish(settings.warehouse, "ad_rankings", run_date.isoformat())
+    print(f"ad_rankings {run_date}: its publish before the latest is back (ad_rankings version {version})")
+    return EXIT_OK
+
+
+def parse_as_of(text: str):
+    """--as-of: a table version (an integer) or an ISO time (UTC unless it names its zone)."""
+    from datetime import UTC, datetime
+
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise UsageError(f"--as-of {text!r}: give a version number or an ISO time, e.g. 2026-01-02T06:00") from error
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def print_models(settings: Settings) -> None:
@@ -239,13 +271,15 @@ def print_models(settings: Settings) -> None:
     print(f"champion history (oldest first): {' -> '.join(registry.champion_history(settings)) or 'none'}")
 
 
-def print_rankings(settings: Settings, user_id: str) -> int:
+def print_rankings(settings: Settings, user_id: str, as_of=None) -> int:
     import polars as pl
 
     from tasks.publish import user_rankings
 
     salt = settings.ranking.user_id_salt
-    ranked = user_rankings(settings.warehouse, user_id, settings.ranking.run_date, salt and salt.get_secret_value())
+    ranked = user_rankings(
+        settings.warehouse, user_id, settings.ranking.run_date, salt and salt.get_secret_value(), as_of=as_of
+    )
     if ranked.is_empty():
         when = settings.ranking.run_date or "any date"
         print(f"adrank rankings: no published ranking for user {user_id!r} on {when}", file=sys.stderr)

@@ -331,10 +331,11 @@ class RankingConfig(BaseModel):
         "it with ADRANK_RANKING__USER_ID_SALT (a flag or flow parameter is refused); it is never logged.",
     )
     superseded_retention_minutes: float = Field(
-        60,
+        7 * 24 * 60,
         ge=0,
-        description="Keep a replaced published file (rankings, monitoring, daily CTR, model versions) this long "
-        "after its replacement, for queries already reading it.",
+        description="Keep a replaced publish's files (rankings, monitoring, daily CTR, model versions) this long "
+        "after its replacement, in whole hours (Delta's vacuum): for queries already reading them, "
+        "`adrank rankings --as-of` and `adrank unpublish` (a week: the undo of a bad night found days later).",
     )
     quantize_int8: bool = Field(
         False, description="CPU: int8 dynamic quantisation of the cross-encoder's linear layers (faster, see docs)."

@@ -20,11 +20,10 @@ import polars as pl
 from tasks.config import MonitorConfig, Settings
 from tasks.metrics import calibration_ratio, group_auc, logloss, roc_auc
 from tasks.pairs import build_window_pairs
-from tasks.publish import read_rankings
+from tasks.publish import published_run_dates, read_rankings
 from tasks.registry import load_version, predict_pctr, served_settings, version_run
 from tasks.sql_files import load_sql
 from tasks.user_keys import lookup_user_ids
-from tasks.warehouse import published_run_dates
 
 DEGRADED_EVENT = "adrank.model.degraded"
 PSI_FLOOR = 1e-4  # share given to an empty bin, so PSI stays finite

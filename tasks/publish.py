@@ -1,9 +1,7 @@
 """Publish for analysts: rankings, monitoring tables, each ad's daily CTR and the registry's versions, each
-publish one new Parquet file per partition (tasks/warehouse.py places it and keeps the views reading it), so
-a run_date appears whole or not at all and readers never block the writer (but for the moment the views
-must change: tasks/warehouse.py). Files are never rewritten;
-superseded ones are deleted once superseded for `retention`, longer than any reader's query. Also the
-reads the CLI and the flows make of what was published.
+publish replacing its dates (or model) in the table's Delta Lake table in one commit (tasks/warehouse.py),
+so a run_date appears whole or not at all and readers never block the writer. Also the reads the CLI and
+the flows make of what was published.
 """
 
 from __future__ import annotations
@@ -16,16 +14,10 @@ import polars as pl
 from duckdb.sqltypes import VARCHAR
 
 from tasks.sql_files import load_sql, materialize
+from tasks.table_history import version_at
 from tasks.user_keys import lookup_user_ids, published_user_id
-from tasks.warehouse import (
-    ensure_views,
-    new_file,
-    place,
-    published_files,
-    published_run_dates,
-    remove_superseded,
-    show_placed,
-)
+from tasks.warehouse import connect, published_partitions, read_table, table_path, write_partitions
+from tasks.warehouse_upgrade import upgrade_layout
 
 MONITOR_TABLES = ("model_daily_metrics", "input_drift")
 
@@ -48,12 +40,14 @@ def publish_rankings(
     """Rank the scores staged in scores_path (Parquet: user_id, ad_id, pctr[, ecpm]; see tasks/score.py; or
     a folder of such files, e.g. one per shard (tasks/shards.py), read as one table) by objective ('pctr'
     or 'ecpm') and
-    publish them as run_date's newest file, which the views switch to at once. With user_id_salt, user
-    ids are published as HMAC-SHA256(salt, user_id) (tasks/user_keys.py). Files superseded for longer than retention go.
+    publish them as run_date's rows, replacing the date's earlier publish in one commit. With user_id_salt,
+    user ids are published as HMAC-SHA256(salt, user_id) (tasks/user_keys.py). Files superseded for longer
+    than retention go (earlier publishes stay readable with --as-of and unpublish until then).
 
     Returns the number of rows published. Zero rows are refused (PublishCheckError), as are rows that
     fail a key check: the date keeps its earlier publish.
     """
+    upgrade_layout(warehouse)
     params = {
         "run_date": run_date,
         "model_name": model_name,
@@ -73,7 +67,7 @@ def publish_rankings(
         materialize(con, "ad_rankings", params, table="staged_ad_rankings")
         rows = len(con.table("staged_ad_rankings"))
         if rows == 0:
-            # an empty file would not replace the date in the views (they pick the newest publish by its rows)
+            # an empty publish would delete the date: a failed scoring must not look like that
             raise PublishCheckError(
                 f"{warehouse}: no rankings to publish for {run_date} ({scores_path} holds no scores: no active "
                 "users, ads or candidates?); what was published for that date is left as it was"
@@ -81,49 +75,38 @@ def publish_rankings(
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
             raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
-        tmp = new_file(warehouse, "ad_rankings", run_date, params["scored_at"])
-        con.table("staged_ad_rankings").order("user_id, rank").write_parquet(str(tmp))
-    show_placed(warehouse, "ad_rankings", [place(tmp)])
-    remove_superseded(warehouse, retention)
+        ranked = con.table("staged_ad_rankings").order("user_id, rank").fetch_arrow_table()
+    write_partitions(warehouse, "ad_rankings", ranked, retention)
     return rows
 
 
 def publish_monitoring(
     warehouse: Path, run_date: date, tables: dict[str, pl.DataFrame], retention: timedelta = timedelta(hours=1)
 ) -> None:
-    """Publish a run_date's monitoring tables (MONITOR_TABLES) like rankings: one new file each, renamed
-    into place whole, the views switching to it (the newest computed_at per run_date)."""
+    """Publish a run_date's monitoring tables (MONITOR_TABLES) like rankings: each replaces its run_date
+    in one commit, stamped computed_at."""
+    upgrade_layout(warehouse)
     computed_at = datetime.now(UTC).replace(tzinfo=None)
     for table, frame in tables.items():
         if table not in MONITOR_TABLES:
             raise ValueError(f"{table!r} is not a monitoring table ({MONITOR_TABLES})")
-        placed = _publish_frame(
-            warehouse, table, run_date, frame.with_columns(pl.lit(computed_at).alias("computed_at"))
-        )
-        show_placed(warehouse, table, [placed])
-        remove_superseded(warehouse, retention, table)
+        stamped = frame.with_columns(pl.lit(run_date).alias("run_date"), pl.lit(computed_at).alias("computed_at"))
+        write_partitions(warehouse, table, stamped.to_arrow(), retention)
 
 
 def publish_ad_daily_ctr(
     warehouse: Path, counted: pl.DataFrame, retention: timedelta = timedelta(hours=1)
 ) -> list[date]:
     """Publish the days of `counted` (each ad's impressions and clicks per day: tasks/logs.py
-    count_ad_daily_ctr) that are new or changed since the last publish (late impressions), one file per
-    day. The view keeps each day's newest file, so a rerun or a backfill counts nothing twice. Returns the
-    days published, oldest first."""
+    count_ad_daily_ctr) that are new or changed since the last publish (late impressions), replacing those
+    days whole in one commit, so a rerun or a backfill counts nothing twice. Returns the days published,
+    oldest first."""
     days = changed_days(counted, read_published(warehouse, "ad_daily_ctr"))
-    computed_at = datetime.now(UTC).replace(tzinfo=None)
-    placed = [
-        _publish_frame(
-            warehouse,
-            "ad_daily_ctr",
-            day,
-            counted.filter(pl.col("impression_date") == day).with_columns(pl.lit(computed_at).alias("computed_at")),
-        )
-        for day in days
-    ]
-    show_placed(warehouse, "ad_daily_ctr", placed)
-    remove_superseded(warehouse, retention, "ad_daily_ctr")
+    if days:
+        computed_at = datetime.now(UTC).replace(tzinfo=None)
+        changed = counted.filter(pl.col("impression_date").is_in(days))
+        stamped = changed.with_columns(pl.lit(computed_at).alias("computed_at"))
+        write_partitions(warehouse, "ad_daily_ctr", stamped.to_arrow(), retention)
     return days
 
 
@@ -140,37 +123,32 @@ def changed_days(counted: pl.DataFrame, published: pl.DataFrame | None) -> list[
 
 
 def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: timedelta = timedelta(hours=1)) -> None:
-    """Publish a snapshot of a registered model's versions (tasks/registry.py model_versions) as one file;
-    the view `model_versions` shows each model's newest snapshot."""
+    """Publish a snapshot of registered models' versions (tasks/registry.py model_versions), replacing each
+    model's rows in the view `model_versions` in one commit."""
+    upgrade_layout(warehouse)
+    if versions.is_empty():
+        return
     snapshot_at = datetime.now(UTC).replace(tzinfo=None)
-    placed = [
-        _publish_frame(warehouse, "model_versions", name, rows.with_columns(pl.lit(snapshot_at).alias("snapshot_at")))
-        for (name,), rows in versions.group_by("model_name")
-    ]
-    show_placed(warehouse, "model_versions", placed)
-    remove_superseded(warehouse, retention, "model_versions")
+    snapshot = versions.with_columns(pl.lit(snapshot_at).alias("snapshot_at"))
+    write_partitions(warehouse, "model_versions", snapshot.to_arrow(), retention)
 
 
 def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
-    """A published table's rows as an analyst reads them (its view), or None before its first publish."""
-    if not published_files(warehouse, table):
-        return None
-    ensure_views(warehouse)  # a writer killed between a first file and its view left none
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        return con.table(table).pl()
+    """A published table's rows (its Delta table's newest version), or None before its first publish."""
+    upgrade_layout(warehouse)
+    rows = read_table(warehouse, table)
+    return None if rows is None else pl.from_arrow(rows)
 
 
-def _publish_frame(warehouse: Path, table: str, partition: date | str, frame: pl.DataFrame) -> Path:
-    """Write frame as the newest file of a table's partition, renamed into place whole; the caller then
-    runs show_placed (once for many files)."""
-    tmp = new_file(warehouse, table, partition, datetime.now(UTC).replace(tzinfo=None))
-    frame.write_parquet(tmp)
-    return place(tmp)
+def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[date]:
+    """The dates (partitions) a date-partitioned table holds now, oldest first."""
+    upgrade_layout(warehouse)
+    return [date.fromisoformat(value) for value in published_partitions(warehouse, table)]
 
 
 def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
     """run_date's published ad_rankings (user_id, ad_id, rank, model_version), read as an analyst reads them."""
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    with connect(warehouse) as con:
         return con.execute(load_sql("published_rankings"), {"run_date": run_date}).pl()
 
 
@@ -179,19 +157,26 @@ def ranked_by(warehouse: Path, run_date: date, model_name: str) -> str | None:
     (sql/ranked_by.sql)."""
     if run_date not in published_run_dates(warehouse):
         return None
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    with connect(warehouse) as con:
         return con.execute(load_sql("ranked_by"), {"run_date": run_date, "model_name": model_name}).fetchone()[0]
 
 
 def sample_user_rankings(warehouse: Path, run_date: date, users: int, ads_per_user: int) -> list[dict]:
     """A few users' top ads of run_date as published (sql/sample_user_rankings.sql), as rows."""
     params = {"run_date": run_date, "users": users, "ads_per_user": ads_per_user}
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    with connect(warehouse) as con:
         return con.execute(load_sql("sample_user_rankings"), params).pl().to_dicts()
 
 
-def user_rankings(warehouse: Path, user_id: str, run_date: date | None, user_id_salt: str | None) -> pl.DataFrame:
-    """One user's published ranking of run_date (None: their latest), best first (sql/user_rankings.sql)."""
+def user_rankings(
+    warehouse: Path, user_id: str, run_date: date | None, user_id_salt: str | None, as_of: int | datetime | None = None
+) -> pl.DataFrame:
+    """One user's published ranking of run_date (None: their latest), best first (sql/user_rankings.sql), as
+    published now or, with as_of, at a version of ad_rankings or a time (the version then current)."""
     params = {"user_ids": lookup_user_ids(user_id_salt, user_id), "run_date": run_date}
-    with duckdb.connect(str(warehouse), read_only=True) as con:
+    with connect(warehouse) as con:
+        if as_of is not None:  # a temporary view of that version shadows the analysts' view, for this query
+            version = version_at(warehouse, "ad_rankings", as_of)
+            path = str(table_path(warehouse, "ad_rankings")).replace("'", "''")
+            con.execute(f"create temp view ad_rankings as select * from delta_scan('{path}', version => {version})")
         return con.execute(load_sql("user_rankings"), params).pl()

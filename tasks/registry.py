@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import polars as pl
+from deltalake.exceptions import DeltaError
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -32,7 +33,7 @@ from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.gates import CHAMPION, Gate, promotion_gates
 from tasks.output_layer import PRIOR_COLUMNS
 from tasks.publish import publish_model_versions
-from tasks.warehouse import ViewsNotUpdatedError
+from tasks.warehouse_upgrade import WarehouseUpgradeError
 
 if TYPE_CHECKING:  # torch: a registry lookup (adrank models) never imports it
     from tasks.pairs import Pairs
@@ -460,7 +461,7 @@ def snapshot_model_versions(settings: Settings) -> None:
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
     try:
         publish_model_versions(settings.warehouse, model_versions(settings), retention)
-    except (MlflowException, OSError, duckdb.Error, ViewsNotUpdatedError) as error:
+    except (MlflowException, OSError, duckdb.Error, DeltaError, WarehouseUpgradeError) as error:
         print(f"warning: model_versions not published to {settings.warehouse}: {type(error).__name__}: {error}")
 
 

@@ -40,7 +40,7 @@ def read_until(process, wanted: str) -> bool:
     return any(line.strip() == wanted for line in process.stdout)
 
 
-def test_rerank_killed_mid_scoring_or_before_commit_leaves_the_old_rankings_and_a_rerun_completes(
+def test_rerank_killed_mid_scoring_or_mid_publish_leaves_a_whole_publish_and_a_rerun_completes(
     tmp_path, tiny_model_dir
 ):
     # reference: one uninterrupted run
@@ -64,15 +64,19 @@ def test_rerank_killed_mid_scoring_or_before_commit_leaves_the_old_rankings_and_
     process.wait(timeout=30)
     assert published(work) == before
 
-    # 2. SIGKILL with the new rankings file fully written, just before the rename that publishes it
-    process = worker(tiny_model_dir, work, "1", "--pause-before-commit")
-    assert read_until(process, "committing"), "the worker ended without reaching the commit"
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    assert list((work / "ad_rankings").rglob(".*.tmp")), "the kill should leave the hidden file behind"
-    assert published(work) == before  # nothing of the killed run is visible
+    # 2. SIGKILL in the middle of publishes of the date (after scoring, at moments spread over a publish):
+    # the date shows one whole publish, whichever one committed last
+    for delay in (0.0, 0.02, 0.05, 0.1):
+        process = worker(tiny_model_dir, work, "1", "--republish", "1000")
+        assert read_until(process, "publishing"), "the worker ended before publishing"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        shown = published(work)
+        versions = {row[5] for row in shown}
+        assert len(versions) == 1 and len(shown) == len(expected)  # one publish, all of its rows
+        assert [row[:5] for row in shown] == [row[:5] for row in expected]
 
     # 3. the rerun publishes exactly what an uninterrupted run does; nothing duplicated, nothing left over
     assert worker(tiny_model_dir, work, "1").wait(timeout=300) == 0
     assert published(work) == expected
-    assert not list((work / "ad_rankings").rglob(".*.tmp"))

@@ -1,12 +1,11 @@
 import hashlib
 import hmac
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
+from tasks import table_history, warehouse_upgrade
 from tasks import warehouse as warehouse_module
 from tasks.config import DataConfig
 from tasks.logs import count_ad_daily_ctr
@@ -27,7 +27,7 @@ from tasks.publish import (
     publish_rankings,
     user_rankings,
 )
-from tasks.warehouse import VIEWS, ViewsNotUpdatedError, rankings_dir
+from tasks.warehouse import VIEWS
 from tests.conftest import write_logs
 
 
@@ -115,7 +115,7 @@ def test_a_publish_of_zero_rows_is_refused_and_the_date_keeps_its_rankings(tmp_p
     with pytest.raises(PublishCheckError, match=r"no rankings to publish for 2026-01-01 .*left as it was"):
         publish_rankings(warehouse, empty, date(2026, 1, 1), "m", "2", top_n=3)
     assert rows(warehouse) == before
-    assert len(list((tmp_path / "ad_rankings").rglob("*.parquet"))) == 1
+    assert len(list((tmp_path / "ad_rankings" / "run_date=2026-01-01").glob("*.parquet"))) == 1
 
 
 READER = """
@@ -193,42 +193,6 @@ def test_a_warehouse_with_the_old_ad_rankings_table_is_moved_to_files(tmp_path, 
     publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
     published = rows(warehouse)
     assert published[0] == (date(2025, 12, 31), "u9", 1, "z", 0.9, "0") and len(published) == 7
-
-
-def test_ecpm_objective_ranks_by_ecpm_and_views_from_before_ecpm_are_recreated(tmp_path, scores):
-    warehouse = tmp_path / "w.duckdb"
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)  # pctr: ecpm null
-    old = tmp_path / "ad_rankings" / "run_date=2025-12-31" / "20251231T000000000000-old.parquet"
-    old.parent.mkdir()
-    with duckdb.connect(str(warehouse)) as con:  # a file and views written before ecpm existed
-        con.execute(
-            f"copy (select date '2025-12-31' as run_date, 'u9' as user_id, 'z' as ad_id, 1 as rank, 0.9 as pctr, "
-            f"'m' as model_name, '0' as model_version, now()::timestamp as scored_at) to '{old}'"
-        )
-        con.execute("create or replace view ad_rankings as select * exclude (ecpm) from latest_ad_rankings")
-    ecpm = staged(
-        pa.table({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "pctr": [0.4, 0.1], "ecpm": [400.0, 900.0]}),
-        tmp_path,
-    )
-    publish_rankings(warehouse, ecpm, date(2026, 1, 2), "m", "2", top_n=3, objective="ecpm")
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        got = con.execute("select run_date, user_id, rank, ad_id, ecpm from ad_rankings order by all").fetchall()
-    assert [r for r in got if r[0] == date(2026, 1, 2)] == [
-        (date(2026, 1, 2), "u1", 1, "b", 900.0),  # ranked by ecpm, not by pctr
-        (date(2026, 1, 2), "u1", 2, "a", 400.0),
-    ]
-    assert {r[4] for r in got if r[0] < date(2026, 1, 2)} == {None} and len(got) == 9
-
-
-def test_superseded_files_are_removed_only_after_the_retention(tmp_path, scores):
-    warehouse = tmp_path / "w.duckdb"
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "2", top_n=3)
-    folder = tmp_path / "ad_rankings" / "run_date=2026-01-01"
-    assert len(list(folder.glob("schema-*/*.parquet"))) == 2  # the first is kept for readers still on it
-    assert {r[5] for r in rows(warehouse)} == {"2"}
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "3", top_n=3, retention=timedelta(0))
-    assert len(list(folder.glob("schema-*/*.parquet"))) == 1 and {r[5] for r in rows(warehouse)} == {"3"}
 
 
 def impressions_of(days: dict[date, list[tuple[str, bool]]]) -> list[dict]:
@@ -320,21 +284,8 @@ def test_views_work_when_the_home_is_moved_and_opened_from_anywhere(tmp_path):
         count_views(moved / "warehouse.duckdb", moved.parent, how="attach", config={"file_search_path": str(moved)})
         == expected
     )
-    with pytest.raises(AssertionError, match="No files found"):  # attached, without file_search_path
+    with pytest.raises(AssertionError, match="does not exist"):  # attached, without file_search_path
         count_views(moved / "warehouse.duckdb", elsewhere, how="attach")
-
-
-def test_views_from_before_they_were_portable_are_recreated(tmp_path, scores):
-    warehouse = tmp_path / "w.duckdb"
-    publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "1", top_n=3)
-    glob = tmp_path / "ad_rankings" / "run_date=*" / "*" / "*.parquet"
-    with duckdb.connect(str(warehouse)) as con:  # the views of adrank before: an absolute glob
-        con.execute(f"create or replace view ad_rankings as select * from read_parquet('{glob}')")
-    publish_rankings(warehouse, scores(), date(2026, 1, 2), "m", "2", top_n=3)
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
-    assert "temp_directory" in sql and "file_search_path" in sql
-    assert {r[0] for r in rows(warehouse)} == {date(2026, 1, 1), date(2026, 1, 2)}
 
 
 def table_scans(warehouse, query: str) -> list[dict]:
@@ -376,21 +327,24 @@ def publish_days(warehouse, table: str, days: list[date], version: str) -> None:
             publish_monitoring(warehouse, day, {table: frame})
 
 
+def data_files(tmp_path, table: str, partition: str = "") -> list[Path]:
+    """The Parquet data files in a table's folder (of one partition folder, if named), referenced or not."""
+    return [f for f in (tmp_path / table).glob(f"{partition or '*=*'}/*.parquet")]
+
+
 @pytest.mark.parametrize("table", ["ad_rankings", "model_daily_metrics", "input_drift", "ad_daily_ctr"])
-def test_a_query_for_one_date_reads_only_that_dates_files_and_its_latest_publish(tmp_path, table):
+def test_a_query_for_one_date_reads_only_that_dates_file_and_its_latest_publish(tmp_path, table):
     warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(5)]
     key = "impression_date" if table == "ad_daily_ctr" else "run_date"
     publish_days(warehouse, table, days, "1")
     publish_days(warehouse, table, days if table == "ad_daily_ctr" else [days[2]], "2")  # a rerun, within retention
     folder = tmp_path / table / f"{key}={days[2]}"
-    assert len(list(folder.glob("schema-*/*.parquet"))) == 2 and len(list((tmp_path / table).rglob("*.parquet"))) >= 6
+    assert len(data_files(tmp_path, table, folder.name)) == 2  # the superseded publish is kept for retention
 
     scans = table_scans(warehouse, f"select * from {table} where {key} = date '{days[2]}'")
-    assert scans and all(
-        scan["files_read"] == 2 and {f.parent.parent for f in scan["files"]} == {folder} for scan in scans
-    )
     per_day = 2 if table == "ad_daily_ctr" else 4
-    assert all(scan["rows"] <= 2 * per_day for scan in scans)  # the two publishes of the date, no other date's rows
+    assert len(scans) == 1 and scans[0]["files_read"] == 1 and scans[0]["rows"] == per_day
+    assert scans[0]["files"][0].parent.name == folder.name  # the date's newest publish only
 
     with duckdb.connect(str(warehouse), read_only=True) as con:
         version = "clicks" if table == "ad_daily_ctr" else "model_version"
@@ -403,26 +357,30 @@ def test_a_query_for_one_date_reads_only_that_dates_files_and_its_latest_publish
         assert got == [(day, per_day, *(("2", "2") if day == days[2] else ("1", "1"))) for day in days]
 
 
-def test_views_from_before_they_pruned_by_date_are_recreated(tmp_path, scores):
-    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
-    for day in (day1, day2):
-        publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
-    glob = tmp_path / "ad_rankings" / "run_date=*" / "*" / "*.parquet"
-    with duckdb.connect(str(warehouse)) as con:  # the portable view of adrank before: it read every file
-        con.execute(
-            "create or replace view ad_rankings as select * from read_parquet(case when "
-            f"current_setting('temp_directory') = '' then '' else '' end || '{glob}', hive_partitioning = false) "
-            "qualify scored_at = max(scored_at) over (partition by run_date)"
-        )
-    one_day = f"select * from ad_rankings where run_date = date '{day1}'"
-    assert max(scan["files_read"] for scan in table_scans(warehouse, one_day)) == 2
-    publish_rankings(warehouse, scores(), date(2026, 1, 3), "m", "2", top_n=3)
+def test_superseded_publishes_and_files_of_killed_writers_are_vacuumed_after_the_retention(tmp_path, scores):
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    publish_rankings(warehouse, scores(), day, "m", "2", top_n=3)
+    assert len(data_files(tmp_path, "ad_rankings")) == 2  # the first is kept: time travel and unpublish read it
+    stray = tmp_path / "ad_rankings" / f"run_date={day}" / "part-00000-left-by-a-killed-writer.parquet"
+    pq.write_table(pa.table({"x": [1]}), stray)
+    publish_rankings(warehouse, scores(), day, "m", "3", top_n=3, retention=timedelta(0))
+    assert len(data_files(tmp_path, "ad_rankings")) == 1 and not stray.exists()
+    assert {r[5] for r in rows(warehouse)} == {"3"}
+
+
+def test_the_log_is_checkpointed_so_a_reader_replays_few_commits(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    for republish in range(warehouse_module.CHECKPOINT_INTERVAL + 1):
+        publish_rankings(warehouse, scores(), date(2026, 1, 1 + republish % 3), "m", str(republish), top_n=3)
+    log = tmp_path / "ad_rankings" / "_delta_log"
+    assert list(log.glob("*.checkpoint.parquet"))  # a reader starts there, not at commit 0
+    assert len(rows(warehouse)) == 18
+
+
+def metrics(warehouse, columns: str = "run_date, auc, logloss") -> list[tuple]:
     with duckdb.connect(str(warehouse), read_only=True) as con:
-        sql = con.execute("select sql from duckdb_views() where view_name = 'ad_rankings'").fetchone()[0]
-    assert "hive_types" in sql and "temp_directory" in sql
-    scans = table_scans(warehouse, one_day)
-    assert all(scan["files_read"] == 1 and scan["files"][0].parent.parent.name == f"run_date={day1}" for scan in scans)
-    assert {r[0] for r in rows(warehouse)} == {day1, day2, date(2026, 1, 3)}
+        return con.execute(f"select {columns} from model_daily_metrics order by run_date").fetchall()
 
 
 def publish_metrics(warehouse, day: date, retention: timedelta = timedelta(hours=1), **extra: float) -> None:
@@ -431,214 +389,157 @@ def publish_metrics(warehouse, day: date, retention: timedelta = timedelta(hours
     publish_monitoring(warehouse, day, {"model_daily_metrics": frame}, retention=retention)
 
 
-def metrics(warehouse) -> list[tuple]:
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        return con.execute("select run_date, auc, logloss from model_daily_metrics order by run_date").fetchall()
-
-
-def schema_folders(tmp_path) -> dict[str, int]:
-    """Each schema folder of model_daily_metrics and how many files it holds."""
-    folders = [f.parent.name for f in (tmp_path / "model_daily_metrics").glob("run_date=*/schema-*/*.parquet")]
-    return {name: folders.count(name) for name in set(folders)}
-
-
-def opened_files(warehouse, query: str) -> set[Path]:
-    """Every Parquet file DuckDB opens to run query (its FileSystem log), for binding the columns too."""
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        con.execute("call enable_logging('FileSystem')")
-        con.execute(query).fetchall()
-        paths = con.execute(
-            "select distinct json_extract_string(message, '$.path') as path from duckdb_logs "
-            "where type = 'FileSystem' and json_extract_string(message, '$.op') = 'OPEN'"
-        ).fetchall()
-    return {Path(path) for (path,) in paths if path.endswith(".parquet")}
-
-
-def test_files_with_new_columns_get_their_own_schema_folder_and_a_query_opens_one_file_per_folder(tmp_path):
-    warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(6)]
-    for day in days[:5]:
-        publish_metrics(warehouse, day)
-    publish_metrics(warehouse, days[5], logloss=0.3)  # an upgrade that adds a column
-    assert sorted(schema_folders(tmp_path).values()) == [1, 5]
-    assert metrics(warehouse) == [(day, 0.7, None) for day in days[:5]] + [(days[5], 0.7, 0.3)]
-
-    # a view over two folders: to bind, DuckDB opens the first file of each (union_by_name would open all)
-    opened = opened_files(warehouse, f"select * from model_daily_metrics where run_date = date '{days[2]}'")
-    dates = {f.parent.parent.name.removeprefix("run_date=") for f in opened}
-    assert str(days[2]) in dates and dates <= {str(days[0]), str(days[2]), str(days[5])} and len(opened) <= 3
-
-
 HOLDER = """
 import sys
 import duckdb
-con = duckdb.connect(sys.argv[1], read_only=True)
+con = duckdb.connect(sys.argv[1], read_only=sys.argv[2] == "read_only")
 print("ready", flush=True)
-sys.stdin.read()
+for line in sys.stdin:  # each line: a query; its rows back as one line
+    print(repr(con.execute(line).fetchall()), flush=True)
 """
-
-
-def test_files_of_a_new_schema_wait_for_the_views_and_nothing_is_deleted_before_they_show(
-    tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
-    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
-    publish_metrics(warehouse, day1)
-    publish_metrics(warehouse, day2)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"  # an analyst holds warehouse.duckdb open
-        with pytest.raises(ViewsNotUpdatedError, match=r"cannot read model_daily_metrics/run_date=\*/schema-"):
-            publish_metrics(warehouse, day2, retention=timedelta(0), logloss=0.3)  # day 2 again, a new column
-        assert "not updated" in capsys.readouterr().out
-        # the views could not change: they still show day 2's first publish, and no file went
-        assert metrics_without_logloss(warehouse) == [(day1, 0.7), (day2, 0.7)]
-        assert sorted(schema_folders(tmp_path).values()) == [1, 2]
-        publish_metrics(warehouse, day1, retention=timedelta(0))  # same columns: shows at once
-        assert sorted(schema_folders(tmp_path).values()) == [1, 3]  # superseded, but the views lag: kept
-        assert main(["views", "--warehouse", str(warehouse)]) == 1  # still held
-    finally:
-        holder.communicate("", timeout=30)
-
-    assert main(["views", "--warehouse", str(warehouse)]) == 0  # the remedy the error names
-    assert metrics(warehouse) == [(day1, 0.7, None), (day2, 0.7, 0.3)]  # day 2's newest publish now shows
-    publish_metrics(warehouse, day1, retention=timedelta(0))  # the next publish deletes what was superseded
-    assert sorted(schema_folders(tmp_path).values()) == [1, 1]  # and every superseded file went
-    publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.2)
-    # the old folder held only day 1's superseded file: the views stopped reading it, then it went
-    assert list(schema_folders(tmp_path).values()) == [2]
-    assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
-
-
-def as_before_schema_folders(warehouse) -> None:
-    """ad_rankings as adrank wrote it before schema folders: files in the date folders, read by views over
-    them with union_by_name (a relative glob literal after the home's folder, as _files_expression wrote)."""
-    for path in list(rankings_dir(warehouse).rglob("*.parquet")):
-        path.rename(path.parent.parent / path.name)
-        path.parent.rmdir()
-    with duckdb.connect(str(warehouse)) as con:
-        for view in ("ad_rankings", "latest_ad_rankings"):
-            con.execute(
-                f"create or replace view {view} as select * from read_parquet(case when current_setting("
-                f"'temp_directory') = '' then '' else '{warehouse.parent}/' end || 'ad_rankings/run_date=*/*.parquet', "
-                "hive_partitioning = true, hive_types = {'run_date': date}, union_by_name = true)"
-            )
-
-
-def test_a_warehouse_from_before_schema_folders_keeps_publishing_then_moves_its_files_in(tmp_path, scores, monkeypatch):
-    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
-    warehouse, days = tmp_path / "w.duckdb", [date(2026, 1, 1) + timedelta(days=d) for d in range(4)]
-    for day in days[:3]:  # as adrank wrote them before schema folders: files in the date folders, one view
-        publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
-    as_before_schema_folders(warehouse)
-    before = rows(warehouse)
-    assert len(opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")) == 3
-
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:  # the first publish after the upgrade, an analyst holding the file: the old views must show it
-        assert holder.stdout.readline().strip() == "ready"
-        publish_rankings(warehouse, scores(), days[3], "m", "2", top_n=3)
-        assert {r[0] for r in rows(warehouse)} == set(days)
-        assert len(list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))) == 4  # beside the old files
-    finally:
-        holder.communicate("", timeout=30)
-
-    assert main(["views", "--warehouse", str(warehouse)]) == 0  # nobody holding it: files moved, views recreated
-    assert not list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))  # every file in a schema folder
-    assert {r[0] for r in rows(warehouse)} == set(days)
-    publish_rankings(warehouse, scores(), days[3], "m", "3", top_n=3)
-    assert len(list((tmp_path / "ad_rankings").glob("run_date=*/schema-*/*.parquet"))) == 5
-    assert [r for r in rows(warehouse) if r[0] < days[3]] == before
-    assert {r[5] for r in rows(warehouse) if r[0] == days[3]} == {"3"}
-    opened = opened_files(warehouse, f"select * from ad_rankings where run_date = date '{days[1]}'")
-    assert {f.parent.parent.name for f in opened} <= {f"run_date={days[0]}", f"run_date={days[1]}"}
-
-
-def test_old_files_of_one_table_do_not_hold_up_the_others_while_the_warehouse_is_held(
-    tmp_path, scores, monkeypatch, capsys
-):
-    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
-    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
-    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
-    publish_metrics(warehouse, day)
-    as_before_schema_folders(warehouse)
-    before = rows(warehouse)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        capsys.readouterr()
-        publish_metrics(warehouse, day, retention=timedelta(0))  # same columns: nothing to recreate
-        assert "not updated" not in capsys.readouterr().out  # no wait for the lock, no warning
-        assert list(schema_folders(tmp_path).values()) == [1]  # and the superseded file went
-        assert main(["views", "--warehouse", str(warehouse)]) == 1  # moving the old files needs the lock
-    finally:
-        holder.communicate("", timeout=30)
-    assert main(["views", "--warehouse", str(warehouse)]) == 0
-    assert not list((tmp_path / "ad_rankings").glob("run_date=*/*.parquet"))
-    assert rows(warehouse) == before and len(before) == 6  # the old publish, read from its schema folder now
-
-
-WRITER_HOLDER = """
-import sys
-import duckdb
-con = duckdb.connect(sys.argv[1])
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_nothing_is_deleted_while_another_process_holds_the_warehouse_for_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
-    warehouse, day1 = tmp_path / "w.duckdb", date(2026, 1, 1)
-    publish_metrics(warehouse, day1)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", WRITER_HOLDER, str(warehouse)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        with pytest.raises(ViewsNotUpdatedError):  # the views cannot even be read: the new folder is unread
-            publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.3)
-        assert sorted(schema_folders(tmp_path).values()) == [1, 1]
-    finally:
-        holder.communicate("", timeout=30)
-    assert metrics_without_logloss(warehouse) == [(day1, 0.7)]  # the views still work: their folder kept its file
-    publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.4)
-    assert metrics(warehouse) == [(day1, 0.7, 0.4)] and list(schema_folders(tmp_path).values()) == [1]
-
-
-def metrics_without_logloss(warehouse) -> list[tuple]:
-    with duckdb.connect(str(warehouse), read_only=True) as con:
-        return con.execute("select run_date, auc from model_daily_metrics order by run_date").fetchall()
 
 
 @pytest.mark.fault
-def test_a_publish_removes_only_temp_files_whose_writer_is_gone(tmp_path):
-    warehouse = tmp_path / "warehouse.duckdb"
-    own = warehouse_module.new_file(warehouse, "ad_rankings", date(2026, 1, 1), datetime(2026, 1, 1))
-    folder = own.parent
-    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = own.name.removesuffix(".tmp").rsplit("-", 1)[1]
-    try:
-        writing = folder / f".20260101T000000000000-aaaaaaaa.parquet.{running.pid}-{host}.tmp"
-        killed = folder / f".20260101T000000000000-bbbbbbbb.parquet.{finished.stdout.strip()}-{host}.tmp"
-        elsewhere = folder / f".20260101T000000000000-cccccccc.parquet.{finished.stdout.strip()}-0123abcd.tmp"
-        abandoned = folder / ".20250101T000000000000-dddddddd.parquet.tmp"  # before writers were named
-        for temp in (writing, killed, elsewhere, abandoned):
-            temp.write_bytes(b"half a file")
-        week_ago = time.time() - timedelta(days=7).total_seconds()
-        os.utime(abandoned, (week_ago, week_ago))
-        pq.write_table(pa.table({"x": [1]}), own)
-        placed = warehouse_module.place(own)
-        assert placed.name == own.name.removeprefix(".").split(".parquet")[0] + ".parquet"
-        warehouse_module.new_file(warehouse, "ad_rankings", date(2026, 1, 1), datetime(2026, 1, 2))
-        # another process still writing keeps its file, and so does a writer on another machine (too young)
-        assert sorted(p.name for p in folder.glob(".*.tmp")) == sorted([writing.name, elsewhere.name])
+@pytest.mark.parametrize("mode", ["read_only", "read_write"])
+def test_a_held_warehouse_never_blocks_a_publish_even_one_with_a_new_column(tmp_path, mode, monkeypatch):
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 30)  # a publish that waited would show in the time
+    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
+    publish_metrics(warehouse, day1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:  # an analyst holds warehouse.duckdb (DuckDB's CLI opens it read-write unless told otherwise)
+        assert holder.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        publish_metrics(warehouse, day2, logloss=0.3)  # a new column: an upgrade of the monitor
+        publish_metrics(warehouse, day1, retention=timedelta(0), logloss=0.2)
+        assert time.monotonic() - started < 10
+        holder.stdin.write("select run_date::varchar, auc, logloss from model_daily_metrics order by run_date\n")
+        holder.stdin.flush()  # the analyst's open connection sees the new column and both dates, no reconnect
+        assert holder.stdout.readline().strip() == "[('2026-01-01', 0.7, 0.2), ('2026-01-02', 0.7, 0.3)]"
     finally:
-        running.kill()
-        running.wait()
+        holder.communicate("", timeout=30)
+    assert metrics(warehouse) == [(day1, 0.7, 0.2), (day2, 0.7, 0.3)]
+
+
+def test_time_travel_reads_a_date_as_it_was_published_at_a_version_or_a_time(tmp_path, scores):
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    between = datetime.now(UTC)
+    time.sleep(0.05)
+    publish_rankings(warehouse, scores(0.01), day, "m", "2", top_n=3)
+    assert user_rankings(warehouse, "u1", day, None)["model_version"].unique().to_list() == ["2"]
+    assert user_rankings(warehouse, "u1", day, None, as_of=0)["ad_id"].to_list() == ["a", "b", "c"]
+    assert user_rankings(warehouse, "u1", day, None, as_of=between)["model_version"].unique().to_list() == ["1"]
+    with pytest.raises(LookupError, match="no version"):
+        user_rankings(warehouse, "u1", day, None, as_of=7)
+    assert main(["rankings", "--user", "u1", "--date", str(day), "--as-of", "0", "--warehouse", str(warehouse)]) == 0
+    assert main(["rankings", "--user", "u1", "--as-of", "yesterday", "--warehouse", str(warehouse)]) == 2
+
+
+def test_unpublish_restores_a_dates_publish_before_the_latest_and_can_be_undone(tmp_path, scores):
+    warehouse, day1, day2 = tmp_path / "w.duckdb", date(2026, 1, 1), date(2026, 1, 2)
+    publish_rankings(warehouse, scores(), day1, "m", "1", top_n=3)
+    publish_rankings(warehouse, scores(), day2, "m", "1", top_n=3)
+    publish_rankings(warehouse, scores(0.01), day1, "m", "2", top_n=3)  # a bad night's rerun of day 1
+    publish_rankings(warehouse, scores(), day2, "m", "3", top_n=3)  # later publishes of other dates stay
+    assert main(["unpublish", "--date", str(day1), "--warehouse", str(warehouse)]) == 0
+    versions = {(r[0], r[5]) for r in rows(warehouse)}
+    assert versions == {(day1, "1"), (day2, "3")} and len(rows(warehouse)) == 12
+    assert table_history.unpublish(warehouse, "ad_rankings", str(day1)) > 0  # the undo, undone
+    assert {(r[0], r[5]) for r in rows(warehouse)} == {(day1, "2"), (day2, "3")}
+
+    day3 = date(2026, 1, 3)
+    publish_rankings(warehouse, scores(), day3, "m", "4", top_n=3)
+    table_history.unpublish(warehouse, "ad_rankings", str(day3))  # its only publish: the date goes
+    assert {r[0] for r in rows(warehouse)} == {day1, day2}
+    assert main(["unpublish", "--date", str(day3), "--warehouse", str(warehouse)]) == 1  # nothing there now
+
+
+def test_unpublish_after_the_retention_changes_nothing(tmp_path, scores):
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+    publish_rankings(warehouse, scores(), day, "m", "2", top_n=3, retention=timedelta(0))  # version 1's file went
+    before = rows(warehouse)
+    with pytest.raises(table_history.NoEarlierPublishError, match="vacuumed"):
+        table_history.unpublish(warehouse, "ad_rankings", str(day))
+    assert rows(warehouse) == before
+
+
+def write_old_layout(tmp_path, warehouse) -> None:
+    """A warehouse as adrank wrote it before Delta Lake: ad_rankings files per date, in schema folders (two
+    publishes of 2025-12-31, the newer without ecpm's column as before ecpm existed) or directly in the date
+    folder (before schema folders), a temp file of a killed writer, model_daily_metrics, and views over them."""
+
+    def ranking(day: str, version: str, pctr: float) -> pa.Table:
+        return pa.table(
+            {
+                "run_date": pa.array([date.fromisoformat(day)] * 2),
+                "user_id": ["u9", "u8"],
+                "ad_id": ["z", "z"],
+                "rank": pa.array([1, 1], pa.int32()),
+                "pctr": [pctr, pctr],
+                "model_name": ["m", "m"],
+                "model_version": [version, version],
+                "scored_at": pa.array([datetime(2026, 1, 1)] * 2, pa.timestamp("us")),
+            }
+        )
+
+    old = {
+        "ad_rankings/run_date=2025-12-31/schema-aaaa/20251231T010000000000-x.parquet": ranking("2025-12-31", "0", 0.1),
+        "ad_rankings/run_date=2025-12-31/schema-bbbb/20251231T020000000000-y.parquet": ranking("2025-12-31", "1", 0.9),
+        "ad_rankings/run_date=2025-12-30/20251230T010000000000-z.parquet": ranking("2025-12-30", "0", 0.5),
+        "model_daily_metrics/run_date=2025-12-31/schema-cccc/20251231T030000000000-m.parquet": pa.table(
+            {"model_version": ["1"], "slice": ["overall"], "auc": [0.7]}  # the date only in the folder name
+        ),
+    }
+    for name, table in old.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / name)
+    (tmp_path / "ad_rankings/run_date=2025-12-31/.20251231T040000000000-k.parquet.123-abcd.tmp").write_bytes(b"half")
+    with duckdb.connect(str(warehouse)) as con:
+        for view, table in (("ad_rankings", "ad_rankings"), ("model_daily_metrics", "model_daily_metrics")):
+            glob = tmp_path / table / "run_date=*" / "**" / "*.parquet"
+            con.execute(
+                f"create view {view} as select * from read_parquet('{glob}', hive_partitioning = true, "
+                "union_by_name = true)"
+            )
+
+
+def test_a_warehouse_of_the_hand_made_layout_is_moved_to_delta_once(tmp_path, scores, monkeypatch):
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
+    warehouse = tmp_path / "w.duckdb"
+    write_old_layout(tmp_path, warehouse)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse), "read_only"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:  # the upgrade needs warehouse.duckdb for a moment: held, nothing is published and nothing is lost
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(warehouse_upgrade.WarehouseUpgradeError, match="close the other connections"):
+            publish_rankings(warehouse, scores(), date(2026, 1, 1), "m", "2", top_n=3)
+    finally:
+        holder.communicate("", timeout=30)
+    assert len(list(tmp_path.glob("*/run_date=*/**/[0-9]*.parquet"))) == 4  # the old files, untouched
+
+    ecpm = staged(
+        pa.table({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "pctr": [0.4, 0.1], "ecpm": [400.0, 900.0]}),
+        tmp_path,
+    )
+    publish_rankings(warehouse, ecpm, date(2026, 1, 1), "m", "2", top_n=3, objective="ecpm")
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        got = con.execute("select run_date, user_id, rank, ad_id, ecpm, model_version from ad_rankings order by all")
+        assert got.fetchall() == [
+            (date(2025, 12, 30), "u8", 1, "z", None, "0"),
+            (date(2025, 12, 30), "u9", 1, "z", None, "0"),
+            (date(2025, 12, 31), "u8", 1, "z", None, "1"),  # the date's newest publish only
+            (date(2025, 12, 31), "u9", 1, "z", None, "1"),
+            (date(2026, 1, 1), "u1", 1, "b", 900.0, "2"),  # ranked by ecpm
+            (date(2026, 1, 1), "u1", 2, "a", 400.0, "2"),
+        ]
+    assert metrics(warehouse, "run_date, auc") == [(date(2025, 12, 31), 0.7)]
+    assert not list(tmp_path.glob("*/run_date=*/schema-*")) and not list(tmp_path.glob("*/run_date=*/.*.tmp"))
+    assert not list(tmp_path.glob("*/run_date=*/[0-9]*.parquet"))
+    assert main(["views", "--warehouse", str(warehouse)]) == 0

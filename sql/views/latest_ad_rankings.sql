@@ -1,15 +1,12 @@
 -- latest_ad_rankings: ad_rankings of the most recent run_date only; one row per user_id x ad_id.
--- The newest date with a file comes from the run_date of every file (the folder names: no data column is
--- read, though every file is opened), so the window that picks the newest date runs over the last week's
--- rows only, not over every date's. That lookup lists the files apart from ad_rankings' own scans: a date
--- published in between is one ad_rankings has not seen, so the newest date is chosen again among the rows
--- ad_rankings read (a whole publish, never a mix; empty only if such a date comes more than 7 days after
--- the one before, while the query runs).
--- DDL takes no bound parameters: `published` is filled in with the scans of the files (tasks/warehouse.py _published_sql).
+-- The newest date comes from the table's partition values (no data file is read for it), so the window
+-- that picks it runs over the last week's rows only. The two scans each read the table's newest commit
+-- when the query starts; a date published between them is chosen again among the rows ad_rankings read
+-- (a whole publish, never a mix; empty only if a date comes more than 7 days after the one before).
+-- DDL takes no bound parameters: `published` is filled in with the table's delta_scan (tasks/warehouse.py).
 create or replace view latest_ad_rankings as
 with published as (
-    -- every publish: one scan per schema folder (sql/views/published_files.sql)
-    {published}
+    select run_date from {published}
 ),
 
 final as (

@@ -1,0 +1,117 @@
+"""The one-time move of a warehouse of adrank's earlier hand-made layout to Delta Lake tables.
+
+Before, each publish was a Parquet file `<table>/<partition>=<value>/[schema-<hash>/]<time>-<id>.parquet`
+(newest file per partition wins), and adrank < 0.2 kept ad_rankings as a table inside warehouse.duckdb.
+Kept for warehouses written by those versions; to be deleted once none is left to upgrade.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import write_deltalake
+
+from tasks.warehouse import (
+    CHECKPOINT_INTERVAL,
+    PARTITIONS,
+    connect_waiting,
+    ensure_views,
+    partition_predicate,
+    table_path,
+)
+
+# the old layout's files: in a schema folder, directly in a partition folder (named by publish time), temp files
+OLD_FILE_GLOBS = ("*=*/schema-*/*.parquet", "*=*/[0-9]*.parquet", "*=*/.*.tmp")
+# columns a view names that publishes of older adrank lack: the upgrade adds them, empty
+ADDED_COLUMNS = {"ad_rankings": {"ecpm": pa.float64()}}
+
+
+class WarehouseUpgradeError(RuntimeError):
+    """The one-time upgrade from the hand-made layout needs warehouse.duckdb for a moment and could not get it."""
+
+
+def upgrade_layout(warehouse: Path) -> None:
+    """Convert a warehouse of adrank's hand-made layout (before Delta), once: each table's dates (their
+    newest publish) become a Delta table in the same folder, the views switch to it, then the old files go.
+    Killed midway it is simply run again (each date is rewritten whole). Raises WarehouseUpgradeError,
+    with the old files and views untouched, if warehouse.duckdb is held for the moment the views need."""
+    old = {table: _old_files(warehouse, table) for table in PARTITIONS}
+    legacy_table = _has_legacy_rankings_table(warehouse)
+    if not any(old.values()) and not legacy_table:
+        return
+    for table, files in old.items():
+        newest: dict[str, Path] = {}
+        for path in sorted((f for f in files if f.suffix == ".parquet"), key=lambda f: f.name):  # by publish time
+            newest[_partition_of(warehouse, table, path)] = path
+        for value, path in sorted(newest.items()):
+            _write_old_partition(warehouse, table, value, pq.read_table(path))
+    con = connect_waiting(warehouse)
+    if con is None:
+        raise WarehouseUpgradeError(
+            f"{warehouse}: moving its published tables to Delta Lake (once, after upgrading adrank) needs the file "
+            "for a moment, and another process holds it. Nothing was lost: close the other connections and rerun"
+        )
+    with con:
+        if legacy_table:  # adrank < 0.2 held ad_rankings as a table in warehouse.duckdb
+            rows = con.table("ad_rankings").fetch_arrow_table()
+            for value in pc.unique(rows["run_date"]).to_pylist():
+                _write_old_partition(
+                    warehouse, "ad_rankings", str(value), rows.filter(pc.equal(rows["run_date"], value))
+                )
+            con.execute("drop view if exists latest_ad_rankings")
+            con.execute("drop table ad_rankings")
+    if not ensure_views(warehouse):
+        raise WarehouseUpgradeError(f"{warehouse}: the views could not switch to Delta Lake; the old files stay. Rerun")
+    for files in old.values():
+        for path in files:
+            path.unlink(missing_ok=True)
+    for table in PARTITIONS:
+        for folder in table_path(warehouse, table).glob("*=*/schema-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_old_partition(warehouse: Path, table: str, value: str, rows: pa.Table) -> None:
+    key = PARTITIONS[table]
+    if key in rows.column_names:
+        rows = rows.drop_columns([key])
+    column = pa.array([date.fromisoformat(value) if key != "model_name" else value] * len(rows))
+    rows = rows.append_column(key, column)
+    for name, kind in ADDED_COLUMNS.get(table, {}).items():
+        if name not in rows.column_names:
+            rows = rows.append_column(name, pa.nulls(len(rows), kind))
+    write_deltalake(
+        str(table_path(warehouse, table)),
+        rows,
+        mode="overwrite",
+        partition_by=[key],
+        predicate=partition_predicate(key, [value]),
+        schema_mode="merge",
+        configuration={"delta.checkpointInterval": str(CHECKPOINT_INTERVAL)},
+    )
+
+
+def _old_files(warehouse: Path, table: str) -> list[Path]:
+    folder = table_path(warehouse, table)
+    return [path for glob in OLD_FILE_GLOBS for path in folder.glob(glob)] if folder.is_dir() else []
+
+
+def _partition_of(warehouse: Path, table: str, path: Path) -> str:
+    partition = next(p for p in path.relative_to(table_path(warehouse, table)).parts if "=" in p)
+    return partition.split("=", 1)[1]
+
+
+def _has_legacy_rankings_table(warehouse: Path) -> bool:
+    if not warehouse.exists():
+        return False
+    try:
+        with duckdb.connect(str(warehouse), read_only=True) as con:
+            query = "select count(*) from duckdb_tables() where table_name = 'ad_rankings' and not temporary"
+            return con.execute(query).fetchone()[0] > 0
+    except duckdb.IOException:
+        return False  # held for writing: looked at again next time
