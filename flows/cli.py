@@ -211,11 +211,11 @@ def run_command(command: str, settings: Settings, overrides: dict, args: dict) -
 
 
 def update_views(settings: Settings) -> int:
-    from tasks.warehouse import ensure_views
+    from tasks.warehouse import ensure_views, of
     from tasks.warehouse_upgrade import upgrade_layout
 
-    upgrade_layout(settings.warehouse)
-    if not ensure_views(settings.warehouse):
+    upgrade_layout(of(settings))
+    if not ensure_views(of(settings)):
         print(f"adrank views: {settings.warehouse} is held by another process; close it and rerun", file=sys.stderr)
         return EXIT_FAILED
     print(f"the views of {settings.warehouse} read every published table")
@@ -224,9 +224,10 @@ def update_views(settings: Settings) -> int:
 
 def unpublish_date(settings: Settings) -> int:
     from tasks.table_history import unpublish
+    from tasks.warehouse import of
 
     run_date = settings.ranking.run_date
-    version = unpublish(settings.warehouse, "ad_rankings", run_date.isoformat())
+    version = unpublish(of(settings), "ad_rankings", run_date.isoformat())
     print(f"ad_rankings {run_date}: its publish before the latest is back (ad_rankings version {version})")
     return EXIT_OK
 
@@ -275,10 +276,11 @@ def print_rankings(settings: Settings, user_id: str, as_of=None) -> int:
     import polars as pl
 
     from tasks.publish import user_rankings
+    from tasks.warehouse import of
 
     salt = settings.ranking.user_id_salt
     ranked = user_rankings(
-        settings.warehouse, user_id, settings.ranking.run_date, salt and salt.get_secret_value(), as_of=as_of
+        of(settings), user_id, settings.ranking.run_date, salt and salt.get_secret_value(), as_of=as_of
     )
     if ranked.is_empty():
         when = settings.ranking.run_date or "any date"
@@ -295,10 +297,11 @@ def print_explanation(settings: Settings, user_id: str, ad_id: str) -> None:
     from tasks.explain import explain_pair, to_text
     from tasks.publish import ranked_by
     from tasks.score import RankingModel
+    from tasks.warehouse import of
 
     # a published date is explained with the version that ranked it, whatever the champion is now
     run_date, name = settings.ranking.run_date, settings.tracking.registered_model
-    version = ranked_by(settings.warehouse, run_date, name) if run_date else None
+    version = ranked_by(of(settings), run_date, name) if run_date else None
     which = f"the version that ranked {run_date}" if version else f"the current {registry.CHAMPION}"
     version = version or registry.current_champion(settings)
     if version is None:

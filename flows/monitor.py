@@ -14,7 +14,7 @@ from prefect.events import emit_event
 from prefect.states import Completed
 
 from flows.run_names import name_run
-from tasks import logs, publish, registry
+from tasks import logs, publish, registry, warehouse
 from tasks import monitor as monitoring
 from tasks.config import load_settings
 
@@ -39,7 +39,7 @@ def monitor(run_date: date | None = None, overrides: dict[str, Any] | None = Non
     for day in days_to_monitor(settings, con, run_date):
         report = monitor_day(settings, con, day, versions)
         tables = {"model_daily_metrics": report.metrics, "input_drift": report.drift}
-        publish_monitoring.with_options(**io)(settings.warehouse, day, tables, retention)
+        publish_monitoring.with_options(**io)(warehouse.of(settings), day, tables, retention)
         log_monitoring.with_options(**io)(report.run_id, day, report.metrics, report.drift)
         if report.breaches:
             name = settings.tracking.registered_model

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from flows.run_names import name_run
-from tasks import logs, pairs, publish, registry, score, shards
+from tasks import logs, pairs, publish, registry, score, shards, warehouse
 from tasks.config import Settings, load_settings
 
 current_champion = task(registry.current_champion, name="current_champion", cache_policy=NO_CACHE)
@@ -81,7 +81,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
     # publish
     salt, retention = settings.ranking.user_id_salt, timedelta(minutes=settings.ranking.superseded_retention_minutes)
     rows = publish_rankings.with_options(**io)(
-        settings.warehouse,
+        warehouse.of(settings),
         scores_path,
         inputs.run_date,
         name,
@@ -92,7 +92,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         settings.ranking.objective,
     )
     daily_ctr = count_ad_daily_ctr.with_options(**io)(settings.data, inputs.run_date)
-    ctr_days = publish_ad_daily_ctr.with_options(**io)(settings.warehouse, daily_ctr, retention)
+    ctr_days = publish_ad_daily_ctr.with_options(**io)(warehouse.of(settings), daily_ctr, retention)
 
     summary = {
         "run_date": inputs.run_date.isoformat(),
@@ -112,7 +112,7 @@ def rerank(run_date: date | None = None, overrides: dict[str, Any] | None = None
         key="rerank-summary", markdown="\n".join(f"- **{key}**: {value}" for key, value in summary.items())
     )
     create_table_artifact(
-        publish.sample_user_rankings(settings.warehouse, inputs.run_date, SAMPLE_USERS, SAMPLE_ADS_PER_USER),
+        publish.sample_user_rankings(warehouse.of(settings), inputs.run_date, SAMPLE_USERS, SAMPLE_ADS_PER_USER),
         key="rerank-sample-users",
         description=f"Top {SAMPLE_ADS_PER_USER} ads of {SAMPLE_USERS} users for {inputs.run_date}, as published",
     )

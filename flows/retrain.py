@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.run_names import name_run
-from tasks import evaluate, pairs, publish, registry, train_worker, two_tower
+from tasks import evaluate, pairs, publish, registry, train_worker, two_tower, warehouse
 from tasks.config import load_settings
 
 build_pairs = task(pairs.build_pairs, name="build_pairs", cache_policy=NO_CACHE)
@@ -73,7 +73,7 @@ def retrain(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     # publish the registry's versions for analysts (model_versions)
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
     versions = list_model_versions.with_options(**io)(settings)
-    publish_model_versions.with_options(**io)(settings.warehouse, versions, retention)
+    publish_model_versions.with_options(**io)(warehouse.of(settings), versions, retention)
 
     name_run(f"{run_name}: v{version} {'promoted' if decision.promoted else 'not promoted'}")
     create_markdown_artifact(key="retrain-summary", markdown=registry.promotion_markdown(decision, table))

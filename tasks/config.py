@@ -503,6 +503,11 @@ class Settings(BaseSettings):
         description="DuckDB file with the analysts' views (the rows are Parquet files beside it). Default: "
         "<home>/warehouse.duckdb.",
     )
+    warehouse_tables: str | None = Field(
+        None,
+        description="Where the published Delta Lake tables live: a folder, or s3://bucket/prefix (credentials "
+        "from the AWS_* environment variables, as for data.logs). Default: the folder of `warehouse`.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from tasks import warehouse
 from tasks.config import MonitorConfig, Settings
 from tasks.metrics import calibration_ratio, group_auc, logloss, roc_auc
 from tasks.pairs import build_window_pairs
@@ -52,8 +53,8 @@ def days_to_monitor(settings: Settings, con: duckdb.DuckDBPyConnection, run_date
     latest monitor.max_days of them, oldest first."""
     if run_date is not None:
         return [run_date]
-    ranked = published_run_dates(settings.warehouse, "ad_rankings")
-    monitored = set(published_run_dates(settings.warehouse, "model_daily_metrics"))
+    ranked = published_run_dates(warehouse.of(settings), "ad_rankings")
+    monitored = set(published_run_dates(warehouse.of(settings), "model_daily_metrics"))
     arrived = {day for (day,) in con.execute(load_sql("impression_days")).fetchall()}
     return [d for d in ranked if d in arrived and d not in monitored][-settings.monitor.max_days :]
 
@@ -111,7 +112,7 @@ def monitor_day(
 ) -> DayReport:
     """Score run_date's impressions with the version that ranked it, as rerank saw them, and compare.
     versions: the run's cache of loaded versions (filled here), so each is loaded once."""
-    published = read_rankings(settings.warehouse, run_date)
+    published = read_rankings(warehouse.of(settings), run_date)
     if published.is_empty():
         raise ValueError(f"{settings.warehouse}: nothing published in ad_rankings for {run_date} to monitor")
     version = published["model_version"][0]

@@ -16,7 +16,7 @@ from duckdb.sqltypes import VARCHAR
 from tasks.sql_files import load_sql, materialize
 from tasks.table_history import version_at
 from tasks.user_keys import lookup_user_ids, published_user_id
-from tasks.warehouse import connect, published_partitions, read_table, table_path, write_partitions
+from tasks.warehouse import Warehouse, connect, located, published_partitions, read_table, write_partitions
 from tasks.warehouse_upgrade import upgrade_layout
 
 MONITOR_TABLES = ("model_daily_metrics", "input_drift")
@@ -27,7 +27,7 @@ class PublishCheckError(ValueError):
 
 
 def publish_rankings(
-    warehouse: Path,
+    warehouse: Path | Warehouse,
     scores_path: Path,
     run_date: date,
     model_name: str,
@@ -81,7 +81,10 @@ def publish_rankings(
 
 
 def publish_monitoring(
-    warehouse: Path, run_date: date, tables: dict[str, pl.DataFrame], retention: timedelta = timedelta(hours=1)
+    warehouse: Path | Warehouse,
+    run_date: date,
+    tables: dict[str, pl.DataFrame],
+    retention: timedelta = timedelta(hours=1),
 ) -> None:
     """Publish a run_date's monitoring tables (MONITOR_TABLES) like rankings: each replaces its run_date
     in one commit, stamped computed_at."""
@@ -95,7 +98,7 @@ def publish_monitoring(
 
 
 def publish_ad_daily_ctr(
-    warehouse: Path, counted: pl.DataFrame, retention: timedelta = timedelta(hours=1)
+    warehouse: Path | Warehouse, counted: pl.DataFrame, retention: timedelta = timedelta(hours=1)
 ) -> list[date]:
     """Publish the days of `counted` (each ad's impressions and clicks per day: tasks/logs.py
     count_ad_daily_ctr) that are new or changed since the last publish (late impressions), replacing those
@@ -122,7 +125,9 @@ def changed_days(counted: pl.DataFrame, published: pl.DataFrame | None) -> list[
     return sorted(set(new["impression_date"]) | set(gone["impression_date"]))
 
 
-def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: timedelta = timedelta(hours=1)) -> None:
+def publish_model_versions(
+    warehouse: Path | Warehouse, versions: pl.DataFrame, retention: timedelta = timedelta(hours=1)
+) -> None:
     """Publish a snapshot of registered models' versions (tasks/registry.py model_versions), replacing each
     model's rows in the view `model_versions` in one commit."""
     upgrade_layout(warehouse)
@@ -133,26 +138,26 @@ def publish_model_versions(warehouse: Path, versions: pl.DataFrame, retention: t
     write_partitions(warehouse, "model_versions", snapshot.to_arrow(), retention)
 
 
-def read_published(warehouse: Path, table: str) -> pl.DataFrame | None:
+def read_published(warehouse: Path | Warehouse, table: str) -> pl.DataFrame | None:
     """A published table's rows (its Delta table's newest version), or None before its first publish."""
     upgrade_layout(warehouse)
     rows = read_table(warehouse, table)
     return None if rows is None else pl.from_arrow(rows)
 
 
-def published_run_dates(warehouse: Path, table: str = "ad_rankings") -> list[date]:
+def published_run_dates(warehouse: Path | Warehouse, table: str = "ad_rankings") -> list[date]:
     """The dates (partitions) a date-partitioned table holds now, oldest first."""
     upgrade_layout(warehouse)
     return [date.fromisoformat(value) for value in published_partitions(warehouse, table)]
 
 
-def read_rankings(warehouse: Path, run_date: date) -> pl.DataFrame:
+def read_rankings(warehouse: Path | Warehouse, run_date: date) -> pl.DataFrame:
     """run_date's published ad_rankings (user_id, ad_id, rank, model_version), read as an analyst reads them."""
     with connect(warehouse) as con:
         return con.execute(load_sql("published_rankings"), {"run_date": run_date}).pl()
 
 
-def ranked_by(warehouse: Path, run_date: date, model_name: str) -> str | None:
+def ranked_by(warehouse: Path | Warehouse, run_date: date, model_name: str) -> str | None:
     """The version of model_name whose published ad_rankings of run_date the views show, or None
     (sql/ranked_by.sql)."""
     if run_date not in published_run_dates(warehouse):
@@ -161,7 +166,7 @@ def ranked_by(warehouse: Path, run_date: date, model_name: str) -> str | None:
         return con.execute(load_sql("ranked_by"), {"run_date": run_date, "model_name": model_name}).fetchone()[0]
 
 
-def sample_user_rankings(warehouse: Path, run_date: date, users: int, ads_per_user: int) -> list[dict]:
+def sample_user_rankings(warehouse: Path | Warehouse, run_date: date, users: int, ads_per_user: int) -> list[dict]:
     """A few users' top ads of run_date as published (sql/sample_user_rankings.sql), as rows."""
     params = {"run_date": run_date, "users": users, "ads_per_user": ads_per_user}
     with connect(warehouse) as con:
@@ -169,7 +174,11 @@ def sample_user_rankings(warehouse: Path, run_date: date, users: int, ads_per_us
 
 
 def user_rankings(
-    warehouse: Path, user_id: str, run_date: date | None, user_id_salt: str | None, as_of: int | datetime | None = None
+    warehouse: Path | Warehouse,
+    user_id: str,
+    run_date: date | None,
+    user_id_salt: str | None,
+    as_of: int | datetime | None = None,
 ) -> pl.DataFrame:
     """One user's published ranking of run_date (None: their latest), best first (sql/user_rankings.sql), as
     published now or, with as_of, at a version of ad_rankings or a time (the version then current)."""
@@ -177,6 +186,6 @@ def user_rankings(
     with connect(warehouse) as con:
         if as_of is not None:  # a temporary view of that version shadows the analysts' view, for this query
             version = version_at(warehouse, "ad_rankings", as_of)
-            path = str(table_path(warehouse, "ad_rankings")).replace("'", "''")
+            path = located(warehouse).table_uri("ad_rankings").replace("'", "''")
             con.execute(f"create temp view ad_rankings as select * from delta_scan('{path}', version => {version})")
         return con.execute(load_sql("user_rankings"), params).pl()

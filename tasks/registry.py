@@ -28,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import MODEL_CONFIG
 from mlflow.types import ColSpec, DataType, Schema
 
+from tasks import warehouse
 from tasks.config import PromotionConfig, Settings, flat_params, redact, text_settings, with_text_settings
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.gates import CHAMPION, Gate, promotion_gates
@@ -460,7 +461,7 @@ def snapshot_model_versions(settings: Settings) -> None:
     or rollback publishes the registry again."""
     retention = timedelta(minutes=settings.ranking.superseded_retention_minutes)
     try:
-        publish_model_versions(settings.warehouse, model_versions(settings), retention)
+        publish_model_versions(warehouse.of(settings), model_versions(settings), retention)
     except (MlflowException, OSError, duckdb.Error, DeltaError, WarehouseUpgradeError) as error:
         print(f"warning: model_versions not published to {settings.warehouse}: {type(error).__name__}: {error}")
 

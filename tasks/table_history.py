@@ -9,17 +9,17 @@ from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
-from tasks.warehouse import PARTITIONS, open_table, partition_predicate, published_partitions, table_path
+from tasks.warehouse import PARTITIONS, Warehouse, open_table, published_partitions, replace_partitions
 
 
-def version_at(warehouse: Path, table: str, as_of: int | datetime) -> int:
+def version_at(warehouse: Path | Warehouse, table: str, as_of: int | datetime) -> int:
     """The table's version at as_of: that version (checked), or the newest committed at or before a time."""
     delta = open_table(warehouse, table, as_of)
     if delta is None:
-        raise LookupError(f"{table_path(warehouse, table)}: nothing published yet")
+        raise LookupError(f"{table}: nothing published yet")
     return delta.version()
 
 
@@ -27,40 +27,35 @@ class NoEarlierPublishError(LookupError):
     """unpublish: the date has no earlier publish within the warehouse's retention; nothing changed."""
 
 
-def unpublish(warehouse: Path, table: str, value: str) -> int:
+def unpublish(warehouse: Path | Warehouse, table: str, value: str) -> int:
     """Restore a partition (a date of ad_rankings) to what it held before its latest publish, as a new
     commit (so this too can be undone), or remove it if it had none. Raises NoEarlierPublishError when the
     earlier publish is older than the log or its files were vacuumed. Returns the new version."""
     delta = open_table(warehouse, table)
     key = PARTITIONS[table]
     if delta is None or value not in published_partitions(warehouse, table):
-        raise NoEarlierPublishError(f"{table_path(warehouse, table)}: nothing published for {key} {value}")
+        raise NoEarlierPublishError(f"{table}: nothing published for {key} {value}")
     current = _partition_files(delta, key, value)
-    version = delta.version()
+    version, earlier = delta.version(), None
     while version > 0:  # back to the newest version whose files of the partition differ: the publish before
         version -= 1
         try:
-            earlier = DeltaTable(str(table_path(warehouse, table)), version=version)
-        except DeltaError as error:  # the log of that version was cleaned up
+            earlier = open_table(warehouse, table, version)
+        except LookupError as error:  # the log of that version was cleaned up
             raise NoEarlierPublishError(f"{table} {key} {value}: version {version} is gone ({error})") from error
-        files = _partition_files(earlier, key, value)
-        if files != current:
+        if _partition_files(earlier, key, value) != current:
             break
     else:
-        files = set()
-    predicate = partition_predicate(key, [value])
-    if not files:
-        delta.delete(predicate)
-        return DeltaTable(str(table_path(warehouse, table))).version()
-    missing = [f for f in files if not (table_path(warehouse, table) / f).exists()]
-    if missing:
+        earlier = None  # the date's first publish is the only one: unpublishing it removes the date
+    try:
+        rows = earlier.to_pyarrow_table(partitions=[(key, "=", value)]) if earlier else delta.schema().to_arrow()
+    except (DeltaError, OSError) as error:
         raise NoEarlierPublishError(
-            f"{table} {key} {value}: the publish before (version {version}) was vacuumed ({missing[0]}); "
-            "nothing changed (warehouse retention: ranking.superseded_retention_minutes)"
-        )
-    rows = earlier.to_pyarrow_table(partitions=[(key, "=", value)])
-    write_deltalake(str(table_path(warehouse, table)), rows, mode="overwrite", predicate=predicate, schema_mode="merge")
-    return DeltaTable(str(table_path(warehouse, table))).version()
+            f"{table} {key} {value}: the publish before (version {version}) was vacuumed; nothing changed "
+            f"(warehouse retention: ranking.superseded_retention_minutes): {error}"
+        ) from error
+    rows = pa.table(rows) if earlier else pa.schema(rows).empty_table()
+    return replace_partitions(warehouse, table, rows, [value]).version()
 
 
 def _partition_files(delta: DeltaTable, key: str, value: str) -> set[str]:

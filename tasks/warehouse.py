@@ -21,8 +21,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
@@ -30,7 +32,11 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from tasks.object_storage import connect_s3, httpfs_extension_path, is_s3_url, s3_access_from_env
 from tasks.sql_files import load_sql
+
+if TYPE_CHECKING:
+    from tasks.config import Settings
 
 # each published table -> the column it is partitioned by (a publish replaces whole partitions)
 PARTITIONS = {
@@ -57,66 +63,109 @@ CHECKPOINT_INTERVAL = 20
 LOCK_WAIT_SECONDS = 10
 
 
-def table_path(warehouse: Path, table: str) -> Path:
-    """The folder of a published table (a Delta table), beside warehouse.duckdb."""
-    return warehouse.parent / table
+@dataclass(frozen=True)
+class Warehouse:
+    """Where the published tables live: warehouse.duckdb (the views; a local file) and the Delta tables, in a
+    folder or under s3://bucket/prefix (`warehouse_tables`; default: the folder of warehouse.duckdb). A plain
+    Path given where a Warehouse is expected is warehouse.duckdb with its tables beside it."""
+
+    views: Path
+    tables: str | None = None
+
+    def table_uri(self, table: str) -> str:
+        return f"{self.tables.rstrip('/')}/{table}" if self.tables else str(self.views.parent / table)
+
+    @property
+    def remote(self) -> bool:
+        return self.tables is not None and is_s3_url(self.tables)
+
+    def storage_options(self) -> dict[str, str] | None:
+        """deltalake's S3 options from the AWS environment variables (as data.logs reads them), or None."""
+        if not self.remote:
+            return None
+        access = s3_access_from_env()
+        options = {
+            "AWS_ACCESS_KEY_ID": access.key_id,
+            "AWS_SECRET_ACCESS_KEY": access.secret,
+            "AWS_SESSION_TOKEN": access.session_token,
+            "AWS_REGION": access.region,
+            "AWS_ENDPOINT_URL": access.endpoint and f"{'https' if access.use_ssl else 'http'}://{access.endpoint}",
+            "AWS_ALLOW_HTTP": None if access.use_ssl else "true",
+        }
+        return {name: value for name, value in options.items() if value}
 
 
-def open_table(warehouse: Path, table: str, version: int | datetime | None = None) -> DeltaTable | None:
+def located(warehouse: Path | Warehouse) -> Warehouse:
+    return warehouse if isinstance(warehouse, Warehouse) else Warehouse(Path(warehouse))
+
+
+def of(settings: Settings) -> Warehouse:
+    """The configured warehouse: `warehouse` (the views) and `warehouse_tables`."""
+    return Warehouse(settings.warehouse, settings.warehouse_tables)
+
+
+def table_path(warehouse: Path | Warehouse, table: str) -> Path:
+    """The local folder of a published table beside warehouse.duckdb (where the hand-made layout kept it)."""
+    return located(warehouse).views.parent / table
+
+
+def open_table(warehouse: Path | Warehouse, table: str, version: int | datetime | None = None) -> DeltaTable | None:
     """The table's Delta table (at a version or time), or None before its first publish."""
-    path = table_path(warehouse, table)
-    if not (path / "_delta_log").is_dir():
+    where = located(warehouse)
+    uri, options = where.table_uri(table), where.storage_options()
+    if not DeltaTable.is_deltatable(uri, options):
         return None
     try:
-        return DeltaTable(str(path), version=version) if isinstance(version, int) else _at_time(path, version)
+        delta = DeltaTable(uri, version=version if isinstance(version, int) else None, storage_options=options)
+        if isinstance(version, datetime):
+            delta.load_as_version(version)
+        return delta
     except TableNotFoundError:
         return None
     except DeltaError as error:  # a version or time before the table, or beyond the log's retention
-        raise LookupError(f"{path}: no version at {version}: {error}") from error
+        raise LookupError(f"{uri}: no version at {version}: {error}") from error
 
 
-def _at_time(path: Path, when: datetime | None) -> DeltaTable:
-    table = DeltaTable(str(path))
-    if when is not None:
-        table.load_as_version(when)
-    return table
-
-
-def published_partitions(warehouse: Path, table: str) -> list[str]:
+def published_partitions(warehouse: Path | Warehouse, table: str) -> list[str]:
     """The partition values (as text) a table holds now, sorted."""
     delta = open_table(warehouse, table)
     key = PARTITIONS[table]
     return sorted({part[key] for part in delta.partitions()}) if delta else []
 
 
-def read_table(warehouse: Path, table: str) -> pa.Table | None:
+def read_table(warehouse: Path | Warehouse, table: str) -> pa.Table | None:
     """A published table's rows now (its newest version), or None before its first publish."""
     delta = open_table(warehouse, table)
     return None if delta is None else pa.table(delta.to_pyarrow_table())
 
 
-def write_partitions(warehouse: Path, table: str, rows: pa.Table, retention: timedelta) -> int:
+def write_partitions(warehouse: Path | Warehouse, table: str, rows: pa.Table, retention: timedelta) -> int:
     """Replace the partitions of `rows` (every value of the table's partition column in them) with `rows`, in
     one commit; new columns join the table. Then vacuum what `retention` no longer keeps and make sure the
     views exist. Returns the table's new version."""
-    key = PARTITIONS[table]
-    values = pc.unique(rows[key]).to_pylist()
-    path = table_path(warehouse, table)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    delta = replace_partitions(warehouse, table, rows, pc.unique(rows[PARTITIONS[table]]).to_pylist())
+    vacuum(delta, retention)
+    if not warehouse_views_current(warehouse, [table]):
+        ensure_views(warehouse)
+    return delta.version()
+
+
+def replace_partitions(warehouse: Path | Warehouse, table: str, rows: pa.Table, values: list) -> DeltaTable:
+    """One commit: the table's partitions `values` now hold `rows` (none of them, if rows is empty)."""
+    where, key = located(warehouse), PARTITIONS[table]
+    if not where.remote:
+        where.views.parent.mkdir(parents=True, exist_ok=True)
     write_deltalake(
-        str(path),
+        where.table_uri(table),
         rows,
         mode="overwrite",
         partition_by=[key],
         predicate=partition_predicate(key, values),
         schema_mode="merge",
         configuration={"delta.checkpointInterval": str(CHECKPOINT_INTERVAL)},  # applied when the table is created
+        storage_options=where.storage_options(),
     )
-    delta = DeltaTable(str(path))
-    vacuum(delta, retention)
-    if not warehouse_views_current(warehouse, [table]):
-        ensure_views(warehouse)
-    return delta.version()
+    return DeltaTable(where.table_uri(table), storage_options=where.storage_options())
 
 
 def partition_predicate(key: str, values: list) -> str:
@@ -142,56 +191,66 @@ def delta_extension() -> Path:
     return path
 
 
-def connect(warehouse: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """warehouse.duckdb with DuckDB's delta extension loaded (from the wheel: nothing is downloaded)."""
-    con = duckdb.connect(str(warehouse), read_only=read_only)
+def connect(warehouse: Path | Warehouse, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """warehouse.duckdb with DuckDB's delta extension loaded (from the wheel: nothing is downloaded), and for
+    tables in S3 httpfs and the environment's credentials (tasks/object_storage.py)."""
+    where = located(warehouse)
+    con = duckdb.connect(str(where.views), read_only=read_only)
     con.execute(f"load {_string_literal(str(delta_extension()))}")
+    if where.remote:
+        connect_s3(con, where.tables)
     return con
 
 
-def warehouse_views_current(warehouse: Path, tables: list[str] | None = None) -> bool:
-    """Whether warehouse.duckdb has every view of the published tables (or `tables`), reading Delta. A file
-    held for writing by another process counts as current: checked again next time."""
-    tables = [t for t in (tables or VIEWS) if open_table(warehouse, t) is not None]
-    if not warehouse.exists():
+def warehouse_views_current(warehouse: Path | Warehouse, tables: list[str] | None = None) -> bool:
+    """Whether warehouse.duckdb has every view of the published tables (or `tables`), reading Delta where the
+    tables are now. A file held for writing by another process counts as current: checked again next time."""
+    where = located(warehouse)
+    tables = [t for t in (tables or VIEWS) if open_table(where, t) is not None]
+    if not where.views.exists():
         return not tables
     try:
-        with duckdb.connect(str(warehouse), read_only=True) as con:
+        with duckdb.connect(str(where.views), read_only=True) as con:
             views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
     except duckdb.IOException:
         return True
-    return all(DELTA_VIEW_MARKER in views.get(view, "") for table in tables for view in VIEWS[table])
+    marker = DELTA_VIEW_MARKER + (f"('{where.tables}" if where.remote else "")
+    return all(marker in views.get(view, "") for table in tables for view in VIEWS[table])
 
 
-def ensure_views(warehouse: Path) -> bool:
+def ensure_views(warehouse: Path | Warehouse) -> bool:
     """Create (or recreate) the views of every published table in warehouse.duckdb, and install DuckDB's delta
     extension for this machine's user so that analysts' DuckDB loads it by itself. Returns False, with a
     warning, if another process held the file for LOCK_WAIT_SECONDS: `adrank views` or the next publish
     creates them."""
-    tables = [table for table in VIEWS if open_table(warehouse, table) is not None]
-    warehouse.parent.mkdir(parents=True, exist_ok=True)
-    con = connect_waiting(warehouse)
+    where = located(warehouse)
+    tables = [table for table in VIEWS if open_table(where, table) is not None]
+    where.views.parent.mkdir(parents=True, exist_ok=True)
+    con = connect_waiting(where)
     if con is None:
-        print(f"warning: views of {', '.join(tables)} not created: {warehouse} is held by another process")
+        print(f"warning: views of {', '.join(tables)} not created: {where.views} is held by another process")
         return False
     with con:
-        _install_for_analysts(con)
+        _install_for_analysts(con, where.remote)
         for table in tables:
             for view in VIEWS[table]:
-                con.execute(load_sql(f"views/{view}").format(published=_scan_sql(warehouse, table)))
+                con.execute(load_sql(f"views/{view}").format(published=_scan_sql(where, table)))
     return True
 
 
-def _install_for_analysts(con: duckdb.DuckDBPyConnection) -> None:
-    """INSTALL copies the wheel's extension into the user's extension folder, from where any DuckDB of
-    this version autoloads it for delta_scan; a folder it cannot write only costs analysts that step."""
+def _install_for_analysts(con: duckdb.DuckDBPyConnection, remote: bool) -> None:
+    """INSTALL copies the wheels' extensions (delta; httpfs for tables in S3) into the user's extension
+    folder, from where any DuckDB of this version autoloads them; a folder it cannot write only costs
+    analysts that step."""
+    extensions = [delta_extension()] + ([httpfs_extension_path()] if remote else [])
     try:
-        con.execute(f"install {_string_literal(str(delta_extension()))}")
+        for extension in extensions:
+            con.execute(f"install {_string_literal(str(extension))}")
     except duckdb.Error as error:
-        print(f"warning: DuckDB's delta extension not installed for analysts ({error}); docs/analysts.md")
+        print(f"warning: DuckDB's extensions not installed for analysts ({error}); docs/analysts.md")
 
 
-def connect_waiting(warehouse: Path) -> duckdb.DuckDBPyConnection | None:
+def connect_waiting(warehouse: Path | Warehouse) -> duckdb.DuckDBPyConnection | None:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
@@ -202,8 +261,9 @@ def connect_waiting(warehouse: Path) -> duckdb.DuckDBPyConnection | None:
             time.sleep(0.2)
 
 
-def _scan_sql(warehouse: Path, table: str) -> str:
-    """delta_scan of the table's folder, found wherever the warehouse folder is moved or mounted:
+def _scan_sql(where: Warehouse, table: str) -> str:
+    """delta_scan of the table: its s3:// URI, or its folder, found wherever the warehouse folder is moved or
+    mounted:
 
     1. warehouse.duckdb opened itself (CLI, Python, a BI tool on the file): DuckDB's temp directory of a
        database file is <file>.tmp beside it, so that setting names the folder the file is in now;
@@ -211,6 +271,9 @@ def _scan_sql(warehouse: Path, table: str) -> str:
        (docs/analysts.md);
     3. else the absolute folder the views were created in.
     DuckDB folds the expression to a constant each time a view is queried."""
+    if where.remote or where.tables:
+        return f"delta_scan({_string_literal(where.table_uri(table))})"
+    warehouse = where.views
     temp_directory = "current_setting('temp_directory')"
     folder = (
         f"case when parse_filename({temp_directory}) = {_string_literal(warehouse.name + '.tmp')} "

@@ -15,14 +15,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import write_deltalake
 
 from tasks.warehouse import (
-    CHECKPOINT_INTERVAL,
     PARTITIONS,
+    Warehouse,
     connect_waiting,
     ensure_views,
-    partition_predicate,
+    located,
+    replace_partitions,
     table_path,
 )
 
@@ -36,13 +36,14 @@ class WarehouseUpgradeError(RuntimeError):
     """The one-time upgrade from the hand-made layout needs warehouse.duckdb for a moment and could not get it."""
 
 
-def upgrade_layout(warehouse: Path) -> None:
+def upgrade_layout(warehouse: Path | Warehouse) -> None:
     """Convert a warehouse of adrank's hand-made layout (before Delta), once: each table's dates (their
     newest publish) become a Delta table in the same folder, the views switch to it, then the old files go.
     Killed midway it is simply run again (each date is rewritten whole). Raises WarehouseUpgradeError,
     with the old files and views untouched, if warehouse.duckdb is held for the moment the views need."""
+    views = located(warehouse).views
     old = {table: _old_files(warehouse, table) for table in PARTITIONS}
-    legacy_table = _has_legacy_rankings_table(warehouse)
+    legacy_table = _has_legacy_rankings_table(views)
     if not any(old.values()) and not legacy_table:
         return
     for table, files in old.items():
@@ -54,7 +55,7 @@ def upgrade_layout(warehouse: Path) -> None:
     con = connect_waiting(warehouse)
     if con is None:
         raise WarehouseUpgradeError(
-            f"{warehouse}: moving its published tables to Delta Lake (once, after upgrading adrank) needs the file "
+            f"{views}: moving its published tables to Delta Lake (once, after upgrading adrank) needs the file "
             "for a moment, and another process holds it. Nothing was lost: close the other connections and rerun"
         )
     with con:
@@ -67,7 +68,7 @@ def upgrade_layout(warehouse: Path) -> None:
             con.execute("drop view if exists latest_ad_rankings")
             con.execute("drop table ad_rankings")
     if not ensure_views(warehouse):
-        raise WarehouseUpgradeError(f"{warehouse}: the views could not switch to Delta Lake; the old files stay. Rerun")
+        raise WarehouseUpgradeError(f"{views}: the views could not switch to Delta Lake; the old files stay. Rerun")
     for files in old.values():
         for path in files:
             path.unlink(missing_ok=True)
@@ -76,7 +77,7 @@ def upgrade_layout(warehouse: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_old_partition(warehouse: Path, table: str, value: str, rows: pa.Table) -> None:
+def _write_old_partition(warehouse: Path | Warehouse, table: str, value: str, rows: pa.Table) -> None:
     key = PARTITIONS[table]
     if key in rows.column_names:
         rows = rows.drop_columns([key])
@@ -85,23 +86,15 @@ def _write_old_partition(warehouse: Path, table: str, value: str, rows: pa.Table
     for name, kind in ADDED_COLUMNS.get(table, {}).items():
         if name not in rows.column_names:
             rows = rows.append_column(name, pa.nulls(len(rows), kind))
-    write_deltalake(
-        str(table_path(warehouse, table)),
-        rows,
-        mode="overwrite",
-        partition_by=[key],
-        predicate=partition_predicate(key, [value]),
-        schema_mode="merge",
-        configuration={"delta.checkpointInterval": str(CHECKPOINT_INTERVAL)},
-    )
+    replace_partitions(warehouse, table, rows, [value])
 
 
-def _old_files(warehouse: Path, table: str) -> list[Path]:
+def _old_files(warehouse: Path | Warehouse, table: str) -> list[Path]:
     folder = table_path(warehouse, table)
     return [path for glob in OLD_FILE_GLOBS for path in folder.glob(glob)] if folder.is_dir() else []
 
 
-def _partition_of(warehouse: Path, table: str, path: Path) -> str:
+def _partition_of(warehouse: Path | Warehouse, table: str, path: Path) -> str:
     partition = next(p for p in path.relative_to(table_path(warehouse, table)).parts if "=" in p)
     return partition.split("=", 1)[1]
 

@@ -56,7 +56,7 @@ def test_flat_params_cover_every_field():
     params = flat_params(load_settings({"home": "/tmp/x"}))
     assert params["training.learning_rate"] == "0.0001"
     assert params["ranking.top_n"] == "50"
-    assert all("." in key or key in ("home", "warehouse") for key in params)
+    assert all("." in key or key in ("home", "warehouse", "warehouse_tables") for key in params)
 
 
 def test_credentials_in_uris_never_reach_tracked_params():

@@ -22,7 +22,8 @@ from tasks.config import flat_params
 from tasks.logs import LogContractError, count_ad_daily_ctr
 from tasks.object_storage import LogSourceError, S3Access, s3_access_from_env
 from tasks.pairs import SPLITS, build_pairs, build_ranking_inputs
-from tasks.publish import publish_ad_daily_ctr, read_published
+from tasks.publish import publish_ad_daily_ctr, publish_rankings, read_published, user_rankings
+from tasks.warehouse import Warehouse
 from tests.conftest import build_settings
 
 pytestmark = pytest.mark.s3
@@ -237,3 +238,51 @@ def test_sample_data_refuses_to_write_to_object_storage(tmp_path, monkeypatch, c
     assert main(["sample-data", "--data.logs", f"s3://{BUCKET}/sample"]) == 1
     assert "writes a local folder" in capsys.readouterr().err
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+
+@pytest.fixture
+def scores_file(tmp_path):
+    """Staged scores of two users x three ads; u1's score of ad a is the argument."""
+
+    def make(pctr_a: float) -> Path:
+        path = tmp_path / f"scores-{pctr_a}.parquet"
+        pl.DataFrame(
+            {
+                "user_id": ["u1"] * 3 + ["u2"] * 3,
+                "ad_id": ["a", "b", "c"] * 2,
+                "pctr": [pctr_a, 0.2, 0.1, 0.1, 0.3, 0.05],
+            }
+        ).write_parquet(path)
+        return path
+
+    return make
+
+
+def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(aws_env, tmp_path, scores_file):
+    """warehouse_tables = s3://...: publishing, time travel and unpublish through the S3 API, and an analyst's
+    DuckDB (another process, its own S3 secret) reading the views warehouse.duckdb holds over them."""
+    tables = f"s3://{BUCKET}/warehouse"
+    where = Warehouse(tmp_path / "home" / "warehouse.duckdb", tables)
+    day = date(2026, 1, 1)
+    publish_rankings(where, scores_file(0.4), day, "m", "1", top_n=3)
+    publish_rankings(where, scores_file(0.01), day, "m", "2", top_n=3)
+    assert not (tmp_path / "home" / "ad_rankings").exists()  # nothing of the table is local
+    assert user_rankings(where, "u1", day, None)["ad_id"].to_list() == ["b", "c", "a"]
+    assert user_rankings(where, "u1", day, None, as_of=0)["ad_id"].to_list() == ["a", "b", "c"]
+    flags = ["--warehouse", str(where.views), "--warehouse_tables", tables]
+    assert main(["unpublish", "--date", str(day), *flags]) == 0
+    assert main(["rankings", "--user", "u1", "--date", str(day), *flags]) == 0
+    assert read_published(where, "ad_rankings")["model_version"].unique().to_list() == ["1"]
+
+    analyst = (
+        "import duckdb, os\n"
+        f"con = duckdb.connect({str(where.views)!r}, read_only=True)\n"
+        "env = os.environ\n"
+        "con.execute(f\"create secret (type s3, key_id '{env['AWS_ACCESS_KEY_ID']}', secret "
+        "'{env['AWS_SECRET_ACCESS_KEY']}', region '{env['AWS_REGION']}', endpoint "
+        "'{env['AWS_ENDPOINT_URL'].removeprefix('http://')}', url_style 'path', use_ssl false)\")\n"
+        "print(con.execute('select count(*), min(model_version) from latest_ad_rankings').fetchone())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", analyst], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(6, '1')"
