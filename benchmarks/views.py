@@ -45,7 +45,7 @@ from tasks.warehouse import open_table, table_path, write_partitions  # noqa: E4
 REPO = Path(__file__).resolve().parents[1]
 START = date(2026, 1, 1)
 ONE_DATE = "select model_version, count(*) as rows, round(avg(pctr), 6) as mean_pctr from {view} {where} group by all"
-RETENTION = timedelta(hours=1)  # the default ranking.superseded_retention_minutes
+RETENTION = timedelta(hours=1)  # ranking.superseded_retention_minutes' minimum: nothing here is old enough to go
 
 
 def parse_args() -> argparse.Namespace:

@@ -224,11 +224,14 @@ def update_views(settings: Settings) -> int:
 
 def unpublish_date(settings: Settings) -> int:
     from tasks.table_history import unpublish
-    from tasks.warehouse import of
+    from tasks.warehouse import of, published_partitions
 
     run_date = settings.ranking.run_date
     version = unpublish(of(settings), "ad_rankings", run_date.isoformat())
-    print(f"ad_rankings {run_date}: its publish before the latest is back (ad_rankings version {version})")
+    if run_date.isoformat() in published_partitions(of(settings), "ad_rankings"):
+        print(f"ad_rankings {run_date}: its publish before the latest is back (ad_rankings version {version})")
+    else:
+        print(f"ad_rankings {run_date}: removed, it had no earlier publish (ad_rankings version {version})")
     return EXIT_OK
 
 

@@ -332,7 +332,7 @@ class RankingConfig(BaseModel):
     )
     superseded_retention_minutes: float = Field(
         7 * 24 * 60,
-        ge=0,
+        ge=60,  # shorter, a vacuum could delete the files of a concurrent writer (an unpublish) before its commit
         description="Keep a replaced publish's files (rankings, monitoring, daily CTR, model versions) this long "
         "after its replacement, in whole hours (Delta's vacuum): for queries already reading them, "
         "`adrank rankings --as-of` and `adrank unpublish` (a week: the undo of a bad night found days later).",

@@ -57,6 +57,7 @@ def publish_rankings(
         "user_id_salt": user_id_salt,
         "objective": objective,
     }
+    views = located(warehouse).views
     with duckdb.connect() as con:  # in memory: staging and checks touch nothing published
         con.create_function("published_user_id", published_user_id, [VARCHAR, VARCHAR], VARCHAR)
         source = Path(scores_path)
@@ -69,12 +70,14 @@ def publish_rankings(
         if rows == 0:
             # an empty publish would delete the date: a failed scoring must not look like that
             raise PublishCheckError(
-                f"{warehouse}: no rankings to publish for {run_date} ({scores_path} holds no scores: no active "
+                f"{views}: no rankings to publish for {run_date} ({scores_path} holds no scores: no active "
                 "users, ads or candidates?); what was published for that date is left as it was"
             )
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
-            raise PublishCheckError(f"{warehouse}: staged ad_rankings for {run_date} failed key checks: {violations}")
+            raise PublishCheckError(
+                f"{located(warehouse).views}: staged ad_rankings for {run_date} failed key checks: {violations}"
+            )
         ranked = con.table("staged_ad_rankings").order("user_id, rank").fetch_arrow_table()
     write_partitions(warehouse, "ad_rankings", ranked, retention)
     return rows
@@ -188,4 +191,12 @@ def user_rankings(
             version = version_at(warehouse, "ad_rankings", as_of)
             path = located(warehouse).table_uri("ad_rankings").replace("'", "''")
             con.execute(f"create temp view ad_rankings as select * from delta_scan('{path}', version => {version})")
-        return con.execute(load_sql("user_rankings"), params).pl()
+        try:
+            return con.execute(load_sql("user_rankings"), params).pl()
+        except duckdb.IOException as error:  # as of a version whose files were vacuumed
+            if as_of is None:
+                raise
+            raise LookupError(
+                f"ad_rankings version {version} can no longer be read: its files are past the retention "
+                f"(ranking.superseded_retention_minutes): {error}"
+            ) from error

@@ -5,7 +5,7 @@ older replaced files are vacuumed (tasks/warehouse.py vacuum).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,11 +16,20 @@ from tasks.warehouse import PARTITIONS, Warehouse, open_table, published_partiti
 
 
 def version_at(warehouse: Path | Warehouse, table: str, as_of: int | datetime) -> int:
-    """The table's version at as_of: that version (checked), or the newest committed at or before a time."""
-    delta = open_table(warehouse, table, as_of)
-    if delta is None:
+    """The table's version at as_of: that version, or the newest committed at or before a time; a LookupError
+    saying which versions and times there are otherwise (the log keeps 30 days of them)."""
+    latest = open_table(warehouse, table)
+    if latest is None:
         raise LookupError(f"{table}: nothing published yet")
-    return delta.version()
+    first_version, first_ms = min((commit["version"], commit["timestamp"]) for commit in latest.history())
+    if isinstance(as_of, int):
+        if not first_version <= as_of <= latest.version():
+            raise LookupError(f"{table} has versions {first_version} to {latest.version()}, not {as_of}")
+        return as_of
+    first = datetime.fromtimestamp(first_ms / 1000, UTC)
+    if as_of.astimezone(UTC) < first:
+        raise LookupError(f"{table}: its oldest version kept is from {first:%Y-%m-%d %H:%M:%S} UTC, after {as_of}")
+    return open_table(warehouse, table, as_of).version()
 
 
 class NoEarlierPublishError(LookupError):

@@ -4,7 +4,7 @@ does what a warehouse needs (docs/architecture.md, "Publishing and analysts"):
 
 - a publish of a date (a partition) replaces it in one commit (`overwrite` with a predicate on the date):
   a reader sees the date whole, before or after, never a mix, and a writer killed before its commit
-  changed nothing; readers never block the writer, which never opens warehouse.duckdb to publish;
+  changed nothing; readers never block the writer, which never writes warehouse.duckdb to publish;
 - a new column joins the table in the same commit (schema merge); the views bind the table at each query
   (those that `select *` show the column at once; ad_rankings names its columns), so no schema change
   needs warehouse.duckdb;
@@ -142,11 +142,17 @@ def read_table(warehouse: Path | Warehouse, table: str) -> pa.Table | None:
 def write_partitions(warehouse: Path | Warehouse, table: str, rows: pa.Table, retention: timedelta) -> int:
     """Replace the partitions of `rows` (every value of the table's partition column in them) with `rows`, in
     one commit; new columns join the table. Then vacuum what `retention` no longer keeps and make sure the
-    views exist. Returns the table's new version."""
+    views exist. Returns the table's new version. Once committed, nothing raises: a housekeeping failure is a
+    warning (a retried publish would commit the same date twice), retried by the next publish."""
+    if len(rows) == 0:
+        raise ValueError(f"{table}: no rows to publish (a publish replaces its dates; it never empties them)")
     delta = replace_partitions(warehouse, table, rows, pc.unique(rows[PARTITIONS[table]]).to_pylist())
-    vacuum(delta, retention)
-    if not warehouse_views_current(warehouse, [table]):
-        ensure_views(warehouse)
+    try:
+        vacuum(delta, retention)
+        if not warehouse_views_current(warehouse, [table]):
+            ensure_views(warehouse)
+    except (DeltaError, OSError, duckdb.Error) as error:
+        print(f"warning: {table} published (version {delta.version()}), but its housekeeping failed: {error}")
     return delta.version()
 
 
@@ -214,8 +220,17 @@ def warehouse_views_current(warehouse: Path | Warehouse, tables: list[str] | Non
             views = dict(con.execute("select view_name, sql from duckdb_views() where not internal").fetchall())
     except duckdb.IOException:
         return True
-    marker = DELTA_VIEW_MARKER + (f"('{where.tables}" if where.remote else "")
-    return all(marker in views.get(view, "") for table in tables for view in VIEWS[table])
+    return all(_reads(views.get(view, ""), where, table) for table in tables for view in VIEWS[table])
+
+
+def _reads(view_sql: str, where: Warehouse, table: str) -> bool:
+    """Whether a view's SQL reads the table where it is now: its URI as a literal, or (beside warehouse.duckdb)
+    the folder the file is in, found when queried (_scan_sql); a view over adrank's earlier layout does not."""
+    if DELTA_VIEW_MARKER not in view_sql:
+        return False
+    if where.tables:
+        return _string_literal(where.table_uri(table)) in view_sql
+    return "temp_directory" in view_sql and "s3://" not in view_sql
 
 
 def ensure_views(warehouse: Path | Warehouse) -> bool:
@@ -224,18 +239,23 @@ def ensure_views(warehouse: Path | Warehouse) -> bool:
     warning, if another process held the file for LOCK_WAIT_SECONDS: `adrank views` or the next publish
     creates them."""
     where = located(warehouse)
-    tables = [table for table in VIEWS if open_table(where, table) is not None]
     where.views.parent.mkdir(parents=True, exist_ok=True)
     con = connect_waiting(where)
     if con is None:
-        print(f"warning: views of {', '.join(tables)} not created: {where.views} is held by another process")
+        print(f"warning: views not created: {where.views} is held by another process")
         return False
     with con:
-        _install_for_analysts(con, where.remote)
-        for table in tables:
+        create_views(con, where)
+    return True
+
+
+def create_views(con: duckdb.DuckDBPyConnection, where: Warehouse) -> None:
+    """(Re)create the views of every published table in con (warehouse.duckdb, open for writing)."""
+    _install_for_analysts(con, where.remote)
+    for table in VIEWS:
+        if open_table(where, table) is not None:
             for view in VIEWS[table]:
                 con.execute(load_sql(f"views/{view}").format(published=_scan_sql(where, table)))
-    return True
 
 
 def _install_for_analysts(con: duckdb.DuckDBPyConnection, remote: bool) -> None:

@@ -20,8 +20,9 @@ from tasks.warehouse import (
     PARTITIONS,
     Warehouse,
     connect_waiting,
-    ensure_views,
+    create_views,
     located,
+    published_partitions,
     replace_partitions,
     table_path,
 )
@@ -39,41 +40,46 @@ class WarehouseUpgradeError(RuntimeError):
 def upgrade_layout(warehouse: Path | Warehouse) -> None:
     """Convert a warehouse of adrank's hand-made layout (before Delta), once: each table's dates (their
     newest publish) become a Delta table in the same folder, the views switch to it, then the old files go.
-    Killed midway it is simply run again (each date is rewritten whole). Raises WarehouseUpgradeError,
-    with the old files and views untouched, if warehouse.duckdb is held for the moment the views need."""
-    views = located(warehouse).views
-    old = {table: _old_files(warehouse, table) for table in PARTITIONS}
-    legacy_table = _has_legacy_rankings_table(views)
+    All of it happens while holding warehouse.duckdb (so no old view reads a half-converted folder); a date
+    already in the Delta table is left as it is, so a rerun after a kill picks up where it stopped. Raises
+    WarehouseUpgradeError, with nothing changed, if another process holds warehouse.duckdb."""
+    where = located(warehouse)
+    old = {table: _old_files(where, table) for table in PARTITIONS}
+    legacy_table = _has_legacy_rankings_table(where.views)
     if not any(old.values()) and not legacy_table:
         return
-    for table, files in old.items():
-        newest: dict[str, Path] = {}
-        for path in sorted((f for f in files if f.suffix == ".parquet"), key=lambda f: f.name):  # by publish time
-            newest[_partition_of(warehouse, table, path)] = path
-        for value, path in sorted(newest.items()):
-            _write_old_partition(warehouse, table, value, pq.read_table(path))
-    con = connect_waiting(warehouse)
+    con = connect_waiting(where)
     if con is None:
         raise WarehouseUpgradeError(
-            f"{views}: moving its published tables to Delta Lake (once, after upgrading adrank) needs the file "
-            "for a moment, and another process holds it. Nothing was lost: close the other connections and rerun"
+            f"{where.views}: moving its published tables to Delta Lake (once, after upgrading adrank) needs the "
+            "file for a moment, and another process holds it. Nothing changed: close the other connections and rerun"
         )
     with con:
-        if legacy_table:  # adrank < 0.2 held ad_rankings as a table in warehouse.duckdb
-            rows = con.table("ad_rankings").fetch_arrow_table()
+        for table, files in old.items():
+            newest: dict[str, Path] = {}
+            for path in sorted((f for f in files if f.suffix == ".parquet"), key=lambda f: f.name):  # publish time
+                newest[_partition_of(where, table, path)] = path
+            converted = set(published_partitions(where, table))
+            for value, path in sorted(newest.items()):
+                if value not in converted:
+                    _write_old_partition(where, table, value, pq.read_table(path))
+        if legacy_table:  # adrank < 0.2 held ad_rankings as a table: its dates, unless files of them are newer
+            rows, converted = (
+                con.table("ad_rankings").fetch_arrow_table(),
+                set(published_partitions(where, "ad_rankings")),
+            )
             for value in pc.unique(rows["run_date"]).to_pylist():
-                _write_old_partition(
-                    warehouse, "ad_rankings", str(value), rows.filter(pc.equal(rows["run_date"], value))
-                )
+                if str(value) not in converted:
+                    day_rows = rows.filter(pc.equal(rows["run_date"], value))
+                    _write_old_partition(where, "ad_rankings", str(value), day_rows)
             con.execute("drop view if exists latest_ad_rankings")
             con.execute("drop table ad_rankings")
-    if not ensure_views(warehouse):
-        raise WarehouseUpgradeError(f"{views}: the views could not switch to Delta Lake; the old files stay. Rerun")
+        create_views(con, where)
     for files in old.values():
         for path in files:
             path.unlink(missing_ok=True)
     for table in PARTITIONS:
-        for folder in table_path(warehouse, table).glob("*=*/schema-*"):
+        for folder in table_path(where, table).glob("*=*/schema-*"):
             shutil.rmtree(folder, ignore_errors=True)
 
 

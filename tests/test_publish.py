@@ -431,8 +431,10 @@ def test_time_travel_reads_a_date_as_it_was_published_at_a_version_or_a_time(tmp
     assert user_rankings(warehouse, "u1", day, None)["model_version"].unique().to_list() == ["2"]
     assert user_rankings(warehouse, "u1", day, None, as_of=0)["ad_id"].to_list() == ["a", "b", "c"]
     assert user_rankings(warehouse, "u1", day, None, as_of=between)["model_version"].unique().to_list() == ["1"]
-    with pytest.raises(LookupError, match="no version"):
+    with pytest.raises(LookupError, match="has versions 0 to 1, not 7"):
         user_rankings(warehouse, "u1", day, None, as_of=7)
+    with pytest.raises(LookupError, match="oldest version kept is from"):
+        user_rankings(warehouse, "u1", day, None, as_of=datetime(2020, 1, 1, tzinfo=UTC))
     assert main(["rankings", "--user", "u1", "--date", str(day), "--as-of", "0", "--warehouse", str(warehouse)]) == 0
     assert main(["rankings", "--user", "u1", "--as-of", "yesterday", "--warehouse", str(warehouse)]) == 2
 
@@ -464,6 +466,8 @@ def test_unpublish_after_the_retention_changes_nothing(tmp_path, scores):
     with pytest.raises(table_history.NoEarlierPublishError, match="vacuumed"):
         table_history.unpublish(warehouse, "ad_rankings", str(day))
     assert rows(warehouse) == before
+    with pytest.raises(LookupError, match="past the retention"):  # nor can time travel read it
+        user_rankings(warehouse, "u1", day, None, as_of=0)
 
 
 def write_old_layout(tmp_path, warehouse) -> None:
@@ -523,6 +527,7 @@ def test_a_warehouse_of_the_hand_made_layout_is_moved_to_delta_once(tmp_path, sc
     finally:
         holder.communicate("", timeout=30)
     assert len(list(tmp_path.glob("*/run_date=*/**/[0-9]*.parquet"))) == 4  # the old files, untouched
+    assert not list(tmp_path.glob("*/_delta_log"))  # and no Delta table begun
 
     ecpm = staged(
         pa.table({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "pctr": [0.4, 0.1], "ecpm": [400.0, 900.0]}),
@@ -543,3 +548,17 @@ def test_a_warehouse_of_the_hand_made_layout_is_moved_to_delta_once(tmp_path, sc
     assert not list(tmp_path.glob("*/run_date=*/schema-*")) and not list(tmp_path.glob("*/run_date=*/.*.tmp"))
     assert not list(tmp_path.glob("*/run_date=*/[0-9]*.parquet"))
     assert main(["views", "--warehouse", str(warehouse)]) == 0
+
+
+def test_an_upgrade_killed_while_deleting_the_old_files_finishes_without_going_back_a_publish(tmp_path, scores):
+    warehouse = tmp_path / "w.duckdb"
+    write_old_layout(tmp_path, warehouse)
+    newest = tmp_path / "ad_rankings/run_date=2025-12-31/schema-bbbb/20251231T020000000000-y.parquet"
+    # as the upgrade leaves it when killed after converting 2025-12-31 and deleting that date's newest file
+    warehouse_upgrade._write_old_partition(warehouse, "ad_rankings", "2025-12-31", pq.read_table(newest))
+    newest.unlink()
+    assert main(["views", "--warehouse", str(warehouse)]) == 0  # the rerun
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        got = con.execute("select run_date, min(model_version), max(model_version) from ad_rankings group by 1")
+        assert sorted(got.fetchall()) == [(date(2025, 12, 30), "0", "0"), (date(2025, 12, 31), "1", "1")]
+    assert not list(tmp_path.glob("*/run_date=*/schema-*"))
