@@ -63,17 +63,31 @@ def s3_access_from_env(environ: Mapping[str, str] = os.environ) -> S3Access:
     return S3Access(key_id, secret, env.get("AWS_SESSION_TOKEN"), region, endpoint, use_ssl)
 
 
-def httpfs_extension_path() -> Path:
-    """The httpfs.duckdb_extension that the duckdb-extension-httpfs wheel ships for this DuckDB."""
-    spec = importlib.util.find_spec("duckdb_extension_httpfs")
+def wheel_extension(name: str) -> Path:
+    """The <name>.duckdb_extension that the duckdb-extension-<name> wheel ships for this DuckDB: httpfs for
+    s3:// logs and tables, delta for the published tables (tasks/warehouse.py). Offline workers cannot
+    download them."""
+    spec = importlib.util.find_spec(f"duckdb_extension_{name}")
     package = Path(spec.origin).parent if spec and spec.origin else None
-    path = package / "extensions" / f"v{duckdb.__version__}" / "httpfs.duckdb_extension" if package else None
+    path = package / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension" if package else None
     if path is None or not path.is_file():
         raise LogSourceError(
-            f"s3:// logs need DuckDB's httpfs extension for DuckDB {duckdb.__version__}: "
-            f"pip install duckdb-extension-httpfs=={duckdb.__version__}"
+            f"DuckDB's {name} extension is missing: pip install duckdb-extension-{name}=={duckdb.__version__}"
         )
     return path
+
+
+def s3_storage_options(access: S3Access) -> dict[str, str]:
+    """deltalake's S3 options (object_store's names) for the same access as DuckDB's secret below."""
+    options = {
+        "AWS_ACCESS_KEY_ID": access.key_id,
+        "AWS_SECRET_ACCESS_KEY": access.secret,
+        "AWS_SESSION_TOKEN": access.session_token,
+        "AWS_REGION": access.region,
+        "AWS_ENDPOINT_URL": access.endpoint and f"{'https' if access.use_ssl else 'http'}://{access.endpoint}",
+        "AWS_ALLOW_HTTP": None if access.use_ssl else "true",
+    }
+    return {name: value for name, value in options.items() if value}
 
 
 def connect_s3(con: duckdb.DuckDBPyConnection, url: str) -> None:
@@ -82,7 +96,7 @@ def connect_s3(con: duckdb.DuckDBPyConnection, url: str) -> None:
         raise LogSourceError(f"{redact(url)}: credentials go in AWS_* environment variables, not the URL")
     access = s3_access_from_env()
     # LOAD by path: INSTALL would copy the file under ~/.duckdb, which a worker may not have or may not write
-    con.execute(f"load {_literal(str(httpfs_extension_path()))}")
+    con.execute(f"load {_literal(str(wheel_extension('httpfs')))}")
     options = {
         "key_id": access.key_id,
         "secret": access.secret,

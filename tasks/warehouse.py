@@ -18,7 +18,6 @@ from adrank's earlier hand-made layout: tasks/warehouse_upgrade.py). Time travel
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
-from tasks.object_storage import connect_s3, httpfs_extension_path, is_s3_url, s3_access_from_env
+from tasks.object_storage import connect_s3, is_s3_url, s3_access_from_env, s3_storage_options, wheel_extension
 from tasks.sql_files import load_sql
 
 if TYPE_CHECKING:
@@ -81,18 +80,7 @@ class Warehouse:
 
     def storage_options(self) -> dict[str, str] | None:
         """deltalake's S3 options from the AWS environment variables (as data.logs reads them), or None."""
-        if not self.remote:
-            return None
-        access = s3_access_from_env()
-        options = {
-            "AWS_ACCESS_KEY_ID": access.key_id,
-            "AWS_SECRET_ACCESS_KEY": access.secret,
-            "AWS_SESSION_TOKEN": access.session_token,
-            "AWS_REGION": access.region,
-            "AWS_ENDPOINT_URL": access.endpoint and f"{'https' if access.use_ssl else 'http'}://{access.endpoint}",
-            "AWS_ALLOW_HTTP": None if access.use_ssl else "true",
-        }
-        return {name: value for name, value in options.items() if value}
+        return s3_storage_options(s3_access_from_env()) if self.remote else None
 
 
 def located(warehouse: Path | Warehouse) -> Warehouse:
@@ -187,22 +175,12 @@ def vacuum(delta: DeltaTable, retention: timedelta) -> list[str]:
     return delta.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True)
 
 
-def delta_extension() -> Path:
-    """The delta.duckdb_extension that the duckdb-extension-delta wheel ships for this DuckDB (offline)."""
-    spec = importlib.util.find_spec("duckdb_extension_delta")
-    package = Path(spec.origin).parent if spec and spec.origin else None
-    path = package / "extensions" / f"v{duckdb.__version__}" / "delta.duckdb_extension" if package else None
-    if path is None or not path.is_file():
-        raise RuntimeError(f"pip install duckdb-extension-delta=={duckdb.__version__}: the views read Delta tables")
-    return path
-
-
 def connect(warehouse: Path | Warehouse, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """warehouse.duckdb with DuckDB's delta extension loaded (from the wheel: nothing is downloaded), and for
     tables in S3 httpfs and the environment's credentials (tasks/object_storage.py)."""
     where = located(warehouse)
     con = duckdb.connect(str(where.views), read_only=read_only)
-    con.execute(f"load {_string_literal(str(delta_extension()))}")
+    con.execute(f"load {_string_literal(str(wheel_extension('delta')))}")
     if where.remote:
         connect_s3(con, where.tables)
     return con
@@ -262,7 +240,7 @@ def _install_for_analysts(con: duckdb.DuckDBPyConnection, remote: bool) -> None:
     """INSTALL copies the wheels' extensions (delta; httpfs for tables in S3) into the user's extension
     folder, from where any DuckDB of this version autoloads them; a folder it cannot write only costs
     analysts that step."""
-    extensions = [delta_extension()] + ([httpfs_extension_path()] if remote else [])
+    extensions = [wheel_extension("delta")] + ([wheel_extension("httpfs")] if remote else [])
     try:
         for extension in extensions:
             con.execute(f"install {_string_literal(str(extension))}")
