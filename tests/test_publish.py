@@ -562,3 +562,42 @@ def test_an_upgrade_killed_while_deleting_the_old_files_finishes_without_going_b
         got = con.execute("select run_date, min(model_version), max(model_version) from ad_rankings group by 1")
         assert sorted(got.fetchall()) == [(date(2025, 12, 30), "0", "0"), (date(2025, 12, 31), "1", "1")]
     assert not list(tmp_path.glob("*/run_date=*/schema-*"))
+
+
+@pytest.mark.fault
+def test_a_first_publish_while_an_analyst_holds_the_file_for_writing_goes_on_without_its_views(
+    tmp_path, scores, monkeypatch, capsys
+):
+    monkeypatch.setattr(warehouse_module, "LOCK_WAIT_SECONDS", 0.5)
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_metrics(warehouse, day)  # warehouse.duckdb exists, with model_daily_metrics' view only
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(warehouse), "read_write"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert publish_rankings(warehouse, scores(), day, "m", "1", top_n=3) == 6  # ad_rankings' first publish
+        assert "views not checked" in capsys.readouterr().out  # published all the same, the views left for later
+        assert main(["views", "--warehouse", str(warehouse)]) == 1  # still held
+    finally:
+        holder.communicate("", timeout=30)
+    assert main(["views", "--warehouse", str(warehouse)]) == 0
+    assert len(rows(warehouse)) == 6 and len(rows(warehouse, "latest_ad_rankings")) == 6
+
+
+def test_housekeeping_that_fails_after_the_commit_is_a_warning_not_a_failed_publish(
+    tmp_path, scores, monkeypatch, capsys
+):
+    warehouse, day = tmp_path / "w.duckdb", date(2026, 1, 1)
+    publish_rankings(warehouse, scores(), day, "m", "1", top_n=3)
+
+    def vacuum_fails(delta, retention):
+        raise OSError("disk unreachable")
+
+    monkeypatch.setattr(warehouse_module, "vacuum", vacuum_fails)
+    assert publish_rankings(warehouse, scores(), day, "m", "2", top_n=3) == 6  # no retry would publish it twice
+    assert "housekeeping failed: disk unreachable" in capsys.readouterr().out
+    assert {r[5] for r in rows(warehouse)} == {"2"}

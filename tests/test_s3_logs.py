@@ -258,7 +258,7 @@ def scores_file(tmp_path):
     return make
 
 
-def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(aws_env, tmp_path, scores_file):
+def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(aws_env, tmp_path, scores_file, capsys):
     """warehouse_tables = s3://...: publishing, time travel and unpublish through the S3 API, and an analyst's
     DuckDB (another process, its own S3 secret) reading the views warehouse.duckdb holds over them."""
     tables = f"s3://{BUCKET}/warehouse"
@@ -271,7 +271,9 @@ def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(a
     assert user_rankings(where, "u1", day, None, as_of=0)["ad_id"].to_list() == ["a", "b", "c"]
     flags = ["--warehouse", str(where.views), "--warehouse_tables", tables]
     assert main(["unpublish", "--date", str(day), *flags]) == 0
+    capsys.readouterr()
     assert main(["rankings", "--user", "u1", "--date", str(day), *flags]) == 0
+    assert "run_date 2026-01-01, model version 1" in capsys.readouterr().out
     assert read_published(where, "ad_rankings")["model_version"].unique().to_list() == ["1"]
 
     analyst = (
