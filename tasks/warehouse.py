@@ -188,7 +188,8 @@ def connect(warehouse: Path | Warehouse, read_only: bool = True) -> duckdb.DuckD
 
 def warehouse_views_current(warehouse: Path | Warehouse, tables: list[str] | None = None) -> bool:
     """Whether warehouse.duckdb has every view of the published tables (or `tables`), reading Delta where the
-    tables are now. A file held for writing by another process counts as current: checked again next time."""
+    tables are now. A file held for writing by another process counts as current, with a warning: checked
+    again at the next publish."""
     where = located(warehouse)
     tables = [t for t in (tables or VIEWS) if open_table(where, t) is not None]
     if not where.views.exists():
@@ -250,6 +251,7 @@ def _install_for_analysts(con: duckdb.DuckDBPyConnection, remote: bool) -> None:
 
 
 def connect_waiting(warehouse: Path | Warehouse) -> duckdb.DuckDBPyConnection | None:
+    """warehouse.duckdb open for writing, retried while another process holds it, or None after LOCK_WAIT_SECONDS."""
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
@@ -270,7 +272,7 @@ def _scan_sql(where: Warehouse, table: str) -> str:
        (docs/analysts.md);
     3. else the absolute folder the views were created in.
     DuckDB folds the expression to a constant each time a view is queried."""
-    if where.remote or where.tables:
+    if where.tables:  # a folder named in the config, or s3://: as it is
         return f"delta_scan({_string_literal(where.table_uri(table))})"
     warehouse = where.views
     temp_directory = "current_setting('temp_directory')"
