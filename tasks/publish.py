@@ -75,9 +75,7 @@ def publish_rankings(
             )
         violations = con.execute(load_sql("checks/ad_rankings_keys")).fetchall()
         if violations:
-            raise PublishCheckError(
-                f"{located(warehouse).views}: staged ad_rankings for {run_date} failed key checks: {violations}"
-            )
+            raise PublishCheckError(f"{views}: staged ad_rankings for {run_date} failed key checks: {violations}")
         ranked = con.table("staged_ad_rankings").order("user_id, rank").fetch_arrow_table()
     write_partitions(warehouse, "ad_rankings", ranked, retention)
     return rows

@@ -156,3 +156,27 @@ def constant_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return path
+
+
+def staged(table: pa.Table, folder) -> str:
+    """The scores as tasks/score.py stages them: a Parquet file."""
+    path = folder / f"scores-{len(list(folder.glob('scores-*')))}.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture
+def scores(tmp_path):
+    """Staged scores of two users x three ads; u1's score of ad a is the argument (b and c tie)."""
+
+    def make(pctr_a: float = 0.4):
+        table = pa.table(
+            {
+                "user_id": ["u1", "u1", "u1", "u2", "u2", "u2"],
+                "ad_id": ["a", "b", "c", "a", "b", "c"],
+                "pctr": [pctr_a, 0.2, 0.2, 0.1, 0.3, 0.05],
+            }
+        )
+        return staged(table, tmp_path)
+
+    return make

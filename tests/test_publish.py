@@ -28,29 +28,7 @@ from tasks.publish import (
     user_rankings,
 )
 from tasks.warehouse import VIEWS
-from tests.conftest import write_logs
-
-
-def staged(table: pa.Table, folder) -> str:
-    """The scores as tasks/score.py stages them: a Parquet file."""
-    path = folder / f"scores-{len(list(folder.glob('scores-*')))}.parquet"
-    pq.write_table(table, path)
-    return path
-
-
-@pytest.fixture
-def scores(tmp_path):
-    def make(pctr_a: float = 0.4):
-        table = pa.table(
-            {
-                "user_id": ["u1", "u1", "u1", "u2", "u2", "u2"],
-                "ad_id": ["a", "b", "c", "a", "b", "c"],
-                "pctr": [pctr_a, 0.2, 0.2, 0.1, 0.3, 0.05],
-            }
-        )
-        return staged(table, tmp_path)
-
-    return make
+from tests.conftest import staged, write_logs
 
 
 def rows(warehouse, table: str = "ad_rankings") -> list[tuple]:

@@ -240,32 +240,14 @@ def test_sample_data_refuses_to_write_to_object_storage(tmp_path, monkeypatch, c
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
 
 
-@pytest.fixture
-def scores_file(tmp_path):
-    """Staged scores of two users x three ads; u1's score of ad a is the argument."""
-
-    def make(pctr_a: float) -> Path:
-        path = tmp_path / f"scores-{pctr_a}.parquet"
-        pl.DataFrame(
-            {
-                "user_id": ["u1"] * 3 + ["u2"] * 3,
-                "ad_id": ["a", "b", "c"] * 2,
-                "pctr": [pctr_a, 0.2, 0.1, 0.1, 0.3, 0.05],
-            }
-        ).write_parquet(path)
-        return path
-
-    return make
-
-
-def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(aws_env, tmp_path, scores_file, capsys):
+def test_published_tables_in_s3_serve_the_flows_the_cli_and_an_analysts_duckdb(aws_env, tmp_path, scores, capsys):
     """warehouse_tables = s3://...: publishing, time travel and unpublish through the S3 API, and an analyst's
     DuckDB (another process, its own S3 secret) reading the views warehouse.duckdb holds over them."""
     tables = f"s3://{BUCKET}/warehouse"
     where = Warehouse(tmp_path / "home" / "warehouse.duckdb", tables)
     day = date(2026, 1, 1)
-    publish_rankings(where, scores_file(0.4), day, "m", "1", top_n=3)
-    publish_rankings(where, scores_file(0.01), day, "m", "2", top_n=3)
+    publish_rankings(where, scores(0.4), day, "m", "1", top_n=3)
+    publish_rankings(where, scores(0.01), day, "m", "2", top_n=3)
     assert not (tmp_path / "home" / "ad_rankings").exists()  # nothing of the table is local
     assert user_rankings(where, "u1", day, None)["ad_id"].to_list() == ["b", "c", "a"]
     assert user_rankings(where, "u1", day, None, as_of=0)["ad_id"].to_list() == ["a", "b", "c"]
