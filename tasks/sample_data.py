@@ -1,11 +1,12 @@
 """A seeded synthetic ad market in adrank's log contract: the embedded default data.
 
-Users have demographics, hidden topic interests (correlated with occupation) and a profile column of
-recent web searches drawn from those interests, in words of their own (never the ads' products or
-the topic's name); ads have natural-language copy about one topic; a click is drawn from a logistic
-model of interest <-> ad topic, ad quality, position bias and noise. New ads appear on each of the
-last `cold_start_days` days (cold start), so only their text says whom they suit. docs/data.md states
-the click model.
+Users have demographics, hidden interests in products (a few topics, correlated with occupation, and within
+each topic one or two of its products) and a profile column of recent web searches drawn from those
+interests, in words of their own (never the ads' products, brands or the topic's name); ads have
+natural-language copy about one product of one topic (`category`, the advertiser's coarse label); a click
+is drawn from a logistic model of interest <-> the ad's product, ad quality, position bias and noise. New
+ads appear on each of the last `cold_start_days` days (cold start), so only their text says whom they
+suit. docs/data.md states the click model.
 """
 
 from __future__ import annotations
@@ -84,107 +85,166 @@ TOPICS: dict[str, tuple[list[str], list[str], list[str]]] = {
     ),
 }
 HOOKS = ["Discover the", "Meet the", "Try our", "Save on the", "Introducing the", "Get the"]
-# topic -> what people interested in it search for: their words, not the ads'
+# product -> what people who want it search for: their words, never the ads' (products, brands, topics)
 SEARCHES: dict[str, list[str]] = {
-    "travel": [
-        "cheap flights in october",
+    "weekend getaway to Lisbon": [
         "things to do in porto",
+        "best pastel de nata in portugal",
+        "short city break in spring",
+    ],
+    "all-inclusive beach resort": [
         "best time to visit the algarve",
-        "boutique hotels near the old town",
-        "packing list for a short trip",
+        "sunbathing holidays with a kids club",
+        "hotel where every drink is included",
+    ],
+    "mountain cabin escape": [
+        "log fire lodge in the alps",
+        "snowy retreat with a hot tub",
+        "remote chalet for a quiet week",
+    ],
+    "rail pass across Europe": [
         "train or plane to paris",
+        "sleeper train to venice",
+        "scenic train journeys through the alps",
     ],
-    "fitness": [
+    "home kettlebell set": [
         "how to do a proper squat",
-        "couch to 5k week one",
-        "protein after a workout",
+        "strength workout in the spare room",
+        "swing exercise for glutes",
+    ],
+    "30-day running plan": ["couch to 5k week one", "how to pace a first marathon", "shin splints after jogging"],
+    "smart fitness tracker": [
+        "how many steps should i walk",
+        "what is a normal resting heart rate",
+        "count calories burned on a walk",
+    ],
+    "yoga mat with alignment lines": [
         "stretches for lower back pain",
-        "late night workout class",
-        "how to lose belly fat",
+        "pilates or stretching for flexibility",
+        "sun salutation hurts my wrists",
     ],
-    "gaming": [
-        "elden ring boss guide",
+    "mechanical gaming keyboard": ["best switches for typing fast", "keys double typing fix", "rgb keycaps worth it"],
+    "open-world fantasy RPG": ["elden ring boss guide", "games like skyrim", "best quests in witcher 3"],
+    "wireless controller": [
+        "gamepad drift on the left stick",
+        "co-op games to play with friends on the sofa",
+        "bluetooth pad not pairing",
+    ],
+    "144 Hz gaming monitor": [
         "best fps settings",
-        "steam sale dates",
-        "how to reduce input lag",
-        "co-op games to play with friends",
-        "speedrun fastest times",
+        "screen tearing in shooters",
+        "is 60 fps enough for competitive play",
     ],
-    "cooking": [
+    "cast-iron skillet": [
+        "crispy sear on a steak",
+        "heavy cookware that lasts a lifetime",
+        "restore a rusty heirloom fryer",
+    ],
+    "weekly meal kit": [
         "easy weeknight dinner recipes",
-        "homemade pizza dough",
-        "what to cook with leftover rice",
-        "slow cooker beef stew",
-        "how to make bread rise",
-        "best way to sharpen knives",
+        "what to cook when too tired to shop",
+        "dinner ideas for busy families",
     ],
-    "finance": [
-        "how much to save for retirement",
-        "compound growth calculator",
+    "chef's knife set": ["best way to sharpen knives", "how to dice an onion fast", "whetstone or honing rod"],
+    "sourdough starter kit": ["how to make bread rise", "homemade pizza dough", "feeding a levain every morning"],
+    "high-interest savings account": [
         "isa allowance this year",
-        "how to pay off debt fast",
-        "what is an etf",
-        "mortgage rates today",
+        "where to park emergency cash",
+        "beat inflation with my cash",
     ],
-    "fashion": [
-        "autumn outfit ideas",
-        "how to style white sneakers",
-        "capsule wardrobe basics",
-        "what to wear to a wedding",
-        "sustainable clothing brands",
+    "low-fee index fund": ["what is an etf", "how much to save for retirement", "compound growth calculator"],
+    "budgeting app": ["track my spending each month", "how to pay off debt fast", "50 30 20 rule explained"],
+    "no-annual-fee credit card": [
+        "points and cashback on purchases",
+        "raise my borrowing score",
+        "contactless spending abroad without charges",
+    ],
+    "linen summer dress": ["what to wear to a wedding", "light outfits for a heatwave", "floral frocks for holidays"],
+    "leather ankle boots": ["autumn outfit ideas", "suede or calfskin footwear", "heeled shoes that go with jeans"],
+    "tailored wool coat": [
         "what goes with a trench",
+        "warm outerwear for the office",
+        "winter overcoat that fits well",
     ],
-    "pets": [
-        "puppy will not stop chewing",
-        "how often to feed a kitten",
-        "why does my kitten scratch the sofa",
+    "vintage denim jacket": ["capsule wardrobe basics", "thrift finds from the 90s", "how to style white sneakers"],
+    "grain-free dog food": [
         "puppy allergy symptoms",
-        "how to trim puppy claws",
-        "adopt a rescue greyhound",
+        "kibble without wheat",
+        "best diet for a labrador with a sensitive stomach",
     ],
-    "parenting": [
-        "infant nap schedule 6 months",
-        "tantrums at two what to do",
+    "self-cleaning litter box": ["kitten tray smells", "how often to change kitty sand", "scooping less often"],
+    "orthopedic dog bed": ["old labrador stiff joints", "adopt a rescue greyhound", "arthritis in an older hound"],
+    "interactive cat toy": ["why does my kitten scratch the sofa", "bored indoor kitten", "how to tire out a kitten"],
+    "convertible baby stroller": ["pram that folds one handed", "pushchair for city pavements", "best buggy for twins"],
+    "organic baby formula": [
         "weaning first purees",
-        "preparing a room for a newborn",
-        "how to childproof stairs",
-        "school run tips",
+        "switching from breastfeeding to bottles",
+        "how much milk does a newborn drink",
     ],
-    "outdoors": [
-        "easy hikes near me",
+    "wooden learning toys": [
+        "montessori activities for a two year old",
+        "educational play ideas for preschoolers",
+        "stacking and counting games",
+    ],
+    "toddler car seat": ["rear facing until what age", "isofix installation guide", "is a second hand booster safe"],
+    "ultralight hiking tent": [
         "rules for overnight stays in the hills",
-        "national park trails",
-        "what to bring on a ramble",
-        "bouldering for beginners",
-        "best lakes for kayaking",
+        "wild pitching in scotland",
+        "lightest shelter for backpacking",
     ],
-    "music": [
+    "waterproof trail boots": ["easy hikes near me", "national park trails", "blisters on long walks"],
+    "camping stove": ["boil water at a campsite", "cook a hot breakfast in the wild", "gas canister for backpacking"],
+    "climbing harness": ["bouldering for beginners", "top rope knots", "indoor wall belay course"],
+    "noise-cancelling headphones": [
+        "block out office chatter",
+        "quiet commute on the tube",
+        "silence for long flights",
+    ],
+    "beginner acoustic guitar": [
         "learn ukulele chords quickly",
+        "strumming patterns for pop songs",
+        "first chords to learn on six strings",
+    ],
+    "vinyl record player": ["best albums of the year", "where to buy lps second hand", "turntable needle replacement"],
+    "online piano lessons": [
         "how to read notes on a stave",
-        "best albums of the year",
-        "concert tickets on saturday",
-        "recording vocals in a bedroom",
         "jazz standards to learn",
+        "learn to play chopin as an adult",
     ],
-    "home": [
-        "cannot fall asleep at night",
+    "robot vacuum cleaner": [
+        "hair on the rug every evening",
         "declutter lounge ideas",
-        "cut heating bills",
-        "carpet stains that will not shift",
-        "cosy bedroom ideas",
-        "draughty house in winter",
+        "dusty floors despite sweeping",
     ],
-    "tech": [
+    "memory foam mattress": [
+        "cannot fall asleep at night",
+        "waking up with a sore back",
+        "sinking in the middle when lying down",
+    ],
+    "smart thermostat": ["cut heating bills", "draughty house in winter", "control radiators from my phone"],
+    "linen bedding set": ["cosy bedroom ideas", "cotton or bamboo sheets", "duvet covers that stay cool"],
+    "ultrathin laptop": [
         "notebook battery drains quickly",
-        "how to back up photos",
-        "video call looks blurry",
-        "usb c hub recommendations",
+        "lightest computer for commuting",
         "speed up a slow computer",
-        "password manager worth it",
     ],
+    "cloud backup plan": ["how to back up photos", "lost files after a crash", "keep files safe if my computer dies"],
+    "noise-free mechanical mouse": [
+        "wrist pain from clicking",
+        "quiet clicks for a shared office",
+        "ergonomic pointer for the desk",
+    ],
+    "4K webcam for meetings": ["video call looks blurry", "look better on zoom", "camera for streaming from a desk"],
 }
 SEARCHES_PER_USER = 3
-OFF_INTEREST_SEARCH_SHARE = 0.2  # searches about a random topic: people search for more than they buy
+OFF_INTEREST_SEARCH_SHARE = 0.2  # searches about a random product: people search for more than they buy
+# a user who likes a topic likes one or two of its products; the topic's other products interest them this much
+LIKED_PRODUCTS_PER_TOPIC = (1, 2)
+SIBLING_PRODUCT_INTEREST = 0.1
+# (topic, product): what a user's interest and an ad are about; `category` names only the topic
+PRODUCTS: list[tuple[str, str]] = [
+    (topic, product) for topic, (_, products, _) in TOPICS.items() for product in products
+]
 
 # occupation -> topics it leans towards; the hidden interests draw from these
 OCCUPATIONS: dict[str, list[str]] = {
@@ -211,9 +271,9 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     """
     rng = np.random.default_rng(config.seed)
     topics = list(TOPICS)
-    ads = _make_ads(config, rng, topics)
+    ads, ad_products = _make_ads(config, rng, topics)
     users, interests = _make_users(config, rng, topics)
-    impressions = _make_impressions(config, rng, ads, users, interests, topics)
+    impressions = _make_impressions(config, rng, ads, ad_products, users, interests, topics)
 
     with replaced_whole(out_dir, default_dir) as tmp_dir:
         for table_name, table in (("ads", ads), ("users", users)):
@@ -228,7 +288,8 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     return {"impressions": impressions.num_rows, "ads": ads.num_rows, "users": users.num_rows}
 
 
-def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> pa.Table:
+def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """The ads table and each ad's index in PRODUCTS."""
     start = datetime.combine(config.start_date, time())
     first_cold_day = max(0, config.days - config.cold_start_days)
     n_cold = max(1, config.ads // 4)
@@ -236,11 +297,13 @@ def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[s
     rows: dict[str, list] = {
         k: [] for k in ("ad_id", "title", "description", "category", "advertiser", "bid", "active", "created_at")
     }
+    ad_products = np.zeros(config.ads, dtype=int)
     for i in range(config.ads):
         topic = advertiser_topics[i % config.advertisers]
         advertisers, products, pitches = TOPICS[topic]
         advertiser = advertisers[(i // config.advertisers) % len(advertisers)]
         product = products[rng.integers(len(products))]
+        ad_products[i] = PRODUCTS.index((topic, product))
         is_cold = i >= config.ads - n_cold
         # established ads predate the log; cold-start ones appear during its last days
         created_days = rng.integers(first_cold_day, config.days) if is_cold else -rng.integers(1, 60)
@@ -252,12 +315,12 @@ def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[s
         rows["bid"].append(round(float(rng.uniform(0.2, 2.0)), 2))
         rows["active"].append(bool(rng.random() > 0.05) or is_cold or i == 0)  # ad 0: never an empty market
         rows["created_at"].append(start + timedelta(days=int(created_days), hours=int(rng.integers(0, 12))))
-    return pa.table(rows)
+    return pa.table(rows), ad_products
 
 
 def _make_users(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> tuple[pa.Table, np.ndarray]:
     occupations = list(OCCUPATIONS)
-    interests = np.zeros((config.users, len(topics)))  # (users, topics), rows sum to 1
+    interests = np.zeros((config.users, len(PRODUCTS)))  # (users, products), in [0, 1]
     rows: dict[str, list] = {k: [] for k in ("user_id", "age", "gender", "city", "occupation", "recent_searches")}
     for u in range(config.users):
         occupation = occupations[rng.integers(len(occupations))]
@@ -267,24 +330,33 @@ def _make_users(config: SampleDataConfig, rng: np.random.Generator, topics: list
         leaning = [topics.index(t) for t in OCCUPATIONS[occupation]]
         # two topics from the occupation's leaning, one at random: demographics hint, history tells
         chosen = list(dict.fromkeys([*rng.choice(leaning, size=2, replace=False), rng.integers(len(topics))]))
-        interests[u, chosen] = rng.dirichlet(np.ones(len(chosen)))
+        for topic, weight in zip(chosen, rng.dirichlet(np.ones(len(chosen))), strict=True):
+            in_topic = [p for p, (t, _) in enumerate(PRODUCTS) if t == topics[topic]]
+            liked = rng.choice(
+                in_topic, size=rng.integers(LIKED_PRODUCTS_PER_TOPIC[0], LIKED_PRODUCTS_PER_TOPIC[1] + 1)
+            )
+            interests[u, in_topic] = weight * SIBLING_PRODUCT_INTEREST
+            interests[u, liked] = weight
         rows["user_id"].append(f"u{u:05d}")
         rows["age"].append(age)
         rows["gender"].append(str(rng.choice(["female", "male", "non-binary"], p=[0.49, 0.49, 0.02])))
         rows["city"].append(CITIES[rng.integers(len(CITIES))])
         rows["occupation"].append(occupation)
-        rows["recent_searches"].append(_searches(rng, interests[u], topics))
+        rows["recent_searches"].append(_searches(rng, interests[u]))
     return pa.table(rows), interests
 
 
-def _searches(rng: np.random.Generator, interests: np.ndarray, topics: list[str]) -> str:
-    """SEARCHES_PER_USER distinct searches, each about a topic drawn by the user's interests (or, with
-    OFF_INTEREST_SEARCH_SHARE, any topic)."""
+def _searches(rng: np.random.Generator, interests: np.ndarray) -> str:
+    """SEARCHES_PER_USER distinct searches, each about a product drawn by the user's interests (or, with
+    OFF_INTEREST_SEARCH_SHARE, any product)."""
     chosen: list[str] = []
     while len(chosen) < SEARCHES_PER_USER:
         off_interest = rng.random() < OFF_INTEREST_SEARCH_SHARE
-        topic = topics[rng.integers(len(topics))] if off_interest else topics[rng.choice(len(topics), p=interests)]
-        search = SEARCHES[topic][rng.integers(len(SEARCHES[topic]))]
+        drawn = (
+            rng.integers(len(PRODUCTS)) if off_interest else rng.choice(len(PRODUCTS), p=interests / interests.sum())
+        )
+        searches = SEARCHES[PRODUCTS[drawn][1]]
+        search = searches[rng.integers(len(searches))]
         if search not in chosen:
             chosen.append(search)
     return "; ".join(chosen)
@@ -294,6 +366,7 @@ def _make_impressions(
     config: SampleDataConfig,
     rng: np.random.Generator,
     ads: pa.Table,
+    ad_products: np.ndarray,
     users: pa.Table,
     interests: np.ndarray,
     topics: list[str],
@@ -321,8 +394,8 @@ def _make_impressions(
                     if a is None:  # fewer eligible ads than slots
                         break
                     eligible[a] = False  # one request shows an ad once
-                    # click model: interest in the ad's topic dominates; position and quality shift it
-                    logit = -3.0 + 6.0 * interests[u, ad_topic[a]] + ad_quality[a] - 0.3 * (position - 1)
+                    # click model: interest in the ad's product dominates; position and quality shift it
+                    logit = -2.3 + 6.0 * interests[u, ad_products[a]] + ad_quality[a] - 0.3 * (position - 1)
                     logit += rng.normal(0.0, 0.3)
                     rows["impression_id"].append(len(rows["impression_id"]) + 1)
                     rows["ts"].append(ts)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
 from tasks.logs import open_logs
-from tasks.sample_data import SEARCHES, SEARCHES_PER_USER, TOPICS, generate_sample_logs
+from tasks.sample_data import PRODUCTS, SEARCHES, SEARCHES_PER_USER, TOPICS, generate_sample_logs
 
 SMALL = SampleDataConfig(users=30, advertisers=4, ads=10, days=6, cold_start_days=2)
 
@@ -61,6 +61,29 @@ def test_clicks_follow_the_hidden_interests(tmp_path):
         """
     ).fetchone()
     assert repeat_ctr > 2 * other_ctr
+
+
+def test_users_click_the_products_they_like_not_just_their_topics(tmp_path):
+    """Within a topic, an ad for a product the user clicked before is clicked far more often than an ad for
+    the topic's other products: `category` alone cannot tell what the ad's copy can."""
+    generate_sample_logs(SampleDataConfig(users=300, days=10), tmp_path / "logs")
+    ads = pl.read_parquet(tmp_path / "logs" / "ads").with_columns(
+        product=pl.col("title").map_elements(lambda title: next(p for _, p in PRODUCTS if p in title), pl.String)
+    )
+    shown = (
+        pl.read_parquet(tmp_path / "logs" / "impressions")
+        .join(ads.select("ad_id", "category", "product"), on="ad_id")
+        .sort("ts")
+    )
+    clicked = shown.filter("clicked").group_by("user_id", "category", "product").agg(pl.col("ts").min().alias("first"))
+    flagged = shown.join(clicked, on=["user_id", "category"], how="inner", suffix="_clicked").filter(
+        pl.col("first") < pl.col("ts")
+    )
+    per_impression = flagged.group_by("impression_id").agg(
+        (pl.col("product") == pl.col("product_clicked")).any().alias("liked_product"), pl.col("clicked").first()
+    )
+    ctr = dict(per_impression.group_by("liked_product").agg(pl.col("clicked").mean()).iter_rows())
+    assert ctr[True] > 2 * ctr[False], ctr
 
 
 def test_regenerating_replaces_the_old_folder(tmp_path):
