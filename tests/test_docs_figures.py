@@ -24,7 +24,8 @@ BLOCKS = {
         "levers-ml100k-quick-full-validation.json",
         quality.levers_section,
     ),
-    "levers-sample-quick": (DOC, "levers-sample-quick.json", quality.levers_section),
+    # the same script at 284dd98, on the sample market before its interests were in products (a9a59b9)
+    "levers-sample-quick-topic-market": (DOC, "levers-sample-quick-topic-market.json", quality.levers_section),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
     "views": (DOC, "views.json", views.markdown),
