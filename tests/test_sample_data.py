@@ -42,7 +42,8 @@ def test_market_follows_the_contract_and_has_cold_start_ads(tmp_path):
 
 
 def test_clicks_follow_the_hidden_interests(tmp_path):
-    """Users click far more on ads of topics they have clicked before: the text carries the signal."""
+    """Users click more on ads of topics they have clicked before (1.5x; within a topic the product matters
+    more, below): the history carries the signal."""
     generate_sample_logs(SampleDataConfig(users=150, days=10), tmp_path / "logs")
     con = open_logs(str(tmp_path / "logs"))
     repeat_ctr, other_ctr = con.execute(
@@ -60,7 +61,7 @@ def test_clicks_follow_the_hidden_interests(tmp_path):
         from flagged
         """
     ).fetchone()
-    assert repeat_ctr > 2 * other_ctr
+    assert repeat_ctr > 1.5 * other_ctr
 
 
 def test_users_click_the_products_they_like_not_just_their_topics(tmp_path):
