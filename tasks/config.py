@@ -113,18 +113,27 @@ class ModelConfig(BaseModel):
     ] = Field(
         "platt+match+ad_prior+user_prior",
         description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
-        "the semantic match (match: the cosine of the user text and the ad text in the base encoder's embedding "
+        "the semantic match (match: the cosine of the user text, blended with its best item's, and the ad text "
+        "in the base encoder's embedding "
         "space, tuned on the clicks where that wins validation: training.match_epochs and match_guard, "
         "tasks/semantic_match.py; the encoder is saved with the model), plus (a hybrid text + ID model) weighted "
         "log-odds of the ad's click rate (ad_prior) and the user's (user_prior), each counted over the logs before "
         "the request's day, as rerank counts them; cold ads (never shown before) get weights of their own, fitted "
         "without the ad prior. 'none': the raw logit.",
     )
+    match_item_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The semantic match blends the whole user text's cosine with the best of its items' (history "
+        "items, profile fields, a column's '; ' list: tasks/semantic_match.py text_items), this much of the latter. "
+        "0: the whole text alone. Chosen on the sample market's validation (docs/benchmarks.md).",
+    )
     cold_fit_min_clicks: int = Field(
         100,
         ge=1,
         description="Cold ads' weights are fitted on the validation pairs of cold ads, or, when those hold fewer "
-        "clicks than this, of the ads shown the fewest times before (tasks/output_layer.py cold_fit_rows); new "
+        "clicks than this, on every validation pair without the ad prior (tasks/output_layer.py cold_fit_rows); new "
         "users' weights (new_user_weights) only when their pairs hold this many.",
     )
     new_user_weights: bool = Field(

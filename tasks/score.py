@@ -27,7 +27,7 @@ from tasks.model import embed_texts, predict_logits, quantize_int8
 from tasks.output_layer import AD_PRIOR_COLUMNS, MATCH_COLUMN, USER_PRIOR_COLUMNS, Calibration, PairPriors
 from tasks.pairs import RankingInputs
 from tasks.progress import StageProgress
-from tasks.semantic_match import MatchEncoder
+from tasks.semantic_match import MatchEncoder, UserMatch
 from tasks.two_tower import TwoTower
 
 # pairs tokenised and length-sorted together in stage 2; large enough that padding stays small
@@ -119,7 +119,7 @@ def score_candidates(
     if stats.two_stage and stage1_ads is None:
         stage1_ads = prepare_stage1(model, ads, stats)
     # the ads' match embeddings (or None): each ad encoded once a run
-    ad_match = stage1_ads.ad_match if stage1_ads is not None else _match_embeddings(model, ads, "ad_text")
+    ad_match = stage1_ads.ad_match if stage1_ads is not None else _ad_match(model, ads)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     progress = StageProgress("rerank: score users", users.height, "users", rate_unit="pairs")
@@ -127,14 +127,14 @@ def score_candidates(
         for start in range(0, users.height, ranking.user_chunk_size):
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
-            user_match = _match_embeddings(model, chunk, "user_text")
+            user_match = _user_match(model, chunk)
             if stats.two_stage:
                 rows, cols = _stage1(model, chunk, stage1_ads, allowed, k, stats, log_bids, user_match)
             else:
                 rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
             pairs = _pairs(chunk, ads, rows, cols)
             if ad_match is not None:
-                match = np.einsum("ij,ij->i", user_match[rows], ad_match[cols])
+                match = model.match_encoder.pair_scores(user_match, ad_match, rows, cols)
                 pairs = pairs.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
             top = _stage2(model, pairs, ranking.top_n, stats, ranking.objective)
             writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
@@ -177,7 +177,7 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
         stats.anchor_pairs += logits.size if calibration.uses_logit else 0
     stats.seconds["anchor"] += time.perf_counter() - started
     terms = (terms + offset).astype(np.float32)
-    ad_match = _match_embeddings(model, ads, "ad_text")
+    ad_match = _ad_match(model, ads)
     return StageOneAds(projections.astype(np.float32), terms, user_weights, reference, ad_match, match_weights)
 
 
@@ -189,7 +189,7 @@ def _stage1(
     k: int,
     stats: ScoringStats,
     log_bids: np.ndarray | None = None,
-    user_match: np.ndarray | None = None,
+    user_match: UserMatch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's top k ads by the stage-1 score: (chunk row, ad row) index arrays."""
     started = time.perf_counter()
@@ -222,24 +222,31 @@ def stage1_scores(
     users: pl.DataFrame,
     projections: np.ndarray,
     stage1_ads: StageOneAds,
-    user_match: np.ndarray | None = None,
+    user_match: UserMatch | None = None,
 ) -> np.ndarray:
     """Stage-1 log-odds of every user x ad, shape (users, ads): the output layer's terms, exact per ad, for the
-    user prior and for the semantic match (user_match: the users' unit match embeddings), around the
+    user prior and for the semantic match (user_match: the users' side of it), around the
     two-tower's estimate of the cross-encoder's logit (users: their P(user) and prior counts)."""
     scores = (projections - stage1_ads.reference) @ stage1_ads.projections.T + stage1_ads.terms
-    if stage1_ads.ad_match is not None:  # exact: the dot product of the two unit vectors, weighted per ad
-        scores += (user_match @ stage1_ads.ad_match.T) * stage1_ads.match_weights.astype(np.float32)
+    if stage1_ads.ad_match is not None:  # exact, weighted per ad
+        match = model.match_encoder.scores(user_match, stage1_ads.ad_match)
+        scores += match.astype(np.float32) * stage1_ads.match_weights.astype(np.float32)
     user_prior = model.calibration.user_prior(PairPriors.of(users))
     return scores + np.outer(user_prior, stage1_ads.user_weights).astype(np.float32)  # differs for seen / unseen ads
 
 
-def _match_embeddings(model: RankingModel, frame: pl.DataFrame, column: str) -> np.ndarray | None:
-    """The semantic match's unit embeddings of the frame's texts, or None when the served layer does not
-    weigh the match."""
-    if model.match_encoder is None or not model.calibration.uses_match:
-        return None
-    return model.match_encoder.embed(frame[column].to_list())
+def _uses_match(model: RankingModel) -> bool:
+    return model.match_encoder is not None and model.calibration.uses_match
+
+
+def _ad_match(model: RankingModel, ads: pl.DataFrame) -> np.ndarray | None:
+    """The semantic match's unit embeddings of the ads' texts, or None when the served layer does not weigh it."""
+    return model.match_encoder.embed(ads["ad_text"].to_list()) if _uses_match(model) else None
+
+
+def _user_match(model: RankingModel, users: pl.DataFrame) -> UserMatch | None:
+    """The users' side of the semantic match, or None when the served layer does not weigh it."""
+    return model.match_encoder.users(users["user_text"].to_list()) if _uses_match(model) else None
 
 
 def _embed(model: RankingModel, texts) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The semantic match: how close a user's text and an ad's text are in the pretrained encoder's own
 embedding space, zero-shot: the cosine of their mean-pooled, normalised embeddings, which is what a
 sentence-embedding model such as all-MiniLM-L6-v2 was trained to make meaningful (on a billion sentence
-pairs). It is a term of the output layer (tasks/output_layer.py, weights fitted on validation), and for an
+pairs). It blends the whole user text's cosine with its best item's (model.match_item_share): one search or
+clicked title that names the ad's product says more than the mean of a text that also holds age, city and
+other interests. It is a term of the output layer (tasks/output_layer.py, weights fitted on validation), and for an
 ad never shown before it is the text's whole say.
 
 Fine-tuning first tunes this encoder on the training clicks (tune_match_encoder: each clicked ad against the
@@ -12,7 +14,9 @@ match as it was fitted. The served model imports this module (tasks/ctr_pyfunc.p
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,25 @@ from tasks.model import embed_texts, mean_pooled, quiet_transformers
 from tasks.output_layer import MATCH_COLUMN
 
 MATCH_FOLDER = "match_encoder"  # inside a saved model: the match's encoder, as fitted
+MATCH_FILE = "match.json"  # in MATCH_FOLDER: how the match reads the encoder (item_share)
+# where a user text splits into items: between history items (tasks/pairs.py's " | "), a profile's fields
+# (", "), a column's list ("; ", as searches) and sentences (". ", the template's "Recently clicked: ")
+ITEM_SEPARATORS = re.compile(r"\s*(?:\||;|\.\s|,\s)\s*")
+PAIR_BLOCK = 4096  # pairs whose items are compared with their ads at once (bounds the gathered embeddings)
+
+
+def text_items(text: str) -> list[str]:
+    """A user text's items (ITEM_SEPARATORS), empty pieces dropped; the text itself when it has none."""
+    return [item for item in ITEM_SEPARATORS.split(text) if item] or [text]
+
+
+@dataclass
+class UserMatch:
+    """The users' side of the match: each user text's unit embedding and its items' (rows of one array)."""
+
+    whole: np.ndarray  # (users, hidden)
+    items: np.ndarray  # (items, hidden), each user's items in a run: user i's are items[starts[i]:starts[i + 1]]
+    starts: np.ndarray  # (users + 1,)
 
 
 @dataclass
@@ -34,17 +57,53 @@ class MatchEncoder:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
     batch_size: int
+    item_share: float = 0.0  # the best item's share of the match (0: the whole text's cosine alone)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length mean-pooled embeddings, shape (texts, hidden); identical texts encoded once."""
         vectors = embed_texts(self.model, self.tokenizer, texts, self.max_length, self.batch_size)
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
+    def users(self, user_texts: Sequence[str]) -> UserMatch:
+        """The user texts' unit embeddings, whole and item by item (identical texts and items encoded once)."""
+        items = [text_items(text) for text in user_texts] if self.item_share else [[] for _ in user_texts]
+        starts = np.concatenate([[0], np.cumsum([len(i) for i in items])]).astype(np.int64)
+        flat = [item for user in items for item in user]
+        return UserMatch(self.embed(user_texts), self.embed(flat), starts)
+
+    def scores(self, users: UserMatch, ads: np.ndarray) -> np.ndarray:
+        """The match of every user with every ad (ads: their unit embeddings), shape (users, ads)."""
+        whole = users.whole @ ads.T
+        if not self.item_share:
+            return whole
+        best = np.maximum.reduceat(users.items @ ads.T, users.starts[:-1], axis=0)
+        return (1 - self.item_share) * whole + self.item_share * best
+
+    def pair_scores(self, users: UserMatch, ads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The match of each pair (user row, ad row), shape (pairs,)."""
+        whole = np.einsum("ij,ij->i", users.whole[rows], ads[cols])
+        if not self.item_share:
+            return whole
+        best = np.empty(len(rows), dtype=whole.dtype)
+        counts = np.diff(users.starts)
+        for start in range(0, len(rows), PAIR_BLOCK):
+            pair_rows, pair_cols = rows[start : start + PAIR_BLOCK], cols[start : start + PAIR_BLOCK]
+            n = counts[pair_rows]
+            pair = np.repeat(np.arange(len(pair_rows)), n)  # each item's pair, pairs' items in a run
+            item = users.starts[pair_rows][pair] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+            dots = np.einsum("ij,ij->i", users.items[item], ads[pair_cols[pair]])
+            best[start : start + PAIR_BLOCK] = np.maximum.reduceat(dots, np.cumsum(n) - n)
+        return (1 - self.item_share) * whole + self.item_share * best
+
     def match(self, user_texts: Sequence[str], ad_texts: Sequence[str]) -> np.ndarray:
-        """The cosine of each (user text, ad text) pair, shape (pairs,), in [-1, 1]."""
+        """The match of each (user text, ad text) pair, shape (pairs,), in [-1, 1]."""
         if len(user_texts) == 0:
             return np.empty(0, dtype=np.float32)
-        return np.einsum("ij,ij->i", self.embed(user_texts), self.embed(ad_texts))
+        user_index, ad_index = (
+            np.unique(np.asarray(t, dtype=object).astype(str), return_inverse=True) for t in (user_texts, ad_texts)
+        )
+        users, ads = self.users(user_index[0].tolist()), self.embed(ad_index[0].tolist())
+        return self.pair_scores(users, ads, user_index[1].ravel(), ad_index[1].ravel())
 
 
 @dataclass(frozen=True)
@@ -116,21 +175,28 @@ def with_match(pairs: pl.DataFrame, encoder: MatchEncoder | None) -> pl.DataFram
     return pairs.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
 
 
-def load_match_encoder(path: str | Path, device: torch.device, max_length: int, batch_size: int) -> MatchEncoder:
-    """The encoder at path (a base model folder, or a saved model's MATCH_FOLDER), frozen, in eval mode."""
+def load_match_encoder(
+    path: str | Path, device: torch.device, max_length: int, batch_size: int, item_share: float = 0.0
+) -> MatchEncoder:
+    """The encoder at path (a base model folder, or a saved model's MATCH_FOLDER), frozen, in eval mode;
+    item_share: model.match_item_share, or a saved model's own (MATCH_FILE)."""
     with quiet_transformers():
         model = AutoModel.from_pretrained(str(path), use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.requires_grad_(False)
-    return MatchEncoder(model, tokenizer, max_length, batch_size)
+    return MatchEncoder(model, tokenizer, max_length, batch_size, item_share)
 
 
 def saved_match_encoder(
     model_dir: str | Path, device: torch.device, max_length: int, batch_size: int
 ) -> MatchEncoder | None:
-    """The match encoder saved with a model; None for a model without one (no match term)."""
+    """The match encoder saved with a model, reading the match as it was fitted; None for a model without one
+    (no match term). Versions saved before the item share read the whole text alone."""
     folder = Path(model_dir) / MATCH_FOLDER
-    return load_match_encoder(folder, device, max_length, batch_size) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    saved = json.loads((folder / MATCH_FILE).read_text()) if (folder / MATCH_FILE).is_file() else {}
+    return load_match_encoder(folder, device, max_length, batch_size, saved.get("item_share", 0.0))
 
 
 def save_match_encoder(encoder: MatchEncoder, model_dir: str | Path) -> None:
@@ -139,3 +205,4 @@ def save_match_encoder(encoder: MatchEncoder, model_dir: str | Path) -> None:
     with quiet_transformers():
         encoder.model.save_pretrained(folder, safe_serialization=True)
     encoder.tokenizer.save_pretrained(folder)
+    (folder / MATCH_FILE).write_text(json.dumps({"item_share": encoder.item_share}))

@@ -383,7 +383,8 @@ def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder
     if "match" not in settings.model.terms:
         return None
     cfg = settings.model
-    return load_match_encoder(cfg.base_model, device, cfg.max_seq_length, settings.training.eval_batch_size)
+    batch = settings.training.eval_batch_size
+    return load_match_encoder(cfg.base_model, device, cfg.max_seq_length, batch, cfg.match_item_share)
 
 
 def tune_match(

@@ -58,9 +58,11 @@ def test_sizing_reproduces_the_measured_projection_and_prints_a_row_per_scenario
     from benchmarks import sizing
 
     # benchmarks/scoring.py projected 100,000 users x 5,000 ads at K = 100 from the same rates, without the
-    # semantic match's embeddings (benchmarks/match_rates.py)
+    # semantic match's embeddings (benchmarks/match_rates.py) and its items' stage-1 scores
     projected = sizing.SCORING["projected_hours"]["two_stage_default_k"]
-    match_hours = 105_000 / sizing.CPU.match_embed / 3600
+    items = sizing.MATCH_ITEMS_PER_USER
+    match_hours = (105_000 + 100_000 * items) / sizing.CPU.match_embed / 3600
+    match_hours += 100_000 * 5_000 * items / sizing.CPU.stage1 / 3600
     assert sizing.rerank_hours(100_000, 5_000, sizing.CPU) - match_hours == pytest.approx(projected, rel=0.01)
     assert sizing.GPU.score > sizing.CPU.score and sizing.GPU.score < sizing.GPU.tokenize
     assert len(sizing.table().splitlines()) == 2 + len(sizing.SCENARIOS)

@@ -327,7 +327,7 @@ def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_
         tower.user_bias.weight.zero_()
         tower.ad_bias.weight.zero_()
     calibration = replace(ranking_model.calibration, match_weight=1.5, unseen_match_weight=-4.0)
-    match_encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 64, 7)
+    match_encoder = load_match_encoder(tiny_model_dir, torch.device("cpu"), 64, 7, item_share=0.5)
     model = replace(
         ranking_model,
         cross_encoder=cross_encoder,
@@ -338,7 +338,7 @@ def test_a_tower_that_reproduces_the_cross_encoder_gives_stage1_the_log_odds_of_
     users, ads = inputs.users, inputs.ads
 
     stage1_ads = prepare_stage1(model, ads, ScoringStats())
-    user_match = match_encoder.embed(users["user_text"].to_list())
+    user_match = match_encoder.users(users["user_text"].to_list())
     stage1 = stage1_scores(model, users, project_users(model, users), stage1_ads, user_match)  # (users, ads)
     repeated = users.select(pl.all().repeat_by(ads.height).explode())
     logits = predict_logits(
