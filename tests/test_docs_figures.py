@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli_latency, monitor, quality, scoring, views
+from benchmarks import cli_latency, match_levers, monitor, quality, scoring, views
 from benchmarks.docs_blocks import DOC, read_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +26,7 @@ BLOCKS = {
     ),
     # the same script at 284dd98, on the sample market before its interests were in products (a9a59b9)
     "levers-sample-quick-topic-market": (DOC, "levers-sample-quick-topic-market.json", quality.levers_section),
+    "match-levers-sample": (DOC, "match-levers-sample.json", match_levers.markdown),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
     "views": (DOC, "views.json", views.markdown),

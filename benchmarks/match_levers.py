@@ -1,0 +1,192 @@
+"""Two levers of the zero-shot semantic match and the cold ads' weights, judged without the test split.
+
+    python benchmarks/match_levers.py   # ~3 min on 2 cores; writes docs/benchmarks/match-levers-sample.json
+
+On the embedded sample market (adrank sample-data's defaults), pairs built as retrain builds them:
+- model.match_item_share: the output layer without a logit (step 0: the priors and the zero-shot match), fitted
+  on validation as retrain fits it, scored out of sample on the training split's pairs of ranked users (more days
+  and users than validation holds), gAUC and AUC against the whole text alone (share 0), with paired bootstrap
+  intervals over users.
+- Where cold ads' weights are fitted when validation's cold pairs hold too few clicks: the pairs of the
+  least-shown ads (the rule before) or every validation pair without the ad prior (the rule now,
+  tasks/output_layer.py cold_fit_rows), scored on the training split's pairs of cold ads: calibration ratio,
+  equal-mass ECE, AUC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
+from tasks.config import SampleDataConfig, load_settings  # noqa: E402
+from tasks.intervals import Interval, Scored, paired_interval  # noqa: E402
+from tasks.metrics import (  # noqa: E402
+    calibration_ratio,
+    expected_calibration_error_equal_mass,
+    metrics,
+    ranking_lists,
+    roc_auc,
+)
+from tasks.output_layer import MATCH_COLUMN, PairPriors, logistic_fit  # noqa: E402
+from tasks.pairs import build_pairs  # noqa: E402
+from tasks.registry import git_commit  # noqa: E402
+from tasks.sample_data import generate_sample_logs  # noqa: E402
+from tasks.semantic_match import MatchEncoder, load_match_encoder  # noqa: E402
+from tasks.train import calibrate, prior_template  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+REPLICATES = 1000
+EMBED_BATCH = 64
+LEAST_SHOWN_MIN_CLICKS = 100  # the old rule: the least-shown ads' pairs up to model.cold_fit_min_clicks clicks
+
+
+def least_shown_rows(pairs: pl.DataFrame, min_clicks: int) -> np.ndarray:
+    """The rule before: the pairs of ads shown at most t times before, the smallest t reaching min_clicks."""
+    impressions, labels = pairs["ad_prior_impressions"].to_numpy(), pairs["is_clicked"].cast(pl.Int8).to_numpy()
+    order = np.argsort(impressions, kind="stable")
+    limit = impressions[order[np.flatnonzero(np.cumsum(labels[order]) >= min_clicks)[0]]]
+    return impressions <= limit
+
+
+def with_shared_match(encoder: MatchEncoder, frames: dict[str, pl.DataFrame]) -> dict[float, dict[str, pl.DataFrame]]:
+    """Each frame with the match at each of ITEM_SHARES: every text embedded once, then blended per share."""
+    out: dict[float, dict[str, pl.DataFrame]] = {share: {} for share in ITEM_SHARES}
+    blended = replace(encoder, item_share=1.0)  # embeds the items too
+    for name, frame in frames.items():
+        users, user_rows = np.unique(frame["user_text"].to_numpy().astype(str), return_inverse=True)
+        ads, ad_rows = np.unique(frame["ad_text"].to_numpy().astype(str), return_inverse=True)
+        side, ad_vectors = blended.users(users.tolist()), blended.embed(ads.tolist())
+        for share in ITEM_SHARES:
+            match = replace(encoder, item_share=share).pair_scores(side, ad_vectors, user_rows, ad_rows)
+            out[share][name] = frame.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
+    return out
+
+
+def item_share_levers(settings, train: pl.DataFrame, shared: dict[float, dict[str, pl.DataFrame]]) -> tuple:
+    """Per share: step 0's layer fitted on validation, scored on train's pairs of ranked users."""
+    labels = shared[0.0]["scored"]["is_clicked"].cast(pl.Int8).to_numpy()
+    pctr, layers = {}, {}
+    for share, frames in shared.items():
+        layers[share] = calibrate(settings, train, frames["valid"], None)
+        pctr[str(share)] = layers[share].apply(np.zeros(len(labels)), PairPriors.of(frames["scored"]))
+    scored = shared[0.0]["scored"]
+    groups = ranking_lists(scored["user_id"], scored["shown_at"])
+    sets = [Scored(scored["user_id"].to_numpy(), labels, pctr, groups)]
+    rows = {}
+    for share in pctr:
+        m = metrics(labels, pctr[share], groups)
+        rows[share] = {"gauc": m["gauc"], "auc": m["auc"]} | {
+            f"{metric}_minus_whole_text": paired_interval(sets, share, "0.0", metric, REPLICATES).as_dict()
+            for metric in ("gauc", "auc")
+        }
+    return {"scored_pairs": scored.height, "scored_users": scored["user_id"].n_unique(), "shares": rows}, layers
+
+
+def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFrame], layer) -> dict:
+    """The default layer's warm weights with cold weights fitted by each rule, on train's cold-ad pairs."""
+    valid, cold = frames["valid"], frames["cold"]
+    labels, priors = valid["is_clicked"].cast(pl.Int8).to_numpy(), PairPriors.of(valid)
+    template = prior_template(settings, train)
+    user, match = template.user_prior(priors), template.match(priors)
+    rules = {
+        "least_shown_ads": least_shown_rows(valid, LEAST_SHOWN_MIN_CLICKS),
+        "every_pair": np.ones(len(labels), bool),
+    }
+    cold_labels = cold["is_clicked"].cast(pl.Int8).to_numpy()
+    out = {"valid_cold_pairs": int((valid["ad_prior_impressions"] == 0).sum()), "scored_cold_pairs": cold.height}
+    out["valid_cold_clicks"] = int(labels[valid["ad_prior_impressions"].to_numpy() == 0].sum())
+    out["scored_cold_click_rate"] = float(cold_labels.mean())
+    for rule, rows in rules.items():
+        weights = logistic_fit(labels[rows], user=user[rows], match=match[rows])
+        fitted = replace(layer, **{f"unseen_{name}": value for name, value in weights.items()})
+        pctr = fitted.apply(np.zeros(cold.height), PairPriors.of(cold))
+        out[rule] = {
+            "fit_pairs": int(rows.sum()),
+            "calibration_ratio": calibration_ratio(cold_labels, pctr),
+            "ece_equal_mass": expected_calibration_error_equal_mass(cold_labels, pctr),
+            "auc": roc_auc(cold_labels, pctr),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("adrank_home/match-levers"), help="scratch folder")
+    parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks/match-levers-sample.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    work = args.work.resolve()
+    generate_sample_logs(SampleDataConfig(), work / "sample-logs")
+    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(work / "sample-logs")}})
+    build_pairs(settings)
+    train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
+    model = settings.model
+    encoder = load_match_encoder(model.base_model, torch.device("cpu"), model.max_seq_length, EMBED_BATCH)
+    frames = {
+        "valid": valid,
+        "scored": train.filter(pl.col("is_ranked_user")),
+        "cold": train.filter(pl.col("ad_prior_impressions") == 0),
+    }
+    shared = with_shared_match(encoder, frames)
+    shares, layers = item_share_levers(settings, train, shared)
+    default = model.match_item_share
+    result = {
+        "command": command_line(),
+        "hardware": hardware(),
+        "commit": git_commit(),
+        "item_share": shares,
+        "default_item_share": default,
+        "cold_fit": cold_fit_levers(settings, train, shared[default], layers[default]),
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_block(DOC, "match-levers-sample", markdown(result), "The semantic match's levers on the sample market")
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The block docs/benchmarks.md holds: one row per item share, then the cold-fit rules."""
+    shares, cold = result["item_share"], result["cold_fit"]
+    lines = [
+        f"`{result['command']}` at `{result['commit']}` ({result['hardware']}). Step 0's output layer (the priors "
+        f"and the zero-shot match) fitted on validation, scored on the training split's {shares['scored_pairs']:,} "
+        f"pairs of {shares['scored_users']:,} ranked users; intervals: paired bootstrap over users, 95%.",
+        "",
+        "| model.match_item_share | gAUC | AUC | gAUC − whole text | AUC − whole text |",
+        "|---|---|---|---|---|",
+    ]
+    for share, row in shares["shares"].items():
+        gauc, auc = (row[f"{metric}_minus_whole_text"] for metric in ("gauc", "auc"))
+        gauc, auc = (Interval(d["mean"], *d["interval"]) for d in (gauc, auc))
+        default = " (default)" if float(share) == result["default_item_share"] else ""
+        lines.append(f"| {share}{default} | {row['gauc']:.4f} | {row['auc']:.4f} | {gauc} | {auc} |")
+    lines += [
+        "",
+        f"Cold ads' weights when validation's {cold['valid_cold_pairs']} cold pairs hold {cold['valid_cold_clicks']} "
+        f"clicks (too few), scored on the training split's {cold['scored_cold_pairs']:,} pairs of cold ads "
+        f"(click rate {cold['scored_cold_click_rate']:.3f}):",
+        "",
+        "| fitted on | pairs | calibration ratio | ECE (equal mass) | AUC |",
+        "|---|---|---|---|---|",
+    ]
+    for rule, name in (("least_shown_ads", "the least-shown ads (before)"), ("every_pair", "every pair (now)")):
+        row = cold[rule]
+        lines.append(
+            f"| {name} | {row['fit_pairs']:,} | {row['calibration_ratio']:.3f} | {row['ece_equal_mass']:.4f} "
+            f"| {row['auc']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
