@@ -323,8 +323,8 @@ def cold_fit_rows(priors: PairPriors, labels: np.ndarray, min_clicks: int) -> tu
     """The pairs to fit cold ads' weights on, and a sentence saying which: the pairs of ads never shown
     before the request if they hold min_clicks clicks; else every pair, each ad's prior dropped (as ID dropout
     trains a model for ads it has no ID for). Measured on the sample market: fitted on the least-shown ads'
-    pairs instead, the cold weights under-predicted cold ads' clicks by a third (ratio 0.63 on the training
-    split's cold pairs, 0.84 on every pair; docs/benchmarks.md)."""
+    pairs instead, the cold weights under-predicted cold ads' clicks by a third (ratio 0.65 on the training
+    split's cold pairs, 0.83 on every pair; benchmarks/match_levers.py)."""
     impressions = np.zeros(len(labels)) if priors.ad_counts is None else priors.ad_counts[1]
     cold = impressions <= 0
     clicks = int(labels[cold].sum())
