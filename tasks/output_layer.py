@@ -304,10 +304,7 @@ def fit_calibration(
     if not with_ad_prior:
         return fitted
     rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
-    if _both_classes(labels[rows]):
-        unseen = fit(rows, with_ad=False)
-    else:
-        unseen, described = everything, f"{described}: one class only, so all validation pairs without the ad prior"
+    unseen = everything if rows.all() else fit(rows, with_ad=False)  # every pair without the ad prior: fitted above
     return replace(fitted, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
 
 
@@ -321,18 +318,19 @@ def _one_class(labels: np.ndarray, logits: np.ndarray | None, template: Calibrat
 
 def cold_fit_rows(priors: PairPriors, labels: np.ndarray, min_clicks: int) -> tuple[np.ndarray, str]:
     """The pairs to fit cold ads' weights on, and a sentence saying which: the pairs of ads never shown
-    before the request if they hold min_clicks clicks; else every pair, each ad's prior dropped (as ID dropout
-    trains a model for ads it has no ID for). Measured on the sample market: fitted on the least-shown ads'
-    pairs instead, the cold weights under-predicted cold ads' clicks by a third (ratio 0.65 on the training
-    split's cold pairs, 0.83 on every pair; benchmarks/match_levers.py)."""
+    before the request if they hold min_clicks clicks (and a pair without one); else every pair, each ad's prior
+    dropped (as ID dropout trains a model for ads it has no ID for). Measured on the sample market: fitted on
+    the least-shown ads' pairs instead, the cold weights under-predicted cold ads' clicks by a third (ratio
+    0.65 on the training split's cold pairs, 0.83 on every pair; benchmarks/match_levers.py)."""
     impressions = np.zeros(len(labels)) if priors.ad_counts is None else priors.ad_counts[1]
     cold = impressions <= 0
     clicks = int(labels[cold].sum())
-    if clicks >= min_clicks:
+    if clicks >= min_clicks and _both_classes(labels[cold]):
         return cold, f"{int(cold.sum())} validation pairs of cold ads ({clicks} clicks)"
+    why = f"at least {min_clicks} wanted" if clicks < min_clicks else "every one clicked: one class only"
     return np.ones(len(labels), dtype=bool), (
         f"all {len(labels)} validation pairs without the ad prior ({int(cold.sum())} of cold ads hold {clicks} "
-        f"clicks, at least {min_clicks} wanted)"
+        f"clicks, {why})"
     )
 
 

@@ -356,6 +356,9 @@ def test_with_too_few_cold_clicks_the_cold_weights_come_from_every_pair():
         rows.all()
         and said == "all 8 validation pairs without the ad prior (2 of cold ads hold 1 clicks, at least 2 wanted)"
     )
+    clicked = np.array([1, 1, 0, 1, 0, 1, 1, 0])  # both cold pairs clicked: nothing to fit on them alone
+    rows, said = cold_fit_rows(priors, clicked, min_clicks=2)
+    assert rows.all() and said.endswith("(2 of cold ads hold 2 clicks, every one clicked: one class only)")
 
 
 def test_without_logits_the_layer_is_the_priors_alone():
