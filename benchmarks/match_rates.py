@@ -4,8 +4,9 @@
     python benchmarks/match_rates.py          # ~1 min on 2 CPU cores
 
 On the embedded sample market's training pairs (adrank sample-data's defaults, built as retrain builds them),
-with the default config's packaged base model: tuning the match's encoder (clicks/s: each click is a user
-text and an ad text, forward and backward, tasks/semantic_match.py tune_match_encoder), embedding texts for
+with the default config's packaged base model: tuning the match's encoder as the default tunes it (clicks/s:
+each click is a user text, its items, its ad's text and the ads its user passed over, forward and backward,
+tasks/semantic_match.py tune_match_encoder), embedding texts for
 the match (texts/s, inference) and training the cross-encoder (pairs/s, one optimizer step of batch_size
 pairs at a time, the loop of tasks/train.py fine_tune). Writes docs/benchmarks/match_rates.json.
 """
@@ -31,7 +32,7 @@ from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import load_match_encoder, tune_match_encoder  # noqa: E402
-from tasks.train import match_tuning  # noqa: E402
+from tasks.train import match_clicks, match_tuning  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +67,11 @@ def main() -> None:
     settings, device = load_settings(), pick_device()
     cfg, max_length = settings.training, settings.model.max_seq_length
     train = sample_pairs(args.work.resolve())
-    clicks = train.filter(pl.col("is_clicked").cast(pl.Boolean)).head(args.clicks)
+    clicks = match_clicks(train, cfg.match_passed_over, cfg.seed).head(args.clicks)
     seed_everything(cfg.seed)
 
-    encoder = load_match_encoder(settings.model.base_model, device, max_length, cfg.eval_batch_size)
+    share = settings.model.match_item_share
+    encoder = load_match_encoder(settings.model.base_model, device, max_length, cfg.eval_batch_size, share)
     tuning = match_tuning(settings)
     tune_seconds = timed(tune_match_encoder, encoder, clicks, tuning)
     texts = pl.concat([train["user_text"], train["ad_text"]]).unique(maintain_order=True).head(args.texts).to_list()
@@ -98,6 +100,8 @@ def main() -> None:
         "cross_encoder_train_pairs_per_s": pairs.height / train_seconds,
         "clicks": clicks.height,
         "match_batch_size": tuning.batch_size,
+        "match_item_share": share,
+        "match_passed_over": cfg.match_passed_over,
         "texts": len(texts),
         "train_pairs": pairs.height,
         "batch_size": cfg.batch_size,

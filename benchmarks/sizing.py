@@ -4,10 +4,10 @@ impressions, on a CPU worker from this project's measured rates, and on one GPU 
     python benchmarks/sizing.py   # prints the markdown table docs/deploy.md holds
 
 CPU figures: docs/benchmarks/scoring.json (scoring rates per stage, FLOPs per pair), docs/benchmarks/monitor.json
-(the monitor's own cost), docs/benchmarks/match_rates.json (the semantic match: tuning and embedding) and the
-demo's fine-tune (docs/benchmarks.md): 2 CPU cores. GPU figures are projected,
-not measured: the FLOPs per pair at an assumed share of an H100/H200's dense bf16 peak, in series with
-tokenisation on the GPU node's CPU cores; benchmarks/gpu.sh measures the real ones.
+(the monitor's own cost), docs/benchmarks/match_rates.json (the semantic match: tuning and embedding, as ratios
+to the cross-encoder's training rate in the same run) and the demo's fine-tune (docs/benchmarks.md): 2 CPU cores.
+GPU figures are projected, not measured: the FLOPs per pair at an assumed share of an H100/H200's dense bf16
+peak, in series with tokenisation on the GPU node's CPU cores; benchmarks/gpu.sh measures the real ones.
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ MATCH = json.loads((REPO / "docs/benchmarks/match_rates.json").read_text())
 # measured on this project's 2-core machine
 CPU_TRAIN_PAIRS_PER_S = 26.0  # the demo's fine-tune: 2 x 207 steps of 16 pairs in 251 s (docs/benchmarks.md)
 CPU_RATES = {row["method"]: row for row in SCORING["rows"]}["two-stage K=100"]
+# the match's rates relative to the cross-encoder's training rate measured in the same run (match_rates.py), at the
+# demo's training rate: the machine's speed varies from day to day, ratios within one run do not
+MATCH_SPEED = CPU_TRAIN_PAIRS_PER_S / MATCH["cross_encoder_train_pairs_per_s"]
+MATCH_TUNE_COST = MATCH["cross_encoder_train_pairs_per_s"] / MATCH["match_tuning_clicks_per_s"]  # pairs per click
 TOKENIZE_PAIRS_PER_S_PER_CORE = 3300.0  # tokenize_pairs, one thread, measured under load (a lower bound)
 MONITOR_PIPELINE_S_PER_IMPRESSION = MONITOR["seconds_per_day"] / MONITOR["impressions_per_day"]
 
 # projection for one H100/H200-class GPU: assumptions, not measurements
 GPU_PEAK_BF16 = 989e12  # dense bf16 FLOP/s, datasheet
 GPU_MFU = {"scoring": 0.15, "training": 0.10}  # assumed model FLOP utilisation of a 6-layer, 384-wide encoder
+GPU_PEAK_FP32 = 67e12  # dense fp32 FLOP/s, datasheet: the match's item scores (float32 embeddings, torch)
+GPU_MATMUL_UTILISATION = 0.5  # assumed share of it a large (items, hidden) x (hidden, ads) product reaches
+MATCH_HIDDEN = 384  # the base model's embedding width: 2 x 384 FLOPs per item x ad score
 GPU_NODE_CORES = 8  # CPU cores beside the GPU that tokenise
 FORWARD_FLOPS = SCORING["flops_per_pair"]  # at the measured workload's real token counts
 
@@ -52,7 +59,8 @@ class Rates:
     score: float  # cross-encoder passes/s (stage 2, validation, test, monitor)
     encode: float  # texts/s encoded for stage 1
     match_embed: float  # texts/s embedded for the semantic match (each user and ad once a night)
-    match_tune: float  # clicks/s of the match's tuning (a user text and an ad text, forward and backward)
+    match_tune: float  # clicks/s of the match's tuning (a user text, its items, its ad, the ads passed over)
+    match_scores: float  # user item x ad scores/s of the match's best item (torch, on the encoder's device)
     stage1: float = CPU_RATES["matmul_pairs_per_s"]  # user x ad scores/s: numpy on the CPU in both cases
     tokenize: float = math.inf  # pairs/s; on CPU already inside the measured rates
 
@@ -61,8 +69,9 @@ CPU = Rates(
     train=CPU_TRAIN_PAIRS_PER_S,
     score=CPU_RATES["ce_passes_per_s"],
     encode=CPU_RATES["encodings_per_s"],
-    match_embed=MATCH["match_embed_texts_per_s"],
-    match_tune=MATCH["match_tuning_clicks_per_s"],
+    match_embed=MATCH["match_embed_texts_per_s"] * MATCH_SPEED,
+    match_tune=CPU_TRAIN_PAIRS_PER_S / MATCH_TUNE_COST,
+    match_scores=CPU_RATES["matmul_pairs_per_s"],  # measured in numpy; torch on the CPU is no slower
 )
 _gpu_score = GPU_PEAK_BF16 * GPU_MFU["scoring"] / FORWARD_FLOPS
 _gpu_tokenize = TOKENIZE_PAIRS_PER_S_PER_CORE * GPU_NODE_CORES
@@ -70,9 +79,11 @@ GPU = Rates(
     train=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS),
     score=1 / (1 / _gpu_score + 1 / _gpu_tokenize),  # predict_logits tokenises a block, then scores it
     encode=1 / (1 / _gpu_score + 1 / _gpu_tokenize),
-    # a text is about half a pair's tokens: embedding two costs about one pass, tuning on a click one training pair
+    # a text is about half a pair's tokens: embedding two costs about one pass; a click of the match's tuning
+    # costs what it costs on the CPU in training pairs
     match_embed=2 / (1 / _gpu_score + 1 / _gpu_tokenize),
-    match_tune=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS),
+    match_tune=GPU_PEAK_BF16 * GPU_MFU["training"] / (3 * FORWARD_FLOPS) / MATCH_TUNE_COST,
+    match_scores=GPU_PEAK_FP32 * GPU_MATMUL_UTILISATION / (2 * MATCH_HIDDEN),
     tokenize=_gpu_tokenize,
 )
 
@@ -84,7 +95,8 @@ def rerank_hours(users: int, ads: int, rates: Rates) -> float:
         (users + ads) / rates.encode
         + (users * (1 + MATCH_ITEMS_PER_USER) + ads) / rates.match_embed
         + REFERENCE_USERS * ads / rates.score
-        + users * ads * (1 + MATCH_ITEMS_PER_USER) / rates.stage1
+        + users * ads / rates.stage1
+        + users * ads * MATCH_ITEMS_PER_USER / rates.match_scores
         + users * min(K, ads) / rates.score
     )
     return seconds / 3600
@@ -148,9 +160,11 @@ def rates_summary() -> str:
     return (
         f"CPU (measured, 2 cores): training {CPU.train:.0f} pairs/s, cross-encoder {CPU.score:.0f} passes/s, "
         f"stage-1 encodings {CPU.encode:.0f}/s, stage-1 scores {CPU.stage1:.3g}/s, match embeddings "
-        f"{CPU.match_embed:.0f} texts/s, match tuning {CPU.match_tune:.0f} clicks/s. "
+        f"{CPU.match_embed:.0f} texts/s, match tuning {CPU.match_tune:.0f} clicks/s ({MATCH_TUNE_COST:.1f} "
+        f"training pairs' cost each). "
         f"GPU* (projected): training {GPU.train:,.0f} pairs/s, cross-encoder {GPU.score:,.0f} passes/s, match "
-        f"embeddings {GPU.match_embed:,.0f} texts/s, match tuning {GPU.match_tune:,.0f} clicks/s "
+        f"embeddings {GPU.match_embed:,.0f} texts/s, match tuning {GPU.match_tune:,.0f} clicks/s, match item "
+        f"scores {GPU.match_scores:.3g}/s "
         f"(model alone {_gpu_score:,.0f}/s, tokenisation {_gpu_tokenize:,.0f}/s on {GPU_NODE_CORES} cores)."
     )
 

@@ -241,7 +241,17 @@ class TrainingConfig(BaseModel):
         "it begins with what the clicks taught the match (nothing, where match_guard served the zero-shot one).",
     )
     match_batch_size: int = Field(
-        32, ge=2, description="Clicks per step of the match's tuning: each one's negatives are the others' ads."
+        32,
+        ge=2,
+        description="Clicks per step of the match's tuning: each one's negatives are the others' ads "
+        "(and the ads passed over, match_passed_over).",
+    )
+    match_passed_over: int = Field(
+        4,
+        ge=0,
+        description="Per click in the match's tuning, up to this many ads its user was shown that UTC day and did "
+        "not click join the batch's negatives (a seeded draw; 0: the other clicks' ads alone). They share the "
+        "user's topics, where the other clicks' ads mostly do not: the within-user choice rerank makes.",
     )
     match_learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate of the match's tuning.")
     match_scale: float = Field(

@@ -6,10 +6,11 @@ clicked title that names the ad's product says more than the mean of a text that
 other interests. It is a term of the output layer (tasks/output_layer.py, weights fitted on validation), and for an
 ad never shown before it is the text's whole say.
 
-Fine-tuning first tunes this encoder on the training clicks (tune_match_encoder: each clicked ad against the
-other ads of its batch, a bi-encoder encodes each text once, far cheaper per pair than the cross-encoder),
-then freezes it; it is saved beside the fine-tuned cross-encoder (MATCH_FOLDER): the served model reads the
-match as it was fitted. The served model imports this module (tasks/ctr_pyfunc.py).
+Fine-tuning first tunes this encoder on the training clicks (tune_match_encoder: the match as served, each
+clicked ad against the other ads of its batch and the ads its user passed over; a bi-encoder encodes each text
+once, far cheaper per pair than the cross-encoder), then freezes it; it is saved beside the fine-tuned
+cross-encoder (MATCH_FOLDER): the served model reads the match as it was fitted. The served model imports
+this module (tasks/ctr_pyfunc.py).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from tasks.output_layer import MATCH_COLUMN
 MATCH_FOLDER = "match_encoder"  # inside a saved model: the match's encoder, as fitted
 MATCH_FILE = "match.json"  # in MATCH_FOLDER: how the match reads the encoder (item_share)
 # where a user text splits into items: between history items (tasks/pairs.py's " | "), a profile's fields
-# (", "), a column's list ("; ", as searches) and sentences (". ", the template's "Recently clicked: ")
-ITEM_SEPARATORS = re.compile(r"\s*(?:\||;|\.\s|,\s)\s*")
+# (", " before the next "column: ", so that a comma inside a value such as "Shawshank Redemption, The" does not
+# split it), a column's list ("; ", as searches) and sentences (". ", the template's "Recently clicked: ")
+ITEM_SEPARATORS = re.compile(r"\s*(?:\||;|\.\s|,\s(?=[A-Za-z_]\w*:\s))\s*")
 PAIR_BLOCK = 4096  # pairs whose items are compared with their ads at once (bounds the gathered embeddings)
+# in the clicks the match tunes on (optional): a list of {ad_id, ad_text}, ads the click's user was shown that day
+# and did not click (tasks/train.py match_clicks)
+PASSED_OVER = "passed_over"
 
 
 def text_items(text: str) -> list[str]:
@@ -66,18 +71,38 @@ class MatchEncoder:
 
     def users(self, user_texts: Sequence[str]) -> UserMatch:
         """The user texts' unit embeddings, whole and item by item (identical texts and items encoded once)."""
+        flat, starts = self.items(user_texts)
+        return UserMatch(self.embed(user_texts), self.embed(flat), starts)
+
+    def items(self, user_texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Every user text's items in one list, each user's in a run, and where each run starts (users + 1,);
+        none without an item share."""
         items = [text_items(text) for text in user_texts] if self.item_share else [[] for _ in user_texts]
         starts = np.concatenate([[0], np.cumsum([len(i) for i in items])]).astype(np.int64)
-        flat = [item for user in items for item in user]
-        return UserMatch(self.embed(user_texts), self.embed(flat), starts)
+        return [item for user in items for item in user], starts
 
     def scores(self, users: UserMatch, ads: np.ndarray) -> np.ndarray:
         """The match of every user with every ad (ads: their unit embeddings), shape (users, ads)."""
-        whole = users.whole @ ads.T
+        device = next(self.model.parameters()).device
+        whole, items, ads_ = (torch.from_numpy(a).to(device) for a in (users.whole, users.items, ads))
+        with torch.no_grad():
+            return self.blend(whole, items, users.starts, ads_).cpu().numpy()
+
+    def blend(
+        self, whole: torch.Tensor, items: torch.Tensor | None, starts: np.ndarray, ads: torch.Tensor
+    ) -> torch.Tensor:
+        """The match of every user with every ad from unit embeddings, (users, ads): (1 - item_share) x the
+        whole text's cosine + item_share x its best item's (items: None or empty without a share).
+        Differentiable: tune_match_encoder trains what is served."""
+        scores = whole @ ads.T
         if not self.item_share:
-            return whole
-        best = np.maximum.reduceat(users.items @ ads.T, users.starts[:-1], axis=0)
-        return (1 - self.item_share) * whole + self.item_share * best
+            return scores
+        per_item = items @ ads.T  # (items, ads)
+        owner = torch.from_numpy(np.repeat(np.arange(len(starts) - 1), np.diff(starts))).to(per_item.device)
+        best = per_item.new_full(scores.shape, -torch.inf).scatter_reduce(
+            0, owner[:, None].expand_as(per_item), per_item, reduce="amax"
+        )
+        return (1 - self.item_share) * scores + self.item_share * best
 
     def pair_scores(self, users: UserMatch, ads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The match of each pair (user row, ad row), shape (pairs,)."""
@@ -111,26 +136,30 @@ class MatchTuning:
     """How tune_match_encoder trains (settings.training.match_*)."""
 
     epochs: int
-    batch_size: int  # clicks per step: each one's negatives are the other clicks' ads
+    batch_size: int  # clicks per step: each one's negatives are the other clicks' ads and the ads passed over
     learning_rate: float
-    scale: float  # cosine x scale are the softmax's logits: a cosine spans [-1, 1], too flat a softmax alone
+    scale: float  # match x scale are the softmax's logits: a cosine spans [-1, 1], too flat a softmax alone
     warmup_ratio: float
     seed: int
 
 
 def tune_match_encoder(encoder: MatchEncoder, clicks: pl.DataFrame, tuning: MatchTuning) -> list[float]:
-    """Fine-tune the encoder on clicked (user_text, ad_text) pairs with in-batch negatives, then freeze it
-    again; returns each step's loss. Each click's user must pick its ad among the batch's ads (softmax over
-    scale x cosine, the multiple-negatives ranking loss of sentence-transformers): the within-user choice
-    rerank makes. Another click of the same user, or the same ad clicked twice, is masked, not a negative."""
+    """Fine-tune the encoder on clicked (user_text, ad_text) pairs, then freeze it again; returns each step's
+    loss. Each click's user must pick its ad among the batch's ads (softmax over scale x the match as served,
+    MatchEncoder.blend: the whole text's cosine blended with the best item's; the multiple-negatives ranking
+    loss of sentence-transformers): the within-user choice rerank makes. The negatives are the other clicks'
+    ads and, where clicks carry PASSED_OVER, the ads their users were shown and did not click: the same
+    topics, where the other clicks' ads are mostly other topics. An ad the row's user clicked in the batch, or
+    another click of that user, is masked, not a negative."""
     if tuning.epochs == 0 or clicks.height < 2:
         return []
     model, tokenizer = encoder.model, encoder.tokenizer
     device = next(model.parameters()).device
     users, ads = clicks["user_text"].to_list(), clicks["ad_text"].to_list()
     # who and what: the ids (the texts where pairs carry none)
-    user_ids = clicks["user_id" if "user_id" in clicks.columns else "user_text"].to_numpy()
-    ad_ids = clicks["ad_id" if "ad_id" in clicks.columns else "ad_text"].to_numpy()
+    user_ids = clicks["user_id" if "user_id" in clicks.columns else "user_text"].to_numpy().astype(str)
+    ad_ids = clicks["ad_id" if "ad_id" in clicks.columns else "ad_text"].to_numpy().astype(str)
+    passed_over = clicks[PASSED_OVER].to_list() if PASSED_OVER in clicks.columns else [None] * clicks.height
     steps = math.ceil(clicks.height / tuning.batch_size) * tuning.epochs
     model.requires_grad_(True)
     model.train()
@@ -138,12 +167,13 @@ def tune_match_encoder(encoder: MatchEncoder, clicks: pl.DataFrame, tuning: Matc
     schedule = get_linear_schedule_with_warmup(optimizer, int(tuning.warmup_ratio * steps), steps)
     generator, losses = torch.Generator().manual_seed(tuning.seed), []
 
-    def embed(texts: list[str]) -> torch.Tensor:  # (texts, hidden), unit length, with gradients
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt")
-        batch = batch.to(device)
-        return torch.nn.functional.normalize(
-            mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1
-        )
+    def embed(texts: list[str]) -> torch.Tensor:  # (texts, hidden), unit length, with gradients; each once
+        unique, rows = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+        batch = tokenizer(
+            unique.tolist(), padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt"
+        ).to(device)
+        vectors = mean_pooled(model(**batch).last_hidden_state, batch["attention_mask"])
+        return torch.nn.functional.normalize(vectors, dim=-1)[torch.from_numpy(rows.ravel()).to(device)]
 
     for _ in range(tuning.epochs):
         order = torch.randperm(clicks.height, generator=generator).numpy()
@@ -151,10 +181,22 @@ def tune_match_encoder(encoder: MatchEncoder, clicks: pl.DataFrame, tuning: Matc
             index = order[start : start + tuning.batch_size]
             if len(index) < 2:  # a lone click has no negative
                 continue
-            logits = tuning.scale * embed([users[i] for i in index]) @ embed([ads[i] for i in index]).T
-            same = (user_ids[index, None] == user_ids[None, index]) | (ad_ids[index, None] == ad_ids[None, index])
-            np.fill_diagonal(same, False)
-            logits = logits.masked_fill(torch.from_numpy(same).to(device), -torch.inf)
+            passed = [ad for i in index for ad in passed_over[i] or []]
+            candidates = np.concatenate([ad_ids[index], [ad["ad_id"] for ad in passed]]).astype(str)
+            batch_users = [users[i] for i in index]
+            item_texts, starts = encoder.items(batch_users)
+            match = encoder.blend(
+                embed(batch_users),
+                embed(item_texts) if item_texts else None,
+                starts,
+                embed([ads[i] for i in index] + [ad["ad_text"] for ad in passed]),
+            )
+            same_user = user_ids[index, None] == user_ids[None, index]  # (clicks, clicks)
+            # the ads each row's user clicked in the batch (its own among them), and that user's other clicks
+            masked = (same_user.astype(np.int64) @ (ad_ids[index, None] == candidates[None, :])) > 0
+            masked[:, : len(index)] |= same_user
+            np.fill_diagonal(masked, False)
+            logits = (tuning.scale * match).masked_fill(torch.from_numpy(masked).to(device), -torch.inf)
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(index), device=device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

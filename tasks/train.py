@@ -48,6 +48,7 @@ from tasks.output_layer import (
 from tasks.progress import StageProgress
 from tasks.semantic_match import (
     MATCH_COLUMN,
+    PASSED_OVER,
     MatchEncoder,
     MatchTuning,
     load_match_encoder,
@@ -397,7 +398,7 @@ def tune_match(
     validation by chance. Rank 0 embeds validation and decides; every rank gets its decision and its match
     column. Returns validation with the served encoder's match, whether that encoder is the tuned one, and
     the gain per metric (tuned minus zero-shot)."""
-    clicks = pairs.filter(pl.col("is_clicked").cast(pl.Boolean))
+    clicks = match_clicks(pairs, settings.training.match_passed_over, settings.training.seed)
     tune = settings.training.match_epochs > 0 and clicks.height >= 2
     guarded = tune and settings.training.match_guard
     zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()} if guarded else {}
@@ -423,6 +424,26 @@ def tune_match(
     # rank 0's column on every rank: one embedding, and the same resume state key (resume_dir) everywhere
     (match,) = from_lead([served_valid[MATCH_COLUMN].to_numpy() if lead else None])
     return valid.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64)), keep, gain
+
+
+def match_clicks(pairs: pl.DataFrame, passed_over: int, seed: int) -> pl.DataFrame:
+    """The clicked pairs the match tunes on, each with up to passed_over ads (PASSED_OVER: ad_id, ad_text) its
+    user was shown on the pair's UTC day and did not click, a seeded draw (none for 0, or a day without any)."""
+    clicked = pl.col("is_clicked").cast(pl.Boolean)
+    clicks = pairs.filter(clicked)
+    if passed_over == 0:
+        return clicks
+    if not {"user_id", "shown_at"} <= set(pairs.columns):
+        raise ValueError("training.match_passed_over > 0 needs the columns user_id and shown_at in the pairs")
+    day = pl.col("shown_at").dt.date().alias("day")
+    passed = (
+        pairs.filter(~clicked)
+        .sample(fraction=1.0, shuffle=True, seed=seed)
+        .group_by("user_id", day)
+        .agg(pl.struct("ad_id", "ad_text").head(passed_over).alias(PASSED_OVER))
+    )
+    joined = clicks.with_columns(day).join(passed, on=["user_id", "day"], how="left", maintain_order="left")
+    return joined.drop("day")
 
 
 def match_verdict(gain: dict[str, Interval]) -> tuple[bool, str]:

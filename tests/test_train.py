@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from tasks.output_layer import (
 )
 from tasks.semantic_match import (
     MATCH_FOLDER,
+    PASSED_OVER,
     MatchEncoder,
     MatchTuning,
     load_match_encoder,
@@ -44,6 +45,7 @@ from tasks.train import (
     calibrate,
     epoch_order,
     fine_tune,
+    match_clicks,
     match_offsets,
     pairwise_loss,
     selection_sample,
@@ -72,6 +74,7 @@ def write_toy_pairs(path: Path, n: int, seed: int) -> Path:
     pl.DataFrame(
         {
             "user_id": [f"u{u}" for u in rng.integers(0, 40, n)],
+            "shown_at": [datetime(2026, 1, 1) + timedelta(minutes=i) for i in range(n)],
             "ad_id": np.where(is_click_ad, "click-ad", "skip-ad"),
             "user_text": users,
             "ad_text": np.where(is_click_ad, CLICK_AD, SKIP_AD),
@@ -164,6 +167,8 @@ def test_user_prior_offset_is_added_to_the_logit_it_trains(tmp_path, make_settin
         rate = rng.choice([0.1, 0.9], n)
         frames[name] = pl.DataFrame(
             {
+                "user_id": [f"u{i}" for i in range(n)],
+                "shown_at": [datetime(2026, 1, 1)] * n,
                 "ad_id": ["a"] * n,
                 "user_text": ["a user"] * n,
                 "ad_text": ["an ad"] * n,
@@ -639,6 +644,28 @@ def test_tuning_the_match_on_clicks_teaches_the_encoder_which_ad_each_user_picks
     assert tune_match_encoder(encoder, one_user, replace(tuning, epochs=1)) == [0.0, 0.0]
 
 
+def test_the_match_tunes_on_each_click_with_ads_its_user_passed_over_that_day():
+    day = datetime(2026, 1, 1)
+    pairs = pl.DataFrame(
+        {
+            "user_id": ["u0"] * 6 + ["u1"] * 2,
+            "shown_at": [day] * 4 + [day + timedelta(days=1)] * 2 + [day] * 2,
+            "ad_id": ["a", "b", "c", "d", "e", "f", "g", "h"],
+            "ad_text": [f"{ad} ad" for ad in "abcdefgh"],
+            "is_clicked": [True, False, False, False, True, True, True, True],
+        }
+    )
+    clicks = match_clicks(pairs, 2, seed=0)
+    assert clicks["ad_id"].to_list() == ["a", "e", "f", "g", "h"]  # the clicks, in order
+    passed = [[ad["ad_id"] for ad in ads or []] for ads in clicks[PASSED_OVER].to_list()]
+    assert len(passed[0]) == 2 and set(passed[0]) <= {"b", "c", "d"}  # u0's first day: two of its three
+    assert passed[1:] == [[], [], [], []]  # u0's second day and u1 passed over nothing
+    assert match_clicks(pairs, 2, seed=0).equals(clicks)  # a seeded draw
+    assert PASSED_OVER not in match_clicks(pairs, 0, seed=0).columns
+    with pytest.raises(ValueError, match="match_passed_over > 0 needs the columns user_id and shown_at"):
+        match_clicks(pairs.drop("shown_at"), 2, seed=0)
+
+
 def write_word_pairs(path: Path, users: int, seed: int, follows_text: bool) -> Path:
     """Each user searches one of WORDS and is shown four ads, one per word; following the text they click the ad of
     their word (and now and then another), without it a random one."""
@@ -648,10 +675,9 @@ def write_word_pairs(path: Path, users: int, seed: int, follows_text: bool) -> P
     for user, word in enumerate(searched):
         for ad in [word, *rng.choice([w for w in WORDS if w != word], 3, replace=False)]:
             clicked = (ad == word) == (rng.random() < 0.9) if follows_text else rng.random() < 0.25
-            rows.append(
-                (f"u{seed}-{user}", ad, f"age {rng.integers(18, 80)}, searches {word}", f"ad for {ad}", clicked)
-            )
-    columns = ["user_id", "ad_id", "user_text", "ad_text", "is_clicked"]
+            text = f"age {rng.integers(18, 80)}, searches {word}"
+            rows.append((f"u{seed}-{user}", datetime(2026, 1, 1), ad, text, f"ad for {ad}", clicked))
+    columns = ["user_id", "shown_at", "ad_id", "user_text", "ad_text", "is_clicked"]
     pl.DataFrame(rows, schema=columns, orient="row").write_parquet(path)
     return path
 
