@@ -1,6 +1,7 @@
-"""Two levers of the zero-shot semantic match and the cold ads' weights, judged without the test split.
+"""Levers of the semantic match (its item share, how it is tuned) and the cold ads' weights, judged without
+the test split.
 
-    python benchmarks/match_levers.py   # ~3 min on 2 cores; writes docs/benchmarks/match-levers-sample.json
+    python benchmarks/match_levers.py   # ~45 min on 2 cores; writes docs/benchmarks/match-levers-sample.json
 
 On the embedded sample market (adrank sample-data's defaults), pairs built as retrain builds them:
 - model.match_item_share: the output layer without a logit (step 0: the priors and the zero-shot match), fitted
@@ -11,6 +12,11 @@ On the embedded sample market (adrank sample-data's defaults), pairs built as re
   least-shown ads (the rule before) or every validation pair without the ad prior (the rule now,
   tasks/output_layer.py cold_fit_rows), scored on the training split's pairs of cold ads: calibration ratio,
   equal-mass ECE, AUC.
+- How the match's encoder is tuned on the training split's clicks (tasks/train.py tune_match): on the whole
+  text's cosine with in-batch negatives (the objective before the match as served was trained), on the match as
+  served with in-batch negatives, and as served with the ads each user passed over (the default). Each is judged
+  as the match's guard judges it: step 0 (the priors and the match) cross-fitted on validation with the tuned
+  encoder minus the zero-shot one, paired user-bootstrap intervals, and the guard's verdict.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,14 +48,28 @@ from tasks.output_layer import MATCH_COLUMN, PairPriors, logistic_fit  # noqa: E
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.sample_data import generate_sample_logs  # noqa: E402
-from tasks.semantic_match import MatchEncoder, load_match_encoder  # noqa: E402
-from tasks.train import calibrate, prior_template  # noqa: E402
+from tasks.semantic_match import MatchEncoder, load_match_encoder, tune_match_encoder, with_match  # noqa: E402
+from tasks.train import (  # noqa: E402
+    calibrate,
+    match_clicks,
+    match_tuning,
+    match_verdict,
+    prior_template,
+    served_gain,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 REPLICATES = 1000
 EMBED_BATCH = 64
 LEAST_SHOWN_MIN_CLICKS = 100  # the old rule: the least-shown ads' pairs up to model.cold_fit_min_clicks clicks
+# how the match is tuned: (the item share the tuning trains, None: the served one; ads passed over per click,
+# None: training.match_passed_over)
+TUNING_VARIANTS = {
+    "whole_text_in_batch": (0.0, 0),
+    "as_served_in_batch": (None, 0),
+    "as_served_passed_over": (None, None),
+}
 
 
 def least_shown_rows(pairs: pl.DataFrame, min_clicks: int) -> np.ndarray:
@@ -120,6 +141,33 @@ def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFram
     return out
 
 
+def tuning_levers(settings, encoder: MatchEncoder, train: pl.DataFrame, valid: pl.DataFrame) -> dict:
+    """Each TUNING_VARIANTS tuning from the zero-shot encoder on train's clicks, served at the default share."""
+    zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()}
+    zero_shot_valid = with_match(valid, encoder)
+    out = {"clicks": int(train["is_clicked"].cast(pl.Int8).sum()), "variants": {}}
+    for name, (tuned_share, passed_over) in TUNING_VARIANTS.items():
+        encoder.model.load_state_dict(zero_shot)
+        tuner = encoder if tuned_share is None else replace(encoder, item_share=tuned_share)  # the same model
+        passed_over = settings.training.match_passed_over if passed_over is None else passed_over
+        clicks = match_clicks(train, passed_over, settings.training.seed)
+        started = time.perf_counter()
+        losses = tune_match_encoder(tuner, clicks, match_tuning(settings))
+        seconds = time.perf_counter() - started
+        gain = served_gain(settings, train, (with_match(valid, encoder), None), (zero_shot_valid, None))
+        out["variants"][name] = {
+            "trained_item_share": tuner.item_share,
+            "passed_over": passed_over,
+            "steps": len(losses),
+            "seconds": seconds,
+            "minus_zero_shot": {metric: interval.as_dict() for metric, interval in gain.items()},
+            "guard": match_verdict(gain)[1],
+        }
+        print(name, out["variants"][name], flush=True)
+    encoder.model.load_state_dict(zero_shot)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("adrank_home/match-levers"), help="scratch folder")
@@ -148,6 +196,7 @@ def main() -> None:
         "item_share": shares,
         "default_item_share": default,
         "cold_fit": cold_fit_levers(settings, train, shared[default], layers[default]),
+        "tuning": tuning_levers(settings, replace(encoder, item_share=default), train, valid),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_block(DOC, "match-levers-sample", markdown(result), "The semantic match's levers on the sample market")
@@ -155,7 +204,7 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    """The block docs/benchmarks.md holds: one row per item share, then the cold-fit rules."""
+    """The block docs/benchmarks.md holds: one row per item share, the cold-fit rules, the tunings."""
     shares, cold = result["item_share"], result["cold_fit"]
     lines = [
         f"`{result['command']}` at `{result['commit']}` ({result['hardware']}). Step 0's output layer (the priors "
@@ -184,6 +233,27 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {name} | {row['fit_pairs']:,} | {row['calibration_ratio']:.3f} | {row['ece_equal_mass']:.4f} "
             f"| {row['auc']:.4f} |"
+        )
+    tuning = result["tuning"]
+    lines += [
+        "",
+        f"The match's encoder tuned one epoch on the training split's {tuning['clicks']:,} clicks, served at the "
+        "default share: step 0 (the priors and the match) cross-fitted on validation, tuned minus zero-shot, as "
+        "the match's guard judges it:",
+        "",
+        "| tuned on | ads passed over per click | steps | minutes | logloss | AUC | gAUC | guard |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "whole_text_in_batch": "the whole text's cosine (before)",
+        "as_served_in_batch": "the match as served",
+        "as_served_passed_over": "the match as served (default)",
+    }
+    for name, row in tuning["variants"].items():
+        gain = {m: Interval(d["mean"], *d["interval"]) for m, d in row["minus_zero_shot"].items()}
+        lines.append(
+            f"| {names[name]} | {row['passed_over']} | {row['steps']} | {row['seconds'] / 60:.1f} "
+            f"| {gain['logloss']} | {gain['auc']} | {gain['gauc']} | {row['guard']} |"
         )
     return "\n".join(lines) + "\n"
 
