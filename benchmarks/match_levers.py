@@ -164,7 +164,6 @@ def tuning_levers(settings, encoder: MatchEncoder, train: pl.DataFrame, valid: p
             "guard": match_verdict(gain)[1],
         }
         print(name, out["variants"][name], flush=True)
-    encoder.model.load_state_dict(zero_shot)
     return out
 
 

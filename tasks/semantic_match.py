@@ -102,7 +102,7 @@ class MatchEncoder:
         best = per_item.new_full(scores.shape, -torch.inf).scatter_reduce(
             0, owner[:, None].expand_as(per_item), per_item, reduce="amax"
         )
-        return (1 - self.item_share) * scores + self.item_share * best
+        return self.mixed(scores, best)
 
     def pair_scores(self, users: UserMatch, ads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The match of each pair (user row, ad row), shape (pairs,)."""
@@ -118,6 +118,10 @@ class MatchEncoder:
             item = users.starts[pair_rows][pair] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
             dots = np.einsum("ij,ij->i", users.items[item], ads[pair_cols[pair]])
             best[start : start + PAIR_BLOCK] = np.maximum.reduceat(dots, np.cumsum(n) - n)
+        return self.mixed(whole, best)
+
+    def mixed(self, whole, best):
+        """The match from the whole text's cosine and the best item's (numpy arrays or torch tensors alike)."""
         return (1 - self.item_share) * whole + self.item_share * best
 
     def match(self, user_texts: Sequence[str], ad_texts: Sequence[str]) -> np.ndarray:
@@ -192,9 +196,8 @@ def tune_match_encoder(encoder: MatchEncoder, clicks: pl.DataFrame, tuning: Matc
                 embed([ads[i] for i in index] + [ad["ad_text"] for ad in passed]),
             )
             same_user = user_ids[index, None] == user_ids[None, index]  # (clicks, clicks)
-            # the ads each row's user clicked in the batch (its own among them), and that user's other clicks
+            # every ad the row's user clicked in the batch (its own, and so its user's other clicks) but its own
             masked = (same_user.astype(np.int64) @ (ad_ids[index, None] == candidates[None, :])) > 0
-            masked[:, : len(index)] |= same_user
             np.fill_diagonal(masked, False)
             logits = (tuning.scale * match).masked_fill(torch.from_numpy(masked).to(device), -torch.inf)
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(index), device=device))

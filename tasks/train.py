@@ -430,20 +430,17 @@ def match_clicks(pairs: pl.DataFrame, passed_over: int, seed: int) -> pl.DataFra
     """The clicked pairs the match tunes on, each with up to passed_over ads (PASSED_OVER: ad_id, ad_text) its
     user was shown on the pair's UTC day and did not click, a seeded draw (none for 0, or a day without any)."""
     clicked = pl.col("is_clicked").cast(pl.Boolean)
-    clicks = pairs.filter(clicked)
     if passed_over == 0:
-        return clicks
-    if not {"user_id", "shown_at"} <= set(pairs.columns):
-        raise ValueError("training.match_passed_over > 0 needs the columns user_id and shown_at in the pairs")
-    day = pl.col("shown_at").dt.date().alias("day")
+        return pairs.filter(clicked)
+    lists = pairs.with_columns(pl.Series("user_day", user_days(pairs, "match_passed_over > 0")))
     passed = (
-        pairs.filter(~clicked)
+        lists.filter(~clicked)
         .sample(fraction=1.0, shuffle=True, seed=seed)
-        .group_by("user_id", day)
+        .group_by("user_day")
         .agg(pl.struct("ad_id", "ad_text").head(passed_over).alias(PASSED_OVER))
     )
-    joined = clicks.with_columns(day).join(passed, on=["user_id", "day"], how="left", maintain_order="left")
-    return joined.drop("day")
+    clicked_lists = lists.filter(clicked)
+    return clicked_lists.join(passed, on="user_day", how="left", maintain_order="left").drop("user_day")
 
 
 def match_verdict(gain: dict[str, Interval]) -> tuple[bool, str]:
@@ -574,10 +571,11 @@ def gather_from_ranks(value: torch.Tensor) -> list[torch.Tensor] | None:
     return values
 
 
-def user_days(pairs: pl.DataFrame) -> np.ndarray:
-    """One id per (user, UTC day) of each pair: the lists a nightly ranking orders."""
+def user_days(pairs: pl.DataFrame, option: str = "ranking_loss_weight > 0") -> np.ndarray:
+    """One id per (user, UTC day) of each pair: the lists a nightly ranking orders (option: the setting that
+    needs them, for the error when the pairs lack the columns)."""
     if not {"user_id", "shown_at"} <= set(pairs.columns):
-        raise ValueError("training.ranking_loss_weight > 0 needs the columns user_id and shown_at in the pairs")
+        raise ValueError(f"training.{option} needs the columns user_id and shown_at in the pairs")
     keys = pairs.select("user_id", pl.col("shown_at").dt.date())
     return (
         keys.with_row_index()
