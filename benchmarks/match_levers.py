@@ -2,8 +2,11 @@
 the test split.
 
     python benchmarks/match_levers.py   # ~45 min on 2 cores; writes docs/benchmarks/match-levers-sample.json
+    python benchmarks/match_levers.py --data ../shared/datasets/ml-100k --sections cold_fit \
+        --out docs/benchmarks/match-levers-ml100k.json   # ~2 min: one section, on MovieLens-100K
 
-On the embedded sample market (adrank sample-data's defaults), pairs built as retrain builds them:
+On the embedded sample market (adrank sample-data's defaults; or --data MovieLens-100K, --logs any data set in
+the log contract), pairs built as retrain builds them; --sections picks which of these run (default: all):
 - model.match_item_share: the output layer without a logit (step 0: the priors and the zero-shot match), fitted
   on validation as retrain fits it, scored out of sample on the training split's pairs of ranked users (more days
   and users than validation holds), gAUC and AUC against the whole text alone (share 0), with paired bootstrap
@@ -35,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
+from benchmarks.movielens import convert_movielens  # noqa: E402
 from tasks.config import SampleDataConfig, load_settings  # noqa: E402
 from tasks.intervals import Interval, Scored, paired_interval  # noqa: E402
 from tasks.metrics import (  # noqa: E402
@@ -62,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 REPLICATES = 1000
 EMBED_BATCH = 64
+SECTIONS = ("item_share", "cold_fit", "tuning")
 LEAST_SHOWN_MIN_CLICKS = 100  # the old rule: the least-shown ads' pairs up to model.cold_fit_min_clicks clicks
 # how the match is tuned: (the item share the tuning trains, None: the served one; ads passed over per click,
 # None: training.match_passed_over)
@@ -94,13 +99,13 @@ def with_shared_match(encoder: MatchEncoder, frames: dict[str, pl.DataFrame]) ->
     return out
 
 
-def item_share_levers(settings, train: pl.DataFrame, shared: dict[float, dict[str, pl.DataFrame]]) -> tuple:
+def item_share_levers(settings, train: pl.DataFrame, shared: dict[float, dict[str, pl.DataFrame]]) -> dict:
     """Per share: step 0's layer fitted on validation, scored on train's pairs of ranked users."""
     labels = shared[0.0]["scored"]["is_clicked"].cast(pl.Int8).to_numpy()
-    pctr, layers = {}, {}
+    pctr = {}
     for share, frames in shared.items():
-        layers[share] = calibrate(settings, train, frames["valid"], None)
-        pctr[str(share)] = layers[share].apply(np.zeros(len(labels)), PairPriors.of(frames["scored"]))
+        layer = calibrate(settings, train, frames["valid"], None)
+        pctr[str(share)] = layer.apply(np.zeros(len(labels)), PairPriors.of(frames["scored"]))
     scored = shared[0.0]["scored"]
     groups = ranking_lists(scored["user_id"], scored["shown_at"])
     sets = [Scored(scored["user_id"].to_numpy(), labels, pctr, groups)]
@@ -111,12 +116,13 @@ def item_share_levers(settings, train: pl.DataFrame, shared: dict[float, dict[st
             f"{metric}_minus_whole_text": paired_interval(sets, share, "0.0", metric, REPLICATES).as_dict()
             for metric in ("gauc", "auc")
         }
-    return {"scored_pairs": scored.height, "scored_users": scored["user_id"].n_unique(), "shares": rows}, layers
+    return {"scored_pairs": scored.height, "scored_users": scored["user_id"].n_unique(), "shares": rows}
 
 
-def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFrame], layer) -> dict:
+def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFrame]) -> dict:
     """The default layer's warm weights with cold weights fitted by each rule, on train's cold-ad pairs."""
     valid, cold = frames["valid"], frames["cold"]
+    layer = calibrate(settings, train, valid, None)
     labels, priors = valid["is_clicked"].cast(pl.Int8).to_numpy(), PairPriors.of(valid)
     template = prior_template(settings, train)
     user, match = template.user_prior(priors), template.match(priors)
@@ -167,46 +173,80 @@ def tuning_levers(settings, encoder: MatchEncoder, train: pl.DataFrame, valid: p
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help="MovieLens-100K folder (converted to the log contract)")
+    source.add_argument("--logs", type=Path, help="a data set already in adrank's log contract")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     parser.add_argument("--work", type=Path, default=Path("adrank_home/match-levers"), help="scratch folder")
-    parser.add_argument("--out", type=Path, default=REPO / "docs/benchmarks/match-levers-sample.json")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs/benchmarks/match-levers-sample.json",
+        help="the JSON; written into docs/benchmarks/, it also writes the block of its name in docs/benchmarks.md",
+    )
+    return parser.parse_args()
+
+
+def source_logs(args: argparse.Namespace, work: Path) -> Path:
+    """The log folder measured: --logs as given, --data converted, else the sample market generated."""
+    if args.logs:
+        return args.logs.resolve()
+    if args.data:
+        convert_movielens(args.data, work / "ml100k-logs")
+        return work / "ml100k-logs"
+    generate_sample_logs(SampleDataConfig(), work / "sample-logs")
+    return work / "sample-logs"
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(2)
     work = args.work.resolve()
-    generate_sample_logs(SampleDataConfig(), work / "sample-logs")
-    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(work / "sample-logs")}})
+    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(source_logs(args, work))}})
     build_pairs(settings)
     train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
     model = settings.model
     encoder = load_match_encoder(model.base_model, torch.device("cpu"), model.max_seq_length, EMBED_BATCH)
-    frames = {
-        "valid": valid,
-        "scored": train.filter(pl.col("is_ranked_user")),
-        "cold": train.filter(pl.col("ad_prior_impressions") == 0),
-    }
+    frames = {"valid": valid}  # each frame's texts are embedded: only what the sections score
+    if "item_share" in args.sections:
+        frames["scored"] = train.filter(pl.col("is_ranked_user"))
+    if "cold_fit" in args.sections:
+        frames["cold"] = train.filter(pl.col("ad_prior_impressions") == 0)
     shared = with_shared_match(encoder, frames)
-    shares, layers = item_share_levers(settings, train, shared)
     default = model.match_item_share
     result = {
         "command": command_line(),
         "hardware": hardware(),
         "commit": git_commit(),
-        "item_share": shares,
+        "logs": str(settings.data.logs),
         "default_item_share": default,
-        "cold_fit": cold_fit_levers(settings, train, shared[default], layers[default]),
-        "tuning": tuning_levers(settings, replace(encoder, item_share=default), train, valid),
     }
+    if "item_share" in args.sections:
+        result["item_share"] = item_share_levers(settings, train, shared)
+    if "cold_fit" in args.sections:
+        result["cold_fit"] = cold_fit_levers(settings, train, shared[default])
+    if "tuning" in args.sections:
+        result["tuning"] = tuning_levers(settings, replace(encoder, item_share=default), train, valid)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    write_block(DOC, "match-levers-sample", markdown(result), "The semantic match's levers on the sample market")
+    if args.out.resolve().parent == (REPO / "docs/benchmarks").resolve():
+        write_block(DOC, args.out.stem, markdown(result), "The semantic match's levers")
     print(markdown(result))
 
 
 def markdown(result: dict) -> str:
-    """The block docs/benchmarks.md holds: one row per item share, the cold-fit rules, the tunings."""
-    shares, cold = result["item_share"], result["cold_fit"]
+    """The block docs/benchmarks.md holds, per section measured: one row per item share, the cold-fit rules, the
+    tunings."""
+    run = f"`{result['command']}` at `{result['commit']}` ({result['hardware']})."
+    lines = (share_lines(run, result) if "item_share" in result else [run]) + cold_fit_lines(result)
+    return "\n".join(lines + tuning_lines(result)) + "\n"
+
+
+def share_lines(run: str, result: dict) -> list[str]:
+    shares = result["item_share"]
     lines = [
-        f"`{result['command']}` at `{result['commit']}` ({result['hardware']}). Step 0's output layer (the priors "
+        f"{run} Step 0's output layer (the priors "
         f"and the zero-shot match) fitted on validation, scored on the training split's {shares['scored_pairs']:,} "
         f"pairs of {shares['scored_users']:,} ranked users; intervals: paired bootstrap over users, 95%.",
         "",
@@ -218,7 +258,14 @@ def markdown(result: dict) -> str:
         gauc, auc = (Interval(d["mean"], *d["interval"]) for d in (gauc, auc))
         default = " (default)" if float(share) == result["default_item_share"] else ""
         lines.append(f"| {share}{default} | {row['gauc']:.4f} | {row['auc']:.4f} | {gauc} | {auc} |")
-    lines += [
+    return lines
+
+
+def cold_fit_lines(result: dict) -> list[str]:
+    if "cold_fit" not in result:
+        return []
+    cold = result["cold_fit"]
+    lines = [
         "",
         f"Cold ads' weights when validation's {cold['valid_cold_pairs']} cold pairs hold {cold['valid_cold_clicks']} "
         f"clicks (too few), scored on the training split's {cold['scored_cold_pairs']:,} pairs of cold ads "
@@ -233,8 +280,14 @@ def markdown(result: dict) -> str:
             f"| {name} | {row['fit_pairs']:,} | {row['calibration_ratio']:.3f} | {row['ece_equal_mass']:.4f} "
             f"| {row['auc']:.4f} |"
         )
+    return lines
+
+
+def tuning_lines(result: dict) -> list[str]:
+    if "tuning" not in result:
+        return []
     tuning = result["tuning"]
-    lines += [
+    lines = [
         "",
         f"The match's encoder tuned one epoch on the training split's {tuning['clicks']:,} clicks, served at the "
         "default share: step 0 (the priors and the match) cross-fitted on validation, tuned minus zero-shot, as "
@@ -254,7 +307,7 @@ def markdown(result: dict) -> str:
             f"| {names[name]} | {row['passed_over']} | {row['steps']} | {row['seconds'] / 60:.1f} "
             f"| {gain['logloss']} | {gain['auc']} | {gain['gauc']} | {row['guard']} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":
