@@ -27,6 +27,7 @@ BLOCKS = {
     # the same script at 284dd98, on the sample market before its interests were in products (a9a59b9)
     "levers-sample-quick-topic-market": (DOC, "levers-sample-quick-topic-market.json", quality.levers_section),
     "match-levers-sample": (DOC, "match-levers-sample.json", match_levers.markdown),
+    "match-levers-ml100k": (DOC, "match-levers-ml100k.json", match_levers.markdown),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
     "views": (DOC, "views.json", views.markdown),
