@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
-from benchmarks.movielens import convert_movielens  # noqa: E402
-from tasks.config import SampleDataConfig, load_settings  # noqa: E402
+from benchmarks.protocol import source_logs  # noqa: E402
+from tasks.config import load_settings  # noqa: E402
 from tasks.intervals import Interval, Scored, paired_interval  # noqa: E402
 from tasks.metrics import (  # noqa: E402
     calibration_ratio,
@@ -51,7 +51,6 @@ from tasks.metrics import (  # noqa: E402
 from tasks.output_layer import MATCH_COLUMN, PairPriors, logistic_fit  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
-from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import MatchEncoder, load_match_encoder, tune_match_encoder, with_match  # noqa: E402
 from tasks.train import (  # noqa: E402
     calibrate,
@@ -189,22 +188,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def source_logs(args: argparse.Namespace, work: Path) -> Path:
-    """The log folder measured: --logs as given, --data converted, else the sample market generated."""
-    if args.logs:
-        return args.logs.resolve()
-    if args.data:
-        convert_movielens(args.data, work / "ml100k-logs")
-        return work / "ml100k-logs"
-    generate_sample_logs(SampleDataConfig(), work / "sample-logs")
-    return work / "sample-logs"
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(2)
     work = args.work.resolve()
-    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(source_logs(args, work))}})
+    logs, _ = source_logs(args.data, args.logs, work, "ml100k" if args.data else "sample")
+    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(logs)}})
     build_pairs(settings)
     train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
     model = settings.model

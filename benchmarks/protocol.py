@@ -1,10 +1,12 @@
-"""The quality benchmark's protocol: cold items held out of the logs, the time split, paired intervals.
+"""The quality benchmark's protocol: the logs it reads, cold items held out of them, the time split, paired
+intervals.
 
 Kept apart from benchmarks/quality.py (which trains and reports) so that each rule is tested on its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -12,12 +14,28 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from benchmarks.movielens import checksum, convert_movielens
+from tasks.config import SampleDataConfig
 from tasks.evaluate import slice_masks
 from tasks.intervals import HIGHER_IS_BETTER, Interval, Scored, paired_interval
 from tasks.metrics import ranking_lists
 from tasks.pairs import build_pairs
+from tasks.sample_data import generate_sample_logs
 
 COLD_ITEM_SHARE = 0.10
+
+
+def source_logs(data: Path | None, logs: Path | None, work: Path, name: str) -> tuple[Path, str]:
+    """The log folder a benchmark reads and its data's checksum: logs as given, data (MovieLens-100K) converted
+    into work/<name>-logs, else the embedded sample market generated there."""
+    if logs:
+        return logs.resolve(), "n/a (--logs)"
+    if data:
+        convert_movielens(data, work / f"{name}-logs")
+        return work / f"{name}-logs", checksum(data)
+    market = SampleDataConfig()
+    generate_sample_logs(market, work / f"{name}-logs")  # replaces only a folder it wrote (tasks/folders.py)
+    return work / f"{name}-logs", hashlib.sha256(market.model_dump_json().encode()).hexdigest()  # seeded
 
 
 def hold_out_items(logs: Path, out: Path, seed: int, test_from: datetime) -> list[str]:

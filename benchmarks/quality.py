@@ -20,7 +20,6 @@ Intervals: paired user-level bootstrap, averaged over seeds (tasks/intervals.py)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import subprocess
@@ -38,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import baselines, protocol  # noqa: E402
 from benchmarks.docs_blocks import command_line, hardware, write_block  # noqa: E402
-from benchmarks.movielens import checksum, convert_movielens  # noqa: E402
-from tasks.config import SampleDataConfig, Settings, flat_params, load_settings  # noqa: E402
+from tasks.config import Settings, flat_params, load_settings  # noqa: E402
 from tasks.evaluate import (  # noqa: E402
     SLICE_COLUMNS,
     SLICES,
@@ -56,7 +54,6 @@ from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa:
 from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
 from tasks.pairs import split_fractions  # noqa: E402
 from tasks.registry import configure_tracking, git_commit  # noqa: E402
-from tasks.sample_data import generate_sample_logs  # noqa: E402
 from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
 from tasks.train import calibrate, cross_fitted_pctr, fine_tune  # noqa: E402
@@ -441,15 +438,7 @@ def reliability_diagram(runs: list[dict], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     work = args.work.resolve()
-    if args.data:
-        logs, data_checksum = work / f"{args.name}-logs", checksum(args.data)
-        convert_movielens(args.data, logs)
-    elif args.sample:
-        logs, market = work / f"{args.name}-logs", SampleDataConfig()
-        generate_sample_logs(market, logs)  # replaces only a folder it wrote (tasks/folders.py)
-        data_checksum = hashlib.sha256(market.model_dump_json().encode()).hexdigest()  # seeded: config names data
-    else:
-        logs, data_checksum = args.logs.resolve(), "n/a (--logs)"
+    logs, data_checksum = protocol.source_logs(args.data, args.logs, work, args.name)  # --sample: neither given
     if args.levers:
         return run_levers(args, logs)
     timings: dict[str, float] = {}
