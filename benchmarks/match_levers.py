@@ -12,9 +12,9 @@ the log contract), pairs built as retrain builds them; --sections picks which of
   and users than validation holds), gAUC and AUC against the whole text alone (share 0), with paired bootstrap
   intervals over users.
 - Where cold ads' weights are fitted when validation's cold pairs hold too few clicks: the pairs of the
-  least-shown ads (the rule before) or every validation pair without the ad prior (the rule now,
-  tasks/output_layer.py cold_fit_rows), scored on the training split's pairs of cold ads: calibration ratio,
-  equal-mass ECE, AUC.
+  least-shown ads or every validation pair without the ad prior, scored on the training split's pairs of cold
+  ads (calibration ratio, equal-mass ECE, AUC), and which of the two retrain chose (tasks/output_layer.py
+  cold_fit_rows: by the priors alone on those pairs).
 - How the match's encoder is tuned on the training split's clicks (tasks/train.py tune_match): on the whole
   text's cosine with in-batch negatives (the objective before the match as served was trained), on the match as
   served with in-batch negatives, and as served with the ads each user passed over (the default). Each is judged
@@ -48,7 +48,7 @@ from tasks.metrics import (  # noqa: E402
     ranking_lists,
     roc_auc,
 )
-from tasks.output_layer import MATCH_COLUMN, PairPriors, logistic_fit  # noqa: E402
+from tasks.output_layer import MATCH_COLUMN, PairPriors, least_shown_rows, logistic_fit  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.semantic_match import MatchEncoder, load_match_encoder, tune_match_encoder, with_match  # noqa: E402
@@ -66,7 +66,6 @@ ITEM_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 REPLICATES = 1000
 EMBED_BATCH = 64
 SECTIONS = ("item_share", "cold_fit", "tuning")
-LEAST_SHOWN_MIN_CLICKS = 100  # the old rule: the least-shown ads' pairs up to model.cold_fit_min_clicks clicks
 # how the match is tuned: (the item share the tuning trains, None: the served one; ads passed over per click,
 # None: training.match_passed_over)
 TUNING_VARIANTS = {
@@ -74,14 +73,6 @@ TUNING_VARIANTS = {
     "as_served_in_batch": (None, 0),
     "as_served_passed_over": (None, None),
 }
-
-
-def least_shown_rows(pairs: pl.DataFrame, min_clicks: int) -> np.ndarray:
-    """The rule before: the pairs of ads shown at most t times before, the smallest t reaching min_clicks."""
-    impressions, labels = pairs["ad_prior_impressions"].to_numpy(), pairs["is_clicked"].cast(pl.Int8).to_numpy()
-    order = np.argsort(impressions, kind="stable")
-    limit = impressions[order[np.flatnonzero(np.cumsum(labels[order]) >= min_clicks)[0]]]
-    return impressions <= limit
 
 
 def with_shared_match(encoder: MatchEncoder, frames: dict[str, pl.DataFrame]) -> dict[float, dict[str, pl.DataFrame]]:
@@ -125,15 +116,20 @@ def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFram
     labels, priors = valid["is_clicked"].cast(pl.Int8).to_numpy(), PairPriors.of(valid)
     template = prior_template(settings, train)
     user, match = template.user_prior(priors), template.match(priors)
+    min_clicks, impressions = settings.model.cold_fit_min_clicks, valid["ad_prior_impressions"].to_numpy()
     rules = {
-        "least_shown_ads": least_shown_rows(valid, LEAST_SHOWN_MIN_CLICKS),
+        "least_shown_ads": least_shown_rows(impressions, labels, min_clicks),
         "every_pair": np.ones(len(labels), bool),
     }
     cold_labels = cold["is_clicked"].cast(pl.Int8).to_numpy()
-    out = {"valid_cold_pairs": int((valid["ad_prior_impressions"] == 0).sum()), "scored_cold_pairs": cold.height}
-    out["valid_cold_clicks"] = int(labels[valid["ad_prior_impressions"].to_numpy() == 0].sum())
+    out = {"valid_cold_pairs": int((impressions == 0).sum()), "scored_cold_pairs": cold.height}
+    out["valid_cold_clicks"] = int(labels[impressions == 0].sum())
+    out |= {"min_clicks": min_clicks, "chosen": layer.cold_fit}  # what retrain's layer was fitted on (the rule)
     out["scored_cold_click_rate"] = float(cold_labels.mean())
     for rule, rows in rules.items():
+        if rows is None:  # validation holds fewer than min_clicks clicks in all
+            out[rule] = None
+            continue
         weights = logistic_fit(labels[rows], user=user[rows], match=match[rows])
         fitted = replace(layer, **{f"unseen_{name}": value for name, value in weights.items()})
         pctr = fitted.apply(np.zeros(cold.height), PairPriors.of(cold))
@@ -254,22 +250,30 @@ def cold_fit_lines(result: dict) -> list[str]:
     if "cold_fit" not in result:
         return []
     cold = result["cold_fit"]
+    # JSONs written before retrain chose the rule (fefe07f) hold neither the threshold nor the choice
+    min_clicks = cold.get("min_clicks", 100)
+    enough = cold["valid_cold_clicks"] >= min_clicks
     lines = [
         "",
         f"Cold ads' weights when validation's {cold['valid_cold_pairs']} cold pairs hold {cold['valid_cold_clicks']} "
-        f"clicks (too few), scored on the training split's {cold['scored_cold_pairs']:,} pairs of cold ads "
+        f"clicks ({'enough: retrain fits on them' if enough else 'too few'}; model.cold_fit_min_clicks "
+        f"{min_clicks}), scored on the training split's {cold['scored_cold_pairs']:,} pairs of cold ads "
         f"(click rate {cold['scored_cold_click_rate']:.3f}):",
         "",
         "| fitted on | pairs | calibration ratio | ECE (equal mass) | AUC |",
         "|---|---|---|---|---|",
     ]
-    for rule, name in (("least_shown_ads", "the least-shown ads (before)"), ("every_pair", "every pair (now)")):
+    for rule, name in (("least_shown_ads", "the least-shown ads"), ("every_pair", "every pair")):
         row = cold[rule]
+        if row is None:
+            lines.append(f"| {name} | (fewer than {min_clicks} clicks in all) | | | |")
+            continue
         lines.append(
             f"| {name} | {row['fit_pairs']:,} | {row['calibration_ratio']:.3f} | {row['ece_equal_mass']:.4f} "
             f"| {row['auc']:.4f} |"
         )
-    return lines
+    chosen = [] if "chosen" not in cold else ["", f"Retrain's layer fitted its cold weights on {cold['chosen']}."]
+    return lines + chosen
 
 
 def tuning_lines(result: dict) -> list[str]:

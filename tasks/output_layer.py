@@ -6,8 +6,9 @@
 ad_log_odds and user_log_odds are the ad's and the user's click rates before the request (their prior
 counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
 (never shown before the request) has no prior, and its text was never trained on: it gets weights of its
-own, unseen_*, fitted on the validation pairs of cold ads, or on all of them without the ad prior when the
-cold ones hold too few clicks.
+own, unseen_*, fitted on the validation pairs of cold ads, or, when those hold too few clicks, on the pairs of
+the least-shown ads or on every pair without the ad prior, whichever predicts the training split's cold ads better
+(cold_fit_rows).
 Optionally, new users (no impression before the request: no user prior, an empty history) get weights of
 their own too, new_user_*, fitted on their pairs of warm ads: the text's weight for users with a history is
 then set by those users, not by the (often many more) users without one.
@@ -253,6 +254,7 @@ def fit_calibration(
     min_cold_clicks: int = 100,
     with_match: bool = False,
     with_new_user_weights: bool = False,
+    cold_reference: tuple[PairPriors, np.ndarray] | None = None,
 ) -> Calibration:
     """Fit the output layer on held-out pairs (validation), never on training data.
 
@@ -261,7 +263,8 @@ def fit_calibration(
     mean logit is kept as reference_logit (explain centres the text term on it). logits None: no logit term
     (slope 0).
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
-    on cold_fit_rows (cold pairs with at least min_cold_clicks clicks, else every pair).
+    on cold_fit_rows (cold pairs with at least min_cold_clicks clicks; else the least-shown ads' pairs or every
+    pair, chosen on cold_reference: the training split's pairs of cold ads, their priors and labels).
     with_new_user_weights: new users' pairs of warm ads get weights of their own (fitted without the user
     prior, a constant for them) when they hold min_cold_clicks clicks; the warm weights are then fitted on the
     other users' pairs alone.
@@ -303,7 +306,11 @@ def fit_calibration(
     fitted = replace(template, **seen, **new_user, new_user_fit=described_new)
     if not with_ad_prior:
         return fitted
-    rows, described = cold_fit_rows(priors, labels, min_cold_clicks)
+    reference = None
+    if cold_reference is not None:
+        reference_priors, reference_labels = cold_reference
+        reference = (template.user_prior(reference_priors) if with_user_prior else None, reference_labels)
+    rows, described = cold_fit_rows(priors, labels, min_cold_clicks, user, reference)
     unseen = everything if rows.all() else fit(rows, with_ad=False)  # every pair without the ad prior: fitted above
     return replace(fitted, **{f"unseen_{k}": v for k, v in unseen.items()}, cold_fit=described)
 
@@ -316,22 +323,65 @@ def _one_class(labels: np.ndarray, logits: np.ndarray | None, template: Calibrat
     return replace(template or Calibration(), slope=0.0, intercept=float(probability_log_odds(labels.mean())))
 
 
-def cold_fit_rows(priors: PairPriors, labels: np.ndarray, min_clicks: int) -> tuple[np.ndarray, str]:
+def cold_fit_rows(
+    priors: PairPriors,
+    labels: np.ndarray,
+    min_clicks: int,
+    user: np.ndarray | None = None,
+    reference: tuple[np.ndarray | None, np.ndarray] | None = None,
+) -> tuple[np.ndarray, str]:
     """The pairs to fit cold ads' weights on, and a sentence saying which: the pairs of ads never shown
-    before the request if they hold min_clicks clicks (and a pair without one); else every pair, each ad's prior
-    dropped (as ID dropout trains a model for ads it has no ID for). Measured on the sample market: fitted on
-    the least-shown ads' pairs instead, the cold weights under-predicted cold ads' clicks by a third (ratio
-    0.65 on the training split's cold pairs, 0.83 on every pair; benchmarks/match_levers.py)."""
+    before the request if they hold min_clicks clicks (and a pair without one). Else one of two stand-ins,
+    whichever predicts reference (the training split's pairs of cold ads: their user log-odds, None without a user
+    prior, and labels) better: every pair, each ad's prior dropped (as ID dropout trains a model for ads it has no
+    ID for), or the pairs of the least-shown ads (least_shown_rows). The stand-ins are compared by the priors
+    alone (intercept and user prior, fitted on each, scored by logloss on reference): no text or match, whose
+    training-split scores were trained on. Neither wins on every market (benchmarks/match_levers.py: on the sample
+    market every pair calibrates cold ads better, on MovieLens-100K the least-shown ads). Without reference, or
+    when it holds fewer than min_clicks clicks: every pair."""
     impressions = np.zeros(len(labels)) if priors.ad_counts is None else priors.ad_counts[1]
     cold = impressions <= 0
     clicks = int(labels[cold].sum())
     if clicks >= min_clicks and _both_classes(labels[cold]):
         return cold, f"{int(cold.sum())} validation pairs of cold ads ({clicks} clicks)"
     why = f"at least {min_clicks} wanted" if clicks < min_clicks else "every one clicked: one class only"
-    return np.ones(len(labels), dtype=bool), (
-        f"all {len(labels)} validation pairs without the ad prior ({int(cold.sum())} of cold ads hold {clicks} "
-        f"clicks, {why})"
+    every = np.ones(len(labels), dtype=bool)
+    scarce = f"{int(cold.sum())} of cold ads hold {clicks} clicks, {why}"
+    said = f"all {len(labels)} validation pairs without the ad prior ({scarce})"
+    least = least_shown_rows(impressions, labels, min_clicks)
+    if reference is None or least is None or least.all() or not _both_classes(labels[least]):
+        return every, said
+    reference_user, reference_labels = reference
+    if reference_labels.sum() < min_clicks or not _both_classes(reference_labels):
+        return every, said
+
+    def reference_logloss(rows: np.ndarray) -> float:
+        weights = logistic_fit(labels[rows], user=_rows(user, rows))
+        z = weights["intercept"] + (0.0 if user is None else weights["user_weight"] * reference_user)
+        return float(np.mean(np.logaddexp(0.0, z) - reference_labels * z))
+
+    least_loss, every_loss = reference_logloss(least), reference_logloss(every)
+    compared = (
+        f"the priors fitted on them scored the training split's {len(reference_labels)} pairs of cold ads at logloss "
+        f"{least_loss:.4f}, fitted on every pair {every_loss:.4f}"
     )
+    if least_loss < every_loss:
+        shown = int(impressions[least].max())
+        return least, (
+            f"{int(least.sum())} validation pairs of the least-shown ads (shown at most {shown} times before; "
+            f"{int(labels[least].sum())} clicks; {scarce}): {compared}"
+        )
+    return every, f"{said}; the least-shown ads' {int(least.sum())} pairs instead: {compared}"
+
+
+def least_shown_rows(impressions: np.ndarray, labels: np.ndarray, min_clicks: int) -> np.ndarray | None:
+    """The pairs of ads shown at most t times before the request, the smallest t whose pairs hold min_clicks
+    clicks; None when all pairs together hold fewer."""
+    order = np.argsort(impressions, kind="stable")
+    reached = np.flatnonzero(np.cumsum(labels[order]) >= min_clicks)
+    if reached.size == 0:
+        return None
+    return impressions <= impressions[order[reached[0]]]
 
 
 def _rows(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:

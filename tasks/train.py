@@ -748,7 +748,17 @@ def calibrate(
         min_cold_clicks=settings.model.cold_fit_min_clicks,
         with_match="match" in terms,
         with_new_user_weights=settings.model.new_user_weights,
+        cold_reference=cold_ad_pairs(train) if "ad_prior" in terms else None,
     )
+
+
+def cold_ad_pairs(train: pl.DataFrame) -> tuple[PairPriors, np.ndarray] | None:
+    """The training split's pairs of cold ads (no impression before the request): their priors (no match: the
+    training split's were tuned on) and labels; None without the ad counts."""
+    if not set(PRIOR_COLUMNS) <= set(train.columns):
+        return None
+    cold = train.filter(pl.col("ad_prior_impressions").fill_null(0) <= 0).select(*PRIOR_COLUMNS, "is_clicked")
+    return PairPriors.of(cold.drop("is_clicked")), cold["is_clicked"].cast(pl.Int8).to_numpy()
 
 
 def _require_columns(pairs: pl.DataFrame, columns: tuple[str, ...], option: str) -> None:

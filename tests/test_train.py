@@ -27,6 +27,7 @@ from tasks.output_layer import (
     cold_fit_rows,
     fit_calibration,
     load_calibration,
+    probability_log_odds,
     save_calibration,
 )
 from tasks.semantic_match import (
@@ -364,6 +365,33 @@ def test_with_too_few_cold_clicks_the_cold_weights_come_from_every_pair():
     clicked = np.array([1, 1, 0, 1, 0, 1, 1, 0])  # both cold pairs clicked: nothing to fit on them alone
     rows, said = cold_fit_rows(priors, clicked, min_clicks=2)
     assert rows.all() and said.endswith("(2 of cold ads hold 2 clicks, every one clicked: one class only)")
+
+
+def test_with_too_few_cold_clicks_the_training_splits_cold_ads_choose_where_their_weights_are_fitted():
+    # validation: 1 cold click; ads shown once or twice before click half the time, ads shown often a tenth
+    rng = np.random.default_rng(0)
+    impressions = np.repeat([0.0, 1.0, 2.0, 50.0], [10, 300, 300, 3000])
+    labels = (rng.random(len(impressions)) < np.where(impressions < 10, 0.5, 0.1)).astype(int)
+    labels[:10] = [1] + [0] * 9
+    priors = PairPriors(len(labels), ad_counts=(np.zeros(len(labels)), impressions))
+    shown = lambda rate: (rng.random(2000) < rate).astype(int)  # noqa: E731 the training split's cold ads
+    rows, said = cold_fit_rows(priors, labels, 100, reference=(None, shown(0.5)))  # as new as the least-shown
+    assert rows.tolist() == (impressions <= 1).tolist()  # shown once: already 100 clicks and more
+    assert said.startswith("310 validation pairs of the least-shown ads (shown at most 1 times before;")
+    assert "the training split's 2000 pairs of cold ads" in said
+    rows, said = cold_fit_rows(priors, labels, 100, reference=(None, shown(0.17)))  # at every pair's rate
+    assert rows.all() and said.startswith("all 3610 validation pairs without the ad prior (10 of cold ads hold 1")
+    assert "; the least-shown ads' 310 pairs instead: " in said
+    # too few of the training split's cold clicks to choose by, or none given: every pair, as before
+    assert cold_fit_rows(priors, labels, 100, reference=(None, shown(0.02)))[0].all()
+    assert cold_fit_rows(priors, labels, 100)[0].all()
+    # the same choice inside the layer: its cold intercept is the least-shown ads' rate, not every pair's
+    template = Calibration(global_log_odds=float(probability_log_odds(labels.mean())))
+    cold_reference = (PairPriors(2000, ad_counts=(np.zeros(2000), np.zeros(2000))), shown(0.5))
+    layer = fit_calibration(None, labels, priors, template, with_ad_prior=True, cold_reference=cold_reference)
+    cold_pair = PairPriors(1, ad_counts=(np.zeros(1), np.zeros(1)))
+    assert layer.apply(np.zeros(1), cold_pair)[0] == pytest.approx(labels[impressions <= 1].mean(), abs=0.02)
+    assert "least-shown" in layer.cold_fit
 
 
 def test_without_logits_the_layer_is_the_priors_alone():
