@@ -28,6 +28,7 @@ BLOCKS = {
     "levers-sample-quick-topic-market": (DOC, "levers-sample-quick-topic-market.json", quality.levers_section),
     "match-levers-sample": (DOC, "match-levers-sample.json", match_levers.markdown),
     "match-levers-ml100k": (DOC, "match-levers-ml100k.json", match_levers.markdown),
+    "match-levers-sample-cold-fit": (DOC, "match-levers-sample-cold-fit.json", match_levers.markdown),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
     "views": (DOC, "views.json", views.markdown),
