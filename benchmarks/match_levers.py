@@ -13,8 +13,8 @@ the log contract), pairs built as retrain builds them; --sections picks which of
   intervals over users.
 - Where cold ads' weights are fitted when validation's cold pairs hold too few clicks: the pairs of the
   least-shown ads or every validation pair without the ad prior, scored on the training split's pairs of cold
-  ads (calibration ratio, equal-mass ECE, AUC), and which of the two retrain chose (tasks/output_layer.py
-  cold_fit_rows: by the priors alone on those pairs).
+  ads past its first day (calibration ratio, equal-mass ECE, AUC), and which of the two retrain chose on those
+  same pairs (tasks/output_layer.py cold_fit_rows: by the priors alone).
 - How the match's encoder is tuned on the training split's clicks (tasks/train.py tune_match): on the whole
   text's cosine with in-batch negatives (the objective before the match as served was trained), on the match as
   served with in-batch negatives, and as served with the ads each user passed over (the default). Each is judged
@@ -54,6 +54,7 @@ from tasks.registry import git_commit  # noqa: E402
 from tasks.semantic_match import MatchEncoder, load_match_encoder, tune_match_encoder, with_match  # noqa: E402
 from tasks.train import (  # noqa: E402
     calibrate,
+    cold_ad_pairs,
     match_clicks,
     match_tuning,
     match_verdict,
@@ -116,14 +117,14 @@ def cold_fit_levers(settings, train: pl.DataFrame, frames: dict[str, pl.DataFram
     labels, priors = valid["is_clicked"].cast(pl.Int8).to_numpy(), PairPriors.of(valid)
     template = prior_template(settings, train)
     user, match = template.user_prior(priors), template.match(priors)
-    min_clicks, impressions = settings.model.cold_fit_min_clicks, valid["ad_prior_impressions"].to_numpy()
+    min_clicks, impressions = settings.model.cold_fit_min_clicks, priors.ad_counts[1]
     rules = {
         "least_shown_ads": least_shown_rows(impressions, labels, min_clicks),
         "every_pair": np.ones(len(labels), bool),
     }
     cold_labels = cold["is_clicked"].cast(pl.Int8).to_numpy()
-    out = {"valid_cold_pairs": int((impressions == 0).sum()), "scored_cold_pairs": cold.height}
-    out["valid_cold_clicks"] = int(labels[impressions == 0].sum())
+    out = {"valid_cold_pairs": int((impressions <= 0).sum()), "scored_cold_pairs": cold.height}
+    out["valid_cold_clicks"] = int(labels[impressions <= 0].sum())
     out |= {"min_clicks": min_clicks, "chosen": layer.cold_fit}  # what retrain's layer was fitted on (the rule)
     out["scored_cold_click_rate"] = float(cold_labels.mean())
     for rule, rows in rules.items():
@@ -198,7 +199,7 @@ def main() -> None:
     if "item_share" in args.sections:
         frames["scored"] = train.filter(pl.col("is_ranked_user"))
     if "cold_fit" in args.sections:
-        frames["cold"] = train.filter(pl.col("ad_prior_impressions") == 0)
+        frames["cold"] = cold_ad_pairs(train)  # the pairs retrain chooses the rule on
     shared = with_shared_match(encoder, frames)
     default = model.match_item_share
     result = {
@@ -250,14 +251,16 @@ def cold_fit_lines(result: dict) -> list[str]:
     if "cold_fit" not in result:
         return []
     cold = result["cold_fit"]
-    # JSONs written before retrain chose the rule (fefe07f) hold neither the threshold nor the choice
+    # JSONs written before retrain chose the rule (46570b1; match-levers-sample.json, at fefe07f) hold neither the
+    # threshold nor the choice
     min_clicks = cold.get("min_clicks", 100)
     enough = cold["valid_cold_clicks"] >= min_clicks
+    scored = "pairs of cold ads past its first day" if "chosen" in cold else "pairs of cold ads"
     lines = [
         "",
         f"Cold ads' weights when validation's {cold['valid_cold_pairs']} cold pairs hold {cold['valid_cold_clicks']} "
         f"clicks ({'enough: retrain fits on them' if enough else 'too few'}; model.cold_fit_min_clicks "
-        f"{min_clicks}), scored on the training split's {cold['scored_cold_pairs']:,} pairs of cold ads "
+        f"{min_clicks}), scored on the training split's {cold['scored_cold_pairs']:,} {scored} "
         f"(click rate {cold['scored_cold_click_rate']:.3f}):",
         "",
         "| fitted on | pairs | calibration ratio | ECE (equal mass) | AUC |",

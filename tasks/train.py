@@ -748,17 +748,29 @@ def calibrate(
         min_cold_clicks=settings.model.cold_fit_min_clicks,
         with_match="match" in terms,
         with_new_user_weights=settings.model.new_user_weights,
-        cold_reference=cold_ad_pairs(train) if "ad_prior" in terms else None,
+        cold_reference=cold_reference(train) if "ad_prior" in terms else None,
     )
 
 
-def cold_ad_pairs(train: pl.DataFrame) -> tuple[PairPriors, np.ndarray] | None:
-    """The training split's pairs of cold ads (no impression before the request): their priors (no match: the
-    training split's were tuned on) and labels; None without the ad counts."""
-    if not set(PRIOR_COLUMNS) <= set(train.columns):
+def cold_ad_pairs(train: pl.DataFrame) -> pl.DataFrame | None:
+    """The training split's pairs of cold ads (no impression before the request's day), past the split's first
+    day: on logs that start there every ad is cold, new or not. None without the ad counts."""
+    if not set(AD_PRIOR_COLUMNS) <= set(train.columns):
         return None
-    cold = train.filter(pl.col("ad_prior_impressions").fill_null(0) <= 0).select(*PRIOR_COLUMNS, "is_clicked")
-    return PairPriors.of(cold.drop("is_clicked")), cold["is_clicked"].cast(pl.Int8).to_numpy()
+    cold = pl.col("ad_prior_impressions").fill_null(0) <= 0
+    if "shown_at" in train.columns:
+        cold = cold & (pl.col("shown_at").dt.date() > pl.col("shown_at").min().dt.date())
+    return train.filter(cold)
+
+
+def cold_reference(train: pl.DataFrame) -> tuple[PairPriors, np.ndarray] | None:
+    """cold_ad_pairs' priors (no match: the training split's were tuned on) and labels, which choose where cold
+    ads' weights are fitted (tasks/output_layer.py cold_fit_rows)."""
+    cold = cold_ad_pairs(train)
+    if cold is None:
+        return None
+    counts = cold.select(c for c in PRIOR_COLUMNS if c in cold.columns)
+    return PairPriors.of(counts), cold["is_clicked"].cast(pl.Int8).to_numpy()
 
 
 def _require_columns(pairs: pl.DataFrame, columns: tuple[str, ...], option: str) -> None:

@@ -44,6 +44,8 @@ from tasks.train import (
     SELECTION_FILE,
     ad_prior_offsets,
     calibrate,
+    cold_ad_pairs,
+    cold_reference,
     epoch_order,
     fine_tune,
     match_clicks,
@@ -392,6 +394,33 @@ def test_with_too_few_cold_clicks_the_training_splits_cold_ads_choose_where_thei
     cold_pair = PairPriors(1, ad_counts=(np.zeros(1), np.zeros(1)))
     assert layer.apply(np.zeros(1), cold_pair)[0] == pytest.approx(labels[impressions <= 1].mean(), abs=0.02)
     assert "least-shown" in layer.cold_fit
+    # with the user prior (as retrain fits it): the same choice, the user term fitted and scored alike
+    users = (rng.integers(0, 3, len(labels)).astype(float), np.full(len(labels), 10.0))
+    with_users = PairPriors(len(labels), users, priors.ad_counts)
+    reference_users = (rng.integers(0, 3, 2000).astype(float), np.full(2000, 10.0))
+    cold_reference = (replace(cold_reference[0], user_counts=reference_users), cold_reference[1])
+    layer = fit_calibration(
+        None, labels, with_users, template, with_ad_prior=True, with_user_prior=True, cold_reference=cold_reference
+    )
+    assert "least-shown" in layer.cold_fit and layer.unseen_user_weight is not None
+
+
+def test_the_training_splits_cold_ads_leave_out_its_first_day_where_every_ad_is_cold():
+    day = lambda d, h=9: datetime(2026, 10, d, h)  # noqa: E731
+    train = pl.DataFrame(
+        {
+            "shown_at": [day(1), day(1, 23), day(2), day(2), day(3)],
+            "ad_prior_impressions": [0, 0, 0, 4, None],
+            "ad_prior_clicks": [0, 0, 0, 1, None],
+            "user_prior_impressions": [0, 1, 2, 3, 4],
+            "user_prior_clicks": [0, 0, 1, 1, 1],
+            "is_clicked": [True, False, True, False, False],
+        }
+    )
+    assert cold_ad_pairs(train)["shown_at"].to_list() == [day(2), day(3)]  # a null count: never shown before
+    priors, labels = cold_reference(train)
+    assert labels.tolist() == [1, 0] and priors.user_counts[1].tolist() == [2.0, 4.0]
+    assert cold_ad_pairs(train.drop("ad_prior_impressions")) is None  # no ad counts: no reference
 
 
 def test_without_logits_the_layer_is_the_priors_alone():
