@@ -134,7 +134,8 @@ class ModelConfig(BaseModel):
         ge=1,
         description="Cold ads' weights are fitted on the validation pairs of cold ads, or, when those hold fewer "
         "clicks than this, on the least-shown ads' pairs (as many clicks) or every validation pair without the ad "
-        "prior, whichever predicts the training split's cold ads better (tasks/output_layer.py cold_fit_rows); new "
+        "prior, whichever predicts the training split's cold ads better (every pair when those hold fewer clicks "
+        "too; tasks/output_layer.py cold_fit_rows); new "
         "users' weights (new_user_weights) only when their pairs hold this many.",
     )
     new_user_weights: bool = Field(
