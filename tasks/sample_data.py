@@ -11,6 +11,7 @@ suit. docs/data.md states the click model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from pathlib import Path
 
@@ -259,7 +260,41 @@ OCCUPATIONS: dict[str, list[str]] = {
     "park ranger": ["outdoors", "pets", "fitness"],
     "musician": ["music", "tech", "fashion"],
 }
+# the click model (docs/data.md): logit = CLICK_INTERCEPT + INTEREST_WEIGHT x interest(user, ad's product)
+# + quality(ad) - POSITION_PENALTY x (position - 1) + noise
+CLICK_INTERCEPT = -2.3
+INTEREST_WEIGHT = 6.0
+POSITION_PENALTY = 0.3
+AD_QUALITY_SD = 0.4
+CLICK_NOISE_SD = 0.3
 CITIES = ["London", "Manchester", "Leeds", "Bristol", "Glasgow", "Cardiff", "Belfast", "Brighton"]
+
+
+@dataclass(frozen=True)
+class SampleMarket:
+    ads: pa.Table
+    users: pa.Table
+    impressions: pa.Table  # the log contract's columns and `date` (the partition)
+    # impression_id, interest, ad_quality, position: the click model's terms of each impression, noise aside.
+    # Never written to the logs: what no model can see, for benchmarks/sample_ceiling.py
+    click_terms: pa.Table
+
+
+def sample_market(config: SampleDataConfig) -> SampleMarket:
+    """The seeded market: its three tables and the hidden terms of each impression's click."""
+    rng = np.random.default_rng(config.seed)
+    topics = list(TOPICS)
+    ads, ad_products = _make_ads(config, rng, topics)
+    users, interests = _make_users(config, rng, topics)
+    impressions = _make_impressions(config, rng, ads, ad_products, users, interests, topics)
+    hidden = ["interest", "ad_quality"]
+    click_terms = impressions.select(["impression_id", *hidden, "position"])
+    return SampleMarket(ads, users, impressions.drop_columns(hidden), click_terms)
+
+
+def click_logit(interest, ad_quality, position):
+    """The click model's log-odds, noise aside (numpy arrays or scalars)."""
+    return CLICK_INTERCEPT + INTEREST_WEIGHT * interest + ad_quality - POSITION_PENALTY * (position - 1)
 
 
 def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: Path | None = None) -> dict[str, int]:
@@ -269,23 +304,18 @@ def generate_sample_logs(config: SampleDataConfig, out_dir: Path, default_dir: P
     An existing out_dir is replaced only if it is empty, is default_dir (the configured default) or holds
     tasks/folders.py's marker: real logs pointed at by data.logs are never overwritten. Returns row counts per table.
     """
-    rng = np.random.default_rng(config.seed)
-    topics = list(TOPICS)
-    ads, ad_products = _make_ads(config, rng, topics)
-    users, interests = _make_users(config, rng, topics)
-    impressions = _make_impressions(config, rng, ads, ad_products, users, interests, topics)
-
+    market = sample_market(config)
     with replaced_whole(out_dir, default_dir) as tmp_dir:
-        for table_name, table in (("ads", ads), ("users", users)):
+        for table_name, table in (("ads", market.ads), ("users", market.users)):
             (tmp_dir / table_name).mkdir(parents=True)
             pq.write_table(table, tmp_dir / table_name / "part-0.parquet")
         pq.write_to_dataset(
-            impressions,
+            market.impressions,
             tmp_dir / "impressions",
             partition_cols=["date"],
             basename_template="part-{i}.parquet",
         )
-    return {"impressions": impressions.num_rows, "ads": ads.num_rows, "users": users.num_rows}
+    return {"impressions": market.impressions.num_rows, "ads": market.ads.num_rows, "users": market.users.num_rows}
 
 
 def _make_ads(config: SampleDataConfig, rng: np.random.Generator, topics: list[str]) -> tuple[pa.Table, np.ndarray]:
@@ -375,10 +405,11 @@ def _make_impressions(
     leanings = [[topics.index(t) for t in OCCUPATIONS[o]] for o in users["occupation"].to_pylist()]
     ad_ids = ads["ad_id"].to_pylist()
     ad_topic = np.array([topics.index(t) for t in ads["category"].to_pylist()])
-    ad_quality = rng.normal(0.0, 0.4, size=len(ad_ids))
+    ad_quality = rng.normal(0.0, AD_QUALITY_SD, size=len(ad_ids))
     created = np.array([(c - start).total_seconds() for c in ads["created_at"].to_pylist()])
     active = np.array(ads["active"].to_pylist())
-    rows: dict[str, list] = {k: [] for k in ("impression_id", "ts", "user_id", "ad_id", "clicked", "position", "date")}
+    columns = ("impression_id", "ts", "user_id", "ad_id", "clicked", "position", "date", "interest", "ad_quality")
+    rows: dict[str, list] = {k: [] for k in columns}
     for day in range(config.days):
         for u in range(interests.shape[0]):
             for _ in range(rng.poisson(config.requests_per_user_day)):
@@ -395,8 +426,8 @@ def _make_impressions(
                         break
                     eligible[a] = False  # one request shows an ad once
                     # click model: interest in the ad's product dominates; position and quality shift it
-                    logit = -2.3 + 6.0 * interests[u, ad_products[a]] + ad_quality[a] - 0.3 * (position - 1)
-                    logit += rng.normal(0.0, 0.3)
+                    interest = float(interests[u, ad_products[a]])
+                    logit = click_logit(interest, ad_quality[a], position) + rng.normal(0.0, CLICK_NOISE_SD)
                     rows["impression_id"].append(len(rows["impression_id"]) + 1)
                     rows["ts"].append(ts)
                     rows["user_id"].append(f"u{u:05d}")
@@ -404,6 +435,8 @@ def _make_impressions(
                     rows["clicked"].append(bool(rng.random() < 1.0 / (1.0 + np.exp(-logit))))
                     rows["position"].append(position)
                     rows["date"].append(ts.date().isoformat())
+                    rows["interest"].append(interest)
+                    rows["ad_quality"].append(float(ad_quality[a]))
     return pa.table(rows)
 
 

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks import baselines, protocol
+from benchmarks import baselines, protocol, sample_ceiling
+from tasks.config import SampleDataConfig
 from tasks.metrics import calibration_ratio, expected_calibration_error_equal_mass, group_auc
 from tasks.pairs import build_pairs
 
@@ -150,3 +151,25 @@ def test_best_peer_follows_each_metrics_direction():
     assert protocol.best_peer(means, ["p", "q"], "auc", "overall") == "p"
     assert protocol.best_peer(means, ["p", "q"], "logloss", "overall") == "q"
     assert protocol.best_peer(means, ["p", "q"], "calibration_ratio", "overall") == "q"
+
+
+def test_the_ceiling_reads_the_market_behind_a_runs_test_pairs_or_stops():
+    """benchmarks/sample_ceiling.py: the click model's log-odds of the very impressions a run scored, or an error
+    naming the first row that is not one of them."""
+    clicks = sample_ceiling.click_frame(SampleDataConfig(users=30, advertisers=4, ads=10, days=6, cold_start_days=2))
+    as_pairs = (pl.col("user_id"), pl.col("ts").alias("shown_at"), pl.col("clicked").alias("is_clicked"))
+    test = clicks.tail(50).select(as_pairs)
+    matched = sample_ceiling.aligned(test, clicks)
+    assert matched["impression_id"].to_list() == clicks["impression_id"].tail(50).to_list()
+    served = matched[sample_ceiling.SERVED_CEILING].to_numpy()
+    shown = matched["click_model"].to_numpy()
+    assert np.all(served >= shown)  # position 1: no penalty
+    assert np.any(served > shown)
+
+    flipped = test.with_columns(
+        pl.when(pl.int_range(50) == 7).then(~pl.col("is_clicked")).otherwise(pl.col("is_clicked")).alias("is_clicked")
+    )
+    with pytest.raises(ValueError, match="test row 7"):
+        sample_ceiling.aligned(flipped, clicks)
+    with pytest.raises(ValueError, match=r"not the sample market's last 50 impressions: test row \d+"):
+        sample_ceiling.aligned(clicks.head(50).select(as_pairs), clicks)  # other impressions

@@ -2,12 +2,22 @@ import re
 from datetime import timedelta
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from tasks.config import SampleDataConfig
 from tasks.logs import open_logs
-from tasks.sample_data import PRODUCTS, SEARCHES, SEARCHES_PER_USER, TOPICS, generate_sample_logs
+from tasks.metrics import roc_auc
+from tasks.sample_data import (
+    PRODUCTS,
+    SEARCHES,
+    SEARCHES_PER_USER,
+    TOPICS,
+    click_logit,
+    generate_sample_logs,
+    sample_market,
+)
 
 SMALL = SampleDataConfig(users=30, advertisers=4, ads=10, days=6, cold_start_days=2)
 
@@ -39,6 +49,22 @@ def test_market_follows_the_contract_and_has_cold_start_ads(tmp_path):
         "select count(*) from stg_ads where created_at >= (select min(shown_at) from stg_impressions) + interval 4 day"
     ).fetchone()[0]
     assert late_ads >= 1
+
+
+def test_hidden_click_terms_stay_out_of_the_logs_and_explain_the_clicks(tmp_path):
+    """The click model's terms (benchmarks/sample_ceiling.py's ceiling) are each impression's, never written."""
+    config = SampleDataConfig(users=150, days=10)
+    market = sample_market(config)
+    generate_sample_logs(config, tmp_path / "logs")
+    written = pq.read_table(tmp_path / "logs" / "impressions")
+    assert not {"interest", "ad_quality"} & set(written.column_names)
+    assert market.impressions.num_rows == written.num_rows
+    terms = market.click_terms.to_pydict()
+    assert terms["impression_id"] == market.impressions["impression_id"].to_pylist()
+    assert terms["position"] == market.impressions["position"].to_pylist()
+    logit = click_logit(*(np.array(terms[c]) for c in ("interest", "ad_quality", "position")))
+    clicked = np.array(market.impressions["clicked"].to_pylist())
+    assert roc_auc(clicked, logit) > 0.75  # the labels' own model: only the noise and the draw stand between
 
 
 def test_clicks_follow_the_hidden_interests(tmp_path):
