@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks import baselines, protocol, sample_ceiling
+from benchmarks import affinity_lever, baselines, protocol, sample_ceiling
 from tasks.config import SampleDataConfig
 from tasks.metrics import calibration_ratio, expected_calibration_error_equal_mass, group_auc
 from tasks.pairs import build_pairs
@@ -173,3 +173,22 @@ def test_the_ceiling_reads_the_market_behind_a_runs_test_pairs_or_stops():
         sample_ceiling.aligned(flipped, clicks)
     with pytest.raises(ValueError, match=r"not the sample market's last 50 impressions: test row \d+"):
         sample_ceiling.aligned(clicks.head(50).select(as_pairs), clicks)  # other impressions
+
+
+def test_the_affinity_lever_counts_only_what_the_day_start_knew():
+    """benchmarks/affinity_lever.py: a pair's similar-ad counts hold its user's impressions before its day only,
+    each weighted by the kernel row of the pair's ad; another user's never."""
+    day = datetime(2026, 5, 3)
+    shown = np.array(
+        [day.replace(day=1), day.replace(day=2), day.replace(hour=1), day.replace(day=1)], "datetime64[us]"
+    )
+    # rows by user and time: u1 saw a (clicked), b, then a again on the pair's own day; u2 saw a (clicked)
+    past = ({"u1": (0, 3), "u2": (3, 4)}, shown, np.array(["a", "b", "a", "a"]), np.array([1, 0, 1, 1]))
+    kernel = np.array([[1.0, 0.5], [0.5, 1.0]])
+    frame = pl.DataFrame({"user_id": ["u1", "u1"], "ad_id": ["a", "b"], "shown_at": [day.replace(hour=9)] * 2})
+    counts = affinity_lever.similar_counts(frame, past, kernel, {"a": 0, "b": 1}, "day_start")
+    assert counts.tolist() == [[2, 1, 1.5, 1.0], [2, 1, 1.5, 0.5]]  # shown, clicks, similar shown, similar clicks
+    at_impression = affinity_lever.similar_counts(frame, past, kernel, {"a": 0, "b": 1}, "impression")
+    assert at_impression[0].tolist() == [3, 2, 2.5, 2.0]  # the same day's earlier impression counts too
+    terms = affinity_lever.affinity_terms(counts, base_rate=0.1)
+    assert terms[0, 0] > terms[1, 0] > 0  # a's similar ads were clicked more than b's, both above the user's rate
