@@ -17,8 +17,8 @@ logistic regression of its log-odds and the terms is fitted on validation too; e
 bootstrap over users, 95%), scored two ways:
 - on the training split's pairs of ranked users: more users and days than validation, neither fitted there (the
   zero-shot encoder was trained on none of them); but its early days know a short past;
-- on validation, cross-fitted as retrain's selection is (tasks/train.py cross_fitted_pctr: each fold of users
-  scored by step 0 and the regression fitted on the others): the days rerank serves next, fewer pairs.
+- on validation, cross-fitted as retrain's selection is (tasks/train.py cross_fitted_pctr's folds of users, each
+  scored by step 0's layer and the regression both fitted on the others): the days rerank serves next, fewer pairs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tasks.output_layer import PairPriors, probability_log_odds  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.semantic_match import load_match_encoder, with_match  # noqa: E402
-from tasks.train import CROSS_FIT_FOLDS, calibrate, cross_fitted_pctr  # noqa: E402
+from tasks.train import CROSS_FIT_FOLDS, calibrate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BANDWIDTHS = (0.05, 0.1, 0.2)
@@ -90,6 +90,26 @@ def affinity_terms(counts: np.ndarray, base_rate: float) -> np.ndarray:
     rate = (similar_clicks + user_rate) / (similar_shown + 1)
     lift, weight = probability_log_odds(rate) - probability_log_odds(user_rate), np.log1p(similar_shown)
     return np.column_stack([lift, weight, lift * weight])
+
+
+def cross_fitted(settings, train: pl.DataFrame, valid: pl.DataFrame, terms: dict) -> dict[str, np.ndarray]:
+    """Step 0 and each variant on validation out of sample: users in CROSS_FIT_FOLDS folds (as tasks/train.py
+    cross_fitted_pctr's), each fold scored by step 0's layer and the second stage both fitted on the others."""
+    folds = (valid["user_id"].hash(seed=0) % CROSS_FIT_FOLDS).to_numpy()
+    labels = valid["is_clicked"].cast(pl.Int8).to_numpy()
+    out = {name: np.empty(valid.height) for name in ("step_0", *terms)}
+    for fold in range(CROSS_FIT_FOLDS):
+        rows = {"fit": folds != fold, "score": folds == fold}
+        layer = calibrate(settings, train, valid.filter(rows["fit"]), None)
+        step0 = {k: layer.apply(np.zeros(int(r.sum())), PairPriors.of(valid.filter(r))) for k, r in rows.items()}
+        out["step_0"][rows["score"]] = step0["score"]
+        for name, by_split in terms.items():
+            features = {
+                k: np.column_stack([probability_log_odds(step0[k]), by_split["valid"][r]]) for k, r in rows.items()
+            }
+            second = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000).fit(features["fit"], labels[rows["fit"]])
+            out[name][rows["score"]] = second.predict_proba(features["score"])[:, 1]
+    return out
 
 
 def gains(frame: pl.DataFrame, labels: np.ndarray, pctr: dict[str, np.ndarray]) -> dict:
@@ -139,26 +159,22 @@ def main() -> None:
     }
     layer = calibrate(settings, train, frames["valid"], None)
     step0 = {name: layer.apply(np.zeros(f.height), PairPriors.of(f)) for name, f in frames.items()}
-    step0["cross_fitted"] = cross_fitted_pctr(settings, train, frames["valid"], None)
     labels = {name: f["is_clicked"].cast(pl.Int8).to_numpy() for name, f in frames.items()}
     past, base_rate = past_impressions(settings), float(train["is_clicked"].cast(pl.Int8).mean())
-    folds = (valid["user_id"].hash(seed=0) % CROSS_FIT_FOLDS).to_numpy()  # as cross_fitted_pctr's
-    pctr = {"scored": {"step_0": step0["scored"]}, "valid": {"step_0": step0["cross_fitted"]}}
-    for name, kernel in kernels.items():
-        terms = {
+    terms = {
+        name: {
             split: affinity_terms(similar_counts(f, past, kernel, ad_rows, settings.data.features_as_of), base_rate)
             for split, f in frames.items()
         }
-        features = {split: np.column_stack([probability_log_odds(step0[split]), terms[split]]) for split in frames}
+        for name, kernel in kernels.items()
+    }
+    pctr = {"scored": {"step_0": step0["scored"]}, "valid": cross_fitted(settings, train, frames["valid"], terms)}
+    for name in kernels:
+        features = {
+            split: np.column_stack([probability_log_odds(step0[split]), terms[name][split]]) for split in frames
+        }
         second = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000).fit(features["valid"], labels["valid"])
         pctr["scored"][name] = second.predict_proba(features["scored"])[:, 1]
-        crossed = np.column_stack([probability_log_odds(step0["cross_fitted"]), terms["valid"]])
-        pctr["valid"][name] = np.empty(valid.height)
-        for fold in range(CROSS_FIT_FOLDS):
-            fit = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000).fit(
-                crossed[folds != fold], labels["valid"][folds != fold]
-            )
-            pctr["valid"][name][folds == fold] = fit.predict_proba(crossed[folds == fold])[:, 1]
     scored = {split: gains(frames[split], labels[split], pctr[split]) for split in ("scored", "valid")}
     result = {
         "command": command_line(),
