@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli_latency, match_levers, monitor, quality, sample_ceiling, scoring, views
+from benchmarks import affinity_lever, cli_latency, match_levers, monitor, quality, sample_ceiling, scoring, views
 from benchmarks.docs_blocks import DOC, read_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +30,8 @@ BLOCKS = {
     "match-levers-ml100k": (DOC, "match-levers-ml100k.json", match_levers.markdown),
     "match-levers-sample-cold-fit": (DOC, "match-levers-sample-cold-fit.json", match_levers.markdown),
     "ceiling-sample-quick": (DOC, "ceiling-sample-quick.json", sample_ceiling.markdown),
+    "affinity-lever-sample": (DOC, "affinity-lever-sample.json", affinity_lever.markdown),
+    "affinity-lever-ml100k": (DOC, "affinity-lever-ml100k.json", affinity_lever.markdown),
     "scoring": (DOC, "scoring.json", scoring.markdown),
     "monitor": (DOC, "monitor.json", monitor.markdown),
     "views": (DOC, "views.json", views.markdown),
