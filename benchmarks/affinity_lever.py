@@ -73,7 +73,7 @@ def similar_counts(frame: pl.DataFrame, past, kernel: np.ndarray, ad_rows: dict,
     (columns of a (pairs, 4) array); kernel: ad rows x ad rows weights."""
     bounds, shown_at, ad_ids, clicked = past
     moments = frame["shown_at"].dt.truncate("1d") if as_of == "day_start" else frame["shown_at"]
-    past_rows = np.array([ad_rows.get(a, -1) for a in ad_ids])
+    past_rows = np.array([ad_rows[a] for a in ad_ids])  # every impression is a pair: its ad has a row
     out = np.zeros((frame.height, 4))
     for row, (user, ad, moment) in enumerate(zip(frame["user_id"], frame["ad_id"], moments.to_numpy(), strict=True)):
         start, end = bounds.get(user, (0, 0))
@@ -151,7 +151,12 @@ def main() -> None:
         "valid": with_match(valid, encoder),
         "scored": with_match(train.filter(pl.col("is_ranked_user")), encoder),
     }
-    ads = pl.concat([train, valid]).select("ad_id", "ad_text").unique("ad_id", keep="last").sort("ad_id")
+    ads = (  # every ad shown, the test split's too (never a past impression here, but every impression has a row)
+        pl.concat([train, valid, pl.read_parquet(settings.pairs_dir / "test.parquet")])
+        .select("ad_id", "ad_text")
+        .unique("ad_id", keep="last")
+        .sort("ad_id")
+    )
     ad_rows = {ad: row for row, ad in enumerate(ads["ad_id"])}
     vectors = encoder.embed(ads["ad_text"].to_list())
     kernels = {"same_ad": np.eye(len(ad_rows))} | {
