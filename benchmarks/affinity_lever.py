@@ -9,14 +9,15 @@ count a user's clicks on every ad alike. This term is the user's click rate on t
 each past impression weighted by how similar its ad is to the scored ad: exp((cosine - 1) / bandwidth) of the
 zero-shot encoder's ad embeddings (the semantic match's, whole text), or the same ad only (an ID feature, no
 text). Counted as the pairs' features are (data.features_as_of: strictly before the pair's day start), shrunk
-towards the user's own rate: rate = (similar clicks + the user's rate) / (similar impressions + 1); terms
+towards the user's own rate (rate = (similar clicks + the user's rate) / (similar impressions + 1)); terms
 log-odds(rate) - log-odds(user's rate) and log(1 + similar impressions), and their product.
 
 Step 0's output layer (the priors and the zero-shot match, tasks/train.py calibrate) is fitted on validation; a
 logistic regression of its log-odds and the terms is fitted on validation too; each against step 0 alone (paired
 bootstrap over users, 95%), scored two ways:
-- on the training split's pairs of ranked users: more users and days than validation, neither fitted there (the
-  zero-shot encoder was trained on none of them); but its early days know a short past;
+- on the training split's pairs of ranked users: more users and days than validation, where neither regression is
+  fitted (the zero-shot encoder was trained on none of them; the training split's click rate and its cold pairs
+  shape the priors, for step 0 and every variant alike); but its early days know a short past;
 - on validation, cross-fitted as retrain's selection is (tasks/train.py cross_fitted_pctr's folds of users, each
   scored by step 0's layer and the regression both fitted on the others): the days rerank serves next, fewer pairs.
 """
@@ -51,6 +52,7 @@ from tasks.train import CROSS_FIT_FOLDS, calibrate  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BANDWIDTHS = (0.05, 0.1, 0.2)
 USER_RATE_STRENGTH = 10.0  # impressions' worth of the training click rate in a user's own rate
+SIMILAR_RATE_STRENGTH = 1.0  # impressions' worth of the user's own rate in the similar ads' rate
 SECOND_STAGE_C = 10.0  # inverse L2 strength of the second stage's logistic regression (4 weights, thousands of pairs)
 REPLICATES = 1000
 EMBED_BATCH = 64
@@ -76,7 +78,7 @@ def similar_counts(frame: pl.DataFrame, past, kernel: np.ndarray, ad_rows: dict,
     past_rows = np.array([ad_rows[a] for a in ad_ids])  # every impression is a pair: its ad has a row
     out = np.zeros((frame.height, 4))
     for row, (user, ad, moment) in enumerate(zip(frame["user_id"], frame["ad_id"], moments.to_numpy(), strict=True)):
-        start, end = bounds.get(user, (0, 0))
+        start, end = bounds[user]  # a pair's user has an impression: the pair's own
         end = start + np.searchsorted(shown_at[start:end], moment)  # strictly before the moment
         weights = kernel[ad_rows[ad], past_rows[start:end]]
         out[row] = end - start, clicked[start:end].sum(), weights.sum(), weights @ clicked[start:end]
@@ -87,9 +89,18 @@ def affinity_terms(counts: np.ndarray, base_rate: float) -> np.ndarray:
     """The terms from similar_counts: the similar ads' shrunk rate over the user's, its weight, their product."""
     shown, clicks, similar_shown, similar_clicks = counts.T
     user_rate = (clicks + USER_RATE_STRENGTH * base_rate) / (shown + USER_RATE_STRENGTH)
-    rate = (similar_clicks + user_rate) / (similar_shown + 1)
+    rate = (similar_clicks + SIMILAR_RATE_STRENGTH * user_rate) / (similar_shown + SIMILAR_RATE_STRENGTH)
     lift, weight = probability_log_odds(rate) - probability_log_odds(user_rate), np.log1p(similar_shown)
     return np.column_stack([lift, weight, lift * weight])
+
+
+def second_stage(fit: tuple[np.ndarray, np.ndarray, np.ndarray], score: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """pCTR of the score pairs by a logistic regression of step 0's log-odds and the terms, fitted on the fit pairs
+    ((step 0's pCTR, terms, labels); score: (step 0's pCTR, terms))."""
+    step0, terms, labels = fit
+    model = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000)
+    model.fit(np.column_stack([probability_log_odds(step0), terms]), labels)
+    return model.predict_proba(np.column_stack([probability_log_odds(score[0]), score[1]]))[:, 1]
 
 
 def cross_fitted(settings, train: pl.DataFrame, valid: pl.DataFrame, terms: dict) -> dict[str, np.ndarray]:
@@ -104,11 +115,8 @@ def cross_fitted(settings, train: pl.DataFrame, valid: pl.DataFrame, terms: dict
         step0 = {k: layer.apply(np.zeros(int(r.sum())), PairPriors.of(valid.filter(r))) for k, r in rows.items()}
         out["step_0"][rows["score"]] = step0["score"]
         for name, by_split in terms.items():
-            features = {
-                k: np.column_stack([probability_log_odds(step0[k]), by_split["valid"][r]]) for k, r in rows.items()
-            }
-            second = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000).fit(features["fit"], labels[rows["fit"]])
-            out[name][rows["score"]] = second.predict_proba(features["score"])[:, 1]
+            fit = (step0["fit"], by_split["valid"][rows["fit"]], labels[rows["fit"]])
+            out[name][rows["score"]] = second_stage(fit, (step0["score"], by_split["valid"][rows["score"]]))
     return out
 
 
@@ -175,11 +183,8 @@ def main() -> None:
     }
     pctr = {"scored": {"step_0": step0["scored"]}, "valid": cross_fitted(settings, train, frames["valid"], terms)}
     for name in kernels:
-        features = {
-            split: np.column_stack([probability_log_odds(step0[split]), terms[name][split]]) for split in frames
-        }
-        second = LogisticRegression(C=SECOND_STAGE_C, max_iter=1000).fit(features["valid"], labels["valid"])
-        pctr["scored"][name] = second.predict_proba(features["scored"])[:, 1]
+        fit = (step0["valid"], terms[name]["valid"], labels["valid"])
+        pctr["scored"][name] = second_stage(fit, (step0["scored"], terms[name]["scored"]))
     scored = {split: gains(frames[split], labels[split], pctr[split]) for split in ("scored", "valid")}
     result = {
         "command": command_line(),

@@ -292,7 +292,9 @@ def sample_market(config: SampleDataConfig) -> SampleMarket:
     return SampleMarket(ads, users, impressions.drop_columns(hidden), click_terms)
 
 
-def click_logit(interest, ad_quality, position):
+def click_logit(
+    interest: np.ndarray | float, ad_quality: np.ndarray | float, position: np.ndarray | int
+) -> np.ndarray | float:
     """The click model's log-odds, noise aside (numpy arrays or scalars)."""
     return CLICK_INTERCEPT + INTEREST_WEIGHT * interest + ad_quality - POSITION_PENALTY * (position - 1)
 

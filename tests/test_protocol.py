@@ -173,6 +173,8 @@ def test_the_ceiling_reads_the_market_behind_a_runs_test_pairs_or_stops():
         sample_ceiling.aligned(flipped, clicks)
     with pytest.raises(ValueError, match=r"not the sample market's last 50 impressions: test row \d+"):
         sample_ceiling.aligned(clicks.head(50).select(as_pairs), clicks)  # other impressions
+    with pytest.raises(ValueError, match="test pairs, the sample market"):
+        sample_ceiling.aligned(pl.concat([test] * (clicks.height // 50 + 1)), clicks)  # more pairs than impressions
 
 
 def test_the_affinity_lever_counts_only_what_the_day_start_knew():
@@ -190,5 +192,8 @@ def test_the_affinity_lever_counts_only_what_the_day_start_knew():
     assert counts.tolist() == [[2, 1, 1.5, 1.0], [2, 1, 1.5, 0.5]]  # shown, clicks, similar shown, similar clicks
     at_impression = affinity_lever.similar_counts(frame, past, kernel, {"a": 0, "b": 1}, "impression")
     assert at_impression[0].tolist() == [3, 2, 2.5, 2.0]  # the same day's earlier impression counts too
+    at_its_moment = frame.with_columns(pl.lit(day.replace(hour=1)).alias("shown_at"))
+    at_its_moment = affinity_lever.similar_counts(at_its_moment, past, kernel, {"a": 0, "b": 1}, "impression")
+    assert at_its_moment[0].tolist() == [2, 1, 1.5, 1.0]  # strictly before: not the impression of that very moment
     terms = affinity_lever.affinity_terms(counts, base_rate=0.1)
     assert terms[0, 0] > terms[1, 0] > 0  # a's similar ads were clicked more than b's, both above the user's rate
