@@ -141,7 +141,8 @@ def test_an_analyst_reading_never_blocks_the_writer_nor_sees_a_mix(tmp_path):
         ((run_date, count, low, high),) = snapshot
         assert low == high  # one publish's rows, never two
         assert count == 400 * (3 + int(low) % 4)  # and all of them
-    assert {s[0][2] for s in snapshots} > {"0"}  # the reader saw later publishes too
+    # the reader saw a later publish too (publish 0 itself may be gone before its first read on a slow machine)
+    assert {s[0][2] for s in snapshots} - {"0"}
     assert rows(warehouse)[0][5] == "12"
 
 
