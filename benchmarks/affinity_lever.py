@@ -38,13 +38,11 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
-from benchmarks.protocol import source_logs  # noqa: E402
-from tasks.config import load_settings  # noqa: E402
+from benchmarks.protocol import lever_pairs  # noqa: E402
 from tasks.intervals import Interval, Scored, paired_interval  # noqa: E402
 from tasks.logs import open_logs  # noqa: E402
 from tasks.metrics import metrics, ranking_lists  # noqa: E402
 from tasks.output_layer import PairPriors, probability_log_odds  # noqa: E402
-from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.semantic_match import load_match_encoder, with_match  # noqa: E402
 from tasks.train import CROSS_FIT_FOLDS, calibrate  # noqa: E402
@@ -147,10 +145,7 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.perf_counter()
     work = args.work.resolve()
-    logs, _ = source_logs(args.data, args.logs, work, "ml100k" if args.data else "sample")
-    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(logs)}})
-    build_pairs(settings)
-    train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
+    settings, train, valid = lever_pairs(args.data, args.logs, work)
     model = settings.model
     encoder = load_match_encoder(
         model.base_model, torch.device("cpu"), model.max_seq_length, EMBED_BATCH, model.match_item_share

@@ -38,8 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.docs_blocks import DOC, command_line, hardware, write_block  # noqa: E402
-from benchmarks.protocol import source_logs  # noqa: E402
-from tasks.config import load_settings  # noqa: E402
+from benchmarks.protocol import lever_pairs  # noqa: E402
 from tasks.intervals import Interval, Scored, paired_interval  # noqa: E402
 from tasks.metrics import (  # noqa: E402
     calibration_ratio,
@@ -49,7 +48,6 @@ from tasks.metrics import (  # noqa: E402
     roc_auc,
 )
 from tasks.output_layer import MATCH_COLUMN, PairPriors, least_shown_rows, logistic_fit  # noqa: E402
-from tasks.pairs import build_pairs  # noqa: E402
 from tasks.registry import git_commit  # noqa: E402
 from tasks.semantic_match import MatchEncoder, load_match_encoder, tune_match_encoder, with_match  # noqa: E402
 from tasks.train import (  # noqa: E402
@@ -189,10 +187,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(2)
     work = args.work.resolve()
-    logs, _ = source_logs(args.data, args.logs, work, "ml100k" if args.data else "sample")
-    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(logs)}})
-    build_pairs(settings)
-    train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
+    settings, train, valid = lever_pairs(args.data, args.logs, work)
     model = settings.model
     encoder = load_match_encoder(model.base_model, torch.device("cpu"), model.max_seq_length, EMBED_BATCH)
     frames = {"valid": valid}  # each frame's texts are embedded: only what the sections score

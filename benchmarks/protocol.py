@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from benchmarks.movielens import checksum, convert_movielens
-from tasks.config import SampleDataConfig
+from tasks.config import SampleDataConfig, load_settings
 from tasks.evaluate import slice_masks
 from tasks.intervals import HIGHER_IS_BETTER, Interval, Scored, paired_interval
 from tasks.metrics import ranking_lists
@@ -36,6 +36,16 @@ def source_logs(data: Path | None, logs: Path | None, work: Path, name: str) -> 
     market = SampleDataConfig()
     generate_sample_logs(market, work / f"{name}-logs")  # replaces only a folder it wrote (tasks/folders.py)
     return work / f"{name}-logs", hashlib.sha256(market.model_dump_json().encode()).hexdigest()  # seeded
+
+
+def lever_pairs(data: Path | None, logs: Path | None, work: Path) -> tuple:
+    """What a lever benchmark reads: adrank's default settings over source_logs' logs (home: work/home) and the
+    train and validation pairs retrain builds from them."""
+    source, _ = source_logs(data, logs, work, "ml100k" if data else "sample")
+    settings = load_settings({"home": str(work / "home"), "data": {"logs": str(source)}})
+    build_pairs(settings)
+    train, valid = (pl.read_parquet(settings.pairs_dir / f"{split}.parquet") for split in ("train", "valid"))
+    return settings, train, valid
 
 
 def hold_out_items(logs: Path, out: Path, seed: int, test_from: datetime) -> list[str]:
