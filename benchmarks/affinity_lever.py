@@ -1,4 +1,5 @@
-"""A lever not yet in adrank, judged without the test split: the user's past response to similar ads.
+"""The lever behind adrank's affinity term (tasks/affinity.py), as measured before it was built, judged without
+the test split: the user's past response to similar ads.
 
     python benchmarks/affinity_lever.py --out docs/benchmarks/affinity-lever-sample.json   # the sample market
     python benchmarks/affinity_lever.py --data ../shared/datasets/ml-100k \

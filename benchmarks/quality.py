@@ -52,11 +52,11 @@ from tasks.logs import open_logs  # noqa: E402
 from tasks.metrics import expected_calibration_error_equal_mass, metrics, ranking_lists  # noqa: E402
 from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa: E402
 from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
-from tasks.pairs import split_fractions  # noqa: E402
+from tasks.pairs import read_ad_texts, split_fractions  # noqa: E402
 from tasks.registry import configure_tracking, git_commit  # noqa: E402
-from tasks.semantic_match import saved_match_encoder, with_match  # noqa: E402
+from tasks.semantic_match import saved_match_encoder  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
-from tasks.train import calibrate, cross_fitted_pctr, fine_tune  # noqa: E402
+from tasks.train import calibrate, cross_fitted_pctr, fine_tune, served_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
@@ -88,6 +88,10 @@ LEVERS = {
     "no_cross_encoder": {"training": {"epochs": 0}},  # the priors and the match alone: no cross-encoder run
     "tuned_match_unguarded": {"training": {"match_guard": False}},
     "new_user_weights": {"model": {"new_user_weights": True}},
+    "affinity": {
+        "data": {"shown_history_length": 100},
+        "model": {"calibration": "platt+match+affinity+ad_prior+user_prior"},
+    },
 }
 LEVER_METRICS = ("logloss", "auc", "gauc")
 BOOTSTRAP_REPLICATES = 1000
@@ -175,6 +179,8 @@ def fine_tuned(
     device, args = pick_device(), (settings.model.max_seq_length, settings.training.eval_batch_size)
     model, tokenizer = load_cross_encoder(str(out_dir), device)
     match_encoder = saved_match_encoder(out_dir, device, *args)
+    layer = load_calibration(out_dir)
+    ads = read_ad_texts(settings.pairs_dir) if layer.uses_affinity else None  # the affinity term's shown ads
     logits = {
         name: result.valid_logits  # computed by fine_tune (a trained step kept)
         if name == "valid" and result.valid_logits is not None
@@ -184,8 +190,8 @@ def fine_tuned(
     kept = next(row for row in result.history if row["step"] == result.best_step)
     return {
         "logits": logits,
-        "pairs": {name: with_match(splits[name], match_encoder) for name in scored},
-        "layer": load_calibration(out_dir),
+        "pairs": {name: served_features(settings, splits[name], match_encoder, ads) for name in scored},
+        "layer": layer,
         "kept_step": result.best_step,
         "valid": kept,
         "text_gain": {metric: gain.as_dict() for metric, gain in result.text_gain.items()},

@@ -16,6 +16,8 @@ final as (
         i.is_clicked,
         i.position,
         h.history_ad_ids,
+        h.shown_ad_ids,
+        h.shown_clicked,
         h.user_prior_impressions,
         h.user_prior_clicks,
         a.ad_prior_impressions,

@@ -2,7 +2,9 @@
 -- sql/int_impression_history_requests.sql or sql/int_ranking_history_requests.sql:
 -- the ids of the user's latest $history_length clicked ads shown strictly before as_of,
 -- most recent first, and how many ads the user was shown and clicked strictly before as_of (the
--- user prior of the output layer). Point-in-time: nothing shown at or after as_of ever counts.
+-- user prior of the output layer), and the user's latest $shown_history_length impressions strictly before as_of
+-- (shown_ad_ids and shown_clicked, most recent first: the affinity term, tasks/affinity.py; empty when 0).
+-- Point-in-time: nothing shown at or after as_of ever counts.
 with clicks as (
     select
         i.user_id,
@@ -33,6 +35,31 @@ histories_through_click as (
     from clicks
 ),
 
+-- one row per impression (only when the lists are asked for): the user's latest $shown_history_length
+-- impressions through it, most recent first, the same window-then-join as the clicks' histories
+shown as (
+    select
+        user_id,
+        ad_id,
+        is_clicked,
+        row_number() over (partition by user_id order by shown_at, impression_id) as shown_seq
+    from stg_impressions
+    where $shown_history_length > 0
+),
+
+shown_through_impression as (
+    select
+        user_id,
+        shown_seq,
+        list_reverse(list(ad_id) over recent) as shown_ad_ids,
+        list_reverse(list(is_clicked) over recent) as shown_clicked
+    from shown
+    window recent as (
+        partition by user_id order by shown_seq
+        rows between greatest($shown_history_length - 1, 0) preceding and current row
+    )
+),
+
 -- one row per (user, timestamp): the user's impressions and clicks up to and including it
 counts_through_ts as (
     select
@@ -61,11 +88,17 @@ final as (
         p.request_id,
         p.user_prior_impressions,
         p.user_prior_clicks,
-        coalesce(h.history_ad_ids, []) as history_ad_ids
+        coalesce(h.history_ad_ids, []) as history_ad_ids,
+        coalesce(s.shown_ad_ids, []) as shown_ad_ids,
+        coalesce(s.shown_clicked, []) as shown_clicked
     from prior_counts as p
     left join histories_through_click as h
         on h.user_id = p.user_id
         and h.click_seq = p.user_prior_clicks
+    -- the impressions before as_of are the user's first user_prior_impressions (counted by timestamp)
+    left join shown_through_impression as s
+        on s.user_id = p.user_id
+        and s.shown_seq = p.user_prior_impressions
 )
 
 select * from final

@@ -20,6 +20,8 @@ final as (
         h.user_prior_impressions,
         h.user_prior_clicks,
         h.history_ad_ids,
+        h.shown_ad_ids,
+        h.shown_clicked,
         p.ad_prior_impressions,
         p.ad_prior_clicks,
         d.is_ranked_user,

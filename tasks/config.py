@@ -53,6 +53,13 @@ class DataConfig(BaseModel):
         "moment it was shown, for setups that score online.",
     )
     history_length: int = Field(3, ge=0, le=50, description="Most recent clicked ads in the user text.")
+    shown_history_length: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Most recent impressions (ads shown, clicked or not) each pair carries for the output layer's "
+        "affinity term (model.calibration with affinity, tasks/affinity.py); 0: none (the term off).",
+    )
     history_item_template: str = Field(
         "{title}", description="How each clicked ad reads in the user's history. Fields: any ads column."
     )
@@ -109,7 +116,13 @@ class ModelConfig(BaseModel):
     max_seq_length: int = Field(128, ge=16, le=512, description="Tokens per (user, ad) pair, truncated longest-first.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Hidden and attention dropout while fine-tuning.")
     calibration: Literal[
-        "platt+match+ad_prior+user_prior", "platt+ad_prior+user_prior", "platt+ad_prior", "platt+match", "platt", "none"
+        "platt+match+affinity+ad_prior+user_prior",
+        "platt+match+ad_prior+user_prior",
+        "platt+ad_prior+user_prior",
+        "platt+ad_prior",
+        "platt+match",
+        "platt",
+        "none",
     ] = Field(
         "platt+match+ad_prior+user_prior",
         description="Output layer fitted on validation (tasks/output_layer.py): Platt scaling of the logit, plus "
@@ -119,7 +132,22 @@ class ModelConfig(BaseModel):
         "tasks/semantic_match.py; the encoder is saved with the model), plus (a hybrid text + ID model) weighted "
         "log-odds of the ad's click rate (ad_prior) and the user's (user_prior), each counted over the logs before "
         "the request's day, as rerank counts them; cold ads (never shown before) get weights of their own, fitted "
-        "without the ad prior. 'none': the raw logit.",
+        "without the ad prior. affinity (with match and the user prior; data.shown_history_length > 0): the user's "
+        "click rate on the ads they were shown before that are like this one in the match's embedding space "
+        "(tasks/affinity.py). 'none': the raw logit.",
+    )
+    affinity_bandwidth: float = Field(
+        0.1,
+        gt=0,
+        le=2,
+        description="The affinity term weighs each past impression by exp((cosine - 1) / this) of its ad and the "
+        "scored ad (1 for the same ad). Chosen on validation (benchmarks/affinity_lever.py).",
+    )
+    affinity_strength: float = Field(
+        1.0,
+        gt=0,
+        description="Impressions' worth of the user's own click rate added to their similar impressions' in the "
+        "affinity term.",
     )
     match_item_share: float = Field(
         0.5,
@@ -565,6 +593,11 @@ class Settings(BaseSettings):
                     f"{self.model.calibration!r}): without it the served score drops the offset the text "
                     "model was trained around"
                 )
+        if "affinity" in self.model.terms and self.data.shown_history_length == 0:
+            raise ValueError(
+                f"model.calibration {self.model.calibration!r} weighs the affinity term, which reads each user's "
+                "past impressions: set data.shown_history_length > 0 (e.g. 100)"
+            )
         if self.training.cross_encoder_from_match and "match" not in self.model.terms:
             raise ValueError(
                 f"training.cross_encoder_from_match = true needs model.calibration with match (it is "
@@ -595,6 +628,7 @@ TEXT_SETTINGS: dict[str, tuple[str, ...]] = {
     "data": (
         "features_as_of",
         "history_length",
+        "shown_history_length",
         "history_item_template",
         "user_template",
         "ad_template",

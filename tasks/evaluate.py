@@ -51,7 +51,8 @@ def evaluate_models(
     # as many training pairs as test pairs: enough for a histogram at a fraction of a scoring pass
     train_sample = train.sample(min(train.height, test.height), seed=settings.training.seed)
     seed_everything(settings.training.seed)
-    fine_tuned, train_pctr = score_checkpoint(settings, checkpoint, test, train_sample)  # one load for both
+    # one load for both; the shown ads' texts (the affinity term) from beside the test pairs
+    fine_tuned, train_pctr = score_checkpoint(settings, checkpoint, test, train_sample, ads_dir=test_path.parent)
     seed_everything(settings.training.seed)  # the same fresh head the fine-tuning started from
     (base,) = score_checkpoint(settings, settings.model.base_model, test)
     predictions = {FINE_TUNED: fine_tuned, "base_fresh_head": base, "popularity": popularity_ctr(train, test)}
@@ -64,17 +65,27 @@ def evaluate_models(
     )
 
 
-def score_checkpoint(settings: Settings, path: str | Path, *frames: pl.DataFrame) -> list[np.ndarray]:
-    """pCTR of a saved model folder on each frame of pairs (user_text, ad_text[, prior counts]), loaded
-    once, with its calibration if it has one; a base model gets a fresh head pooled as settings.model.pooling
-    says."""
+def score_checkpoint(
+    settings: Settings, path: str | Path, *frames: pl.DataFrame, ads_dir: Path | None = None
+) -> list[np.ndarray]:
+    """pCTR of a saved model folder on each frame of pairs (user_text, ad_text[, prior counts][, shown ads]),
+    loaded once, with its calibration if it has one; a base model gets a fresh head pooled as
+    settings.model.pooling says. ads_dir: where the pairs' ad texts are (tasks/pairs.py read_ad_texts), read
+    when the model's output layer has the affinity term."""
+    from tasks.affinity import with_similar
     from tasks.model import load_cross_encoder, pick_device, predict_ctr
+    from tasks.pairs import read_ad_texts
     from tasks.semantic_match import saved_match_encoder, with_match
 
     device, max_length, batch_size = pick_device(), settings.model.max_seq_length, settings.training.eval_batch_size
     model, tokenizer = load_cross_encoder(str(path), device, pooling=settings.model.pooling)
     calibration = load_calibration(path)
     match_encoder = saved_match_encoder(path, device, max_length, batch_size)
+    if calibration.uses_affinity:
+        if ads_dir is None:
+            raise ValueError(f"{path}: its output layer weighs the affinity term: the ad texts (ads_dir) are needed")
+        ads = read_ad_texts(ads_dir)
+        frames = tuple(with_similar(f, match_encoder, calibration.affinity_bandwidth, ads) for f in frames)
     return [
         predict_ctr(
             model,

@@ -9,6 +9,7 @@ from datetime import date
 import numpy as np
 import polars as pl
 
+from tasks.affinity import with_similar
 from tasks.config import Settings
 from tasks.model import predict_logits
 from tasks.output_layer import PairPriors
@@ -17,13 +18,22 @@ from tasks.score import RankingModel
 from tasks.semantic_match import with_match
 
 
+def served_inputs(model: RankingModel, rows: pl.DataFrame) -> pl.DataFrame:
+    """rows with what the model's output layer reads besides the priors: the match, the affinity's counts."""
+    matched = with_match(rows, model.match_encoder if model.calibration.uses_match else None)
+    if not model.calibration.uses_affinity:
+        return matched
+    return with_similar(matched, model.match_encoder, model.calibration.affinity_bandwidth)
+
+
 @dataclass(frozen=True)
 class Explanation:
     run_date: date
     user_text: str
     ad_text: str
     pctr: float
-    log_odds: dict[str, float]  # text, semantic_match, intercept, ad_prior, user_prior: they sum to logit(pctr)
+    # text, semantic_match, affinity, intercept, ad_prior, user_prior: they sum to logit(pctr)
+    log_odds: dict[str, float]
     ad_cold: bool  # the ad was never shown before run_date: the cold-ad weights, no ad prior
     ad_counts: tuple[int, int]  # the ad's impressions and clicks before run_date
     new_user_weights: bool  # a new user (no impression before run_date) on a warm ad, with a layer that has them
@@ -37,7 +47,7 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
     logits = predict_logits(
         model.cross_encoder, model.tokenizer, rows["user_text"], rows["ad_text"], model.max_length, model.batch_size
     )
-    priors = PairPriors.of(with_match(rows, model.match_encoder if model.calibration.uses_match else None))
+    priors = PairPriors.of(served_inputs(model, rows))
     pctr = model.calibration.apply(logits, priors)
     first = rows.row(0, named=True)
     terms = model.calibration.contributions(logits[0], priors.take(np.arange(1)))

@@ -1,7 +1,8 @@
 """The output layer: the cross-encoder's logit and the pair's click priors -> pCTR, fitted on validation.
 
     pCTR = sigmoid(slope * logit + intercept + ad_weight * ad_log_odds + user_weight * user_log_odds
-                   + match_weight * semantic_match)
+                   + match_weight * semantic_match + affinity_weight * lift + exposure_weight * exposure
+                   + evidence_weight * lift * exposure)
 
 ad_log_odds and user_log_odds are the ad's and the user's click rates before the request (their prior
 counts, as of the start of the day the nightly job ranks), shrunk towards the global rate. A cold ad
@@ -15,6 +16,9 @@ then set by those users, not by the (often many more) users without one.
 semantic_match is the cosine of the user text (blended with its best item's) and the ad text in the
 pretrained encoder's embedding space, tuned on the training clicks (tasks/semantic_match.py), in the pairs'
 MATCH_COLUMN.
+lift and exposure are the affinity terms (affinity_terms): from the user's past impressions of ads like this one
+(SIMILAR_COLUMNS, tasks/affinity.py), the log-odds of their click rate on those (shrunk towards the user's own
+rate) minus the user's, and log(1 + how many).
 
 The served model imports this module (tasks/ctr_pyfunc.py): numpy, no adrank config.
 """
@@ -30,7 +34,17 @@ import numpy as np
 
 CALIBRATION_FILE = "calibration.json"
 # the weights of each set (warm ads; unseen_*: cold ads; new_user_*: new users' pairs of warm ads)
-WEIGHTS = ("slope", "intercept", "ad_weight", "user_weight", "match_weight")
+WEIGHTS = (
+    "slope",
+    "intercept",
+    "ad_weight",
+    "user_weight",
+    "match_weight",
+    "affinity_weight",
+    "exposure_weight",
+    "evidence_weight",
+)
+AFFINITY_WEIGHTS = ("affinity_weight", "exposure_weight", "evidence_weight")  # of affinity_terms' columns
 # a weakly informative prior on the fit's standardised weights (a Gaussian of variance C): negligible on a few
 # thousand validation pairs, it keeps a fit on a few dozen (a small market's validation) from wild weights
 OUTPUT_LAYER_PRIOR_VARIANCE = 6.25
@@ -40,6 +54,8 @@ USER_PRIOR_COLUMNS = ("user_prior_impressions", "user_prior_clicks")
 AD_PRIOR_COLUMNS = ("ad_prior_impressions", "ad_prior_clicks")
 PRIOR_COLUMNS = (*USER_PRIOR_COLUMNS, *AD_PRIOR_COLUMNS)
 MATCH_COLUMN = "semantic_match"
+# the user's past impressions weighted by their ads' likeness to the pair's ad (tasks/affinity.py)
+SIMILAR_COLUMNS = ("similar_impressions", "similar_clicks")
 # (clicks, impressions) strictly before each request, one entry per pair
 Counts = tuple[np.ndarray, np.ndarray]
 
@@ -54,11 +70,13 @@ class PairPriors:
     ad_counts: Counts | None = None
     ad_ids: Sequence[str | None] | None = None  # read only by versions with a frozen ad table (legacy)
     match: np.ndarray | None = None  # (n,) the semantic match; None: not computed (a model without one)
+    similar: Counts | None = None  # the user's similar clicks and impressions; None: not computed
 
     @classmethod
     def of(cls, frame) -> PairPriors:
-        """The priors of a polars or pandas frame's rows: USER_PRIOR_COLUMNS, AD_PRIOR_COLUMNS, ad_id and
-        MATCH_COLUMN, each optional; a row with a null count counts as (0, 0): no impressions known."""
+        """The priors of a polars or pandas frame's rows: USER_PRIOR_COLUMNS, AD_PRIOR_COLUMNS, ad_id,
+        MATCH_COLUMN and SIMILAR_COLUMNS, each optional; a row with a null count counts as (0, 0): no impressions
+        known."""
         match = None
         if MATCH_COLUMN in frame.columns:
             match = np.array(frame[MATCH_COLUMN], dtype=np.float64)
@@ -71,6 +89,7 @@ class PairPriors:
             _counts(frame, AD_PRIOR_COLUMNS, "ad prior"),
             [None if a is None or a != a else str(a) for a in frame["ad_id"]] if "ad_id" in frame.columns else None,
             match,
+            _counts(frame, SIMILAR_COLUMNS, "affinity"),
         )
 
     def take(self, rows: np.ndarray) -> PairPriors:
@@ -78,7 +97,8 @@ class PairPriors:
         pick = lambda counts: None if counts is None else (counts[0][rows], counts[1][rows])  # noqa: E731
         ids = None if self.ad_ids is None else np.asarray(self.ad_ids, dtype=object)[rows].tolist()
         match = None if self.match is None else self.match[rows]
-        return PairPriors(len(np.arange(self.n)[rows]), pick(self.user_counts), pick(self.ad_counts), ids, match)
+        n = len(np.arange(self.n)[rows])
+        return PairPriors(n, pick(self.user_counts), pick(self.ad_counts), ids, match, pick(self.similar))
 
 
 def _counts(frame, columns: tuple[str, str], name: str) -> Counts | None:
@@ -105,11 +125,20 @@ class Calibration:
     user_prior_strength: float = 1.0
     global_log_odds: float = 0.0
     match_weight: float = 0.0  # of the semantic match (0: a layer without it)
+    # of the affinity terms (AFFINITY_WEIGHTS; 0: a layer without them), and how they are read
+    affinity_weight: float = 0.0
+    exposure_weight: float = 0.0
+    evidence_weight: float = 0.0
+    affinity_bandwidth: float = 0.1  # the kernel's (tasks/affinity.py), as the similar counts were fitted with
+    affinity_strength: float = 1.0  # impressions' worth of the user's own rate in their similar ads' rate
     # weights for cold ads; None: the ones above, with the global rate as the ad prior
     unseen_slope: float | None = None
     unseen_intercept: float | None = None
     unseen_user_weight: float | None = None
     unseen_match_weight: float | None = None
+    unseen_affinity_weight: float | None = None
+    unseen_exposure_weight: float | None = None
+    unseen_evidence_weight: float | None = None
     cold_fit: str = ""  # which validation pairs the unseen weights were fitted on, for people
     # weights for new users' pairs of warm ads (no user prior: its weight would be the intercept's); None: the
     # ones above
@@ -198,6 +227,33 @@ class Calibration:
         return bool(self.match_weight or self.unseen_match_weight or self.new_user_match_weight)
 
     @property
+    def uses_affinity(self) -> bool:
+        return any(getattr(self, f"{prefix}{name}") for prefix in ("", "unseen_") for name in AFFINITY_WEIGHTS)
+
+    def affinity_terms(self, priors: PairPriors) -> np.ndarray:
+        """Per pair, lift, exposure and their product, shape (n, 3): lift is the log-odds of the user's click rate on
+        similar ads, (similar clicks + affinity_strength x the user's rate) / (similar impressions +
+        affinity_strength), minus the user's own (the user prior's: 0 for a user never shown a similar ad);
+        exposure is log(1 + similar impressions). An error where they were not computed."""
+        if priors.similar is None:
+            raise ValueError(
+                f"this output layer weighs the affinity terms: the pairs need the columns {SIMILAR_COLUMNS} "
+                "(tasks/affinity.py, from each pair's past impressions and the model's match encoder)"
+            )
+        clicks, shown = priors.similar
+        user = self.user_prior(priors)
+        rate = (clicks + self.affinity_strength / (1.0 + np.exp(-user))) / (shown + self.affinity_strength)
+        lift, exposure = probability_log_odds(rate) - user, np.log1p(shown)
+        return np.column_stack([lift, exposure, lift * exposure])
+
+    def affinity(self, priors: PairPriors, weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Each pair's affinity log-odds, shape (n,): its terms by the weights of its set (0 without any)."""
+        if not self.uses_affinity:
+            return np.zeros(priors.n)
+        weights = weights or self.weights(priors)
+        return (self.affinity_terms(priors) * np.column_stack([weights[w] for w in AFFINITY_WEIGHTS])).sum(axis=1)
+
+    @property
     def uses_logit(self) -> bool:
         """False for a layer fitted without the logit (fine-tuning kept step 0): the logit changes nothing."""
         return bool(self.slope or self.unseen_slope or self.new_user_slope)
@@ -210,7 +266,7 @@ class Calibration:
             z += user_weight * self.user_prior(priors)
         if self.uses_match:
             z += match_weight * self.match(priors)
-        return z
+        return z + self.affinity(priors)
 
     def match(self, priors: PairPriors) -> np.ndarray:
         """Each pair's semantic match, shape (n,); an error where this layer reads it and it was not computed."""
@@ -223,12 +279,14 @@ class Calibration:
 
     def contributions(self, logit: float, priors: PairPriors) -> dict[str, float]:
         """One pair's log-odds, term by term: text (slope x the logit's distance from reference_logit), semantic
-        match, intercept (with slope x reference_logit), ad prior, user prior; their sum is log_odds() of the
-        pair."""
-        w = {name: float(values[0]) for name, values in self.weights(priors).items()}
+        match, affinity (the user's past response to similar ads), intercept (with slope x reference_logit), ad
+        prior, user prior; their sum is log_odds() of the pair."""
+        weights = self.weights(priors)
+        w = {name: float(values[0]) for name, values in weights.items()}
         return {
             "text": w["slope"] * (float(logit) - self.reference_logit),
             "semantic_match": w["match_weight"] * float(self.match(priors)[0]) if self.uses_match else 0.0,
+            "affinity": float(self.affinity(priors, weights)[0]),
             "intercept": w["intercept"] + w["slope"] * self.reference_logit,
             "ad_prior": w["ad_weight"] * float(self.ad_prior(priors)[0]),
             "user_prior": w["user_weight"] * float(self.user_prior(priors)[0]),
@@ -255,11 +313,13 @@ def fit_calibration(
     with_match: bool = False,
     with_new_user_weights: bool = False,
     cold_reference: tuple[PairPriors, np.ndarray] | None = None,
+    with_affinity: bool = False,
 ) -> Calibration:
     """Fit the output layer on held-out pairs (validation), never on training data.
 
     Platt scaling (slope, intercept) alone (no template), or with the weights of the priors named, using the
-    template's prior strengths and global rate, and of the semantic match (with_match: priors.match); the
+    template's prior strengths and global rate, of the semantic match (with_match: priors.match) and of the
+    affinity terms (with_affinity: priors.similar, read with the template's affinity_strength); the
     mean logit is kept as reference_logit (explain centres the text term on it). logits None: no logit term
     (slope 0).
     With the ad prior, the weights apply to warm ads, and cold ads get their own weights fitted without it
@@ -279,6 +339,7 @@ def fit_calibration(
     priors = priors or PairPriors(len(labels))
     user = template.user_prior(priors) if with_user_prior else None
     match = template.match(priors) if with_match else None
+    affinity = template.affinity_terms(priors) if with_affinity else None
     ad = template.ad_prior(priors) if with_ad_prior else None
 
     def fit(rows: np.ndarray, with_ad: bool = True, with_user: bool = True) -> dict[str, float]:
@@ -288,9 +349,10 @@ def fit_calibration(
             ad=_rows(ad, rows) if with_ad else None,
             user=_rows(user, rows) if with_user else None,
             match=_rows(match, rows),
+            affinity=_rows(affinity, rows) if with_user else None,  # a new user's are 0: never shown an ad
         )
 
-    everything = logistic_fit(labels, text=text, user=user, match=match)
+    everything = logistic_fit(labels, text=text, user=user, match=match, affinity=affinity)
     warm = ~template.is_cold(priors) if with_ad_prior else np.ones(len(labels), dtype=bool)
     new_user, described_new = {}, ""
     if with_new_user_weights:
@@ -398,12 +460,16 @@ def logistic_fit(
     ad: np.ndarray | None = None,
     user: np.ndarray | None = None,
     match: np.ndarray | None = None,
+    affinity: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """slope (0 without text), intercept and the weights of the given terms, by a logistic fit with a weak
-    prior on the standardised weights (OUTPUT_LAYER_PRIOR_VARIANCE; the intercept is not penalised)."""
+    """slope (0 without text), intercept and the weights of the given terms (affinity: the (n, 3) affinity terms),
+    by a logistic fit with a weak prior on the standardised weights (OUTPUT_LAYER_PRIOR_VARIANCE; the intercept is
+    not penalised)."""
     from sklearn.linear_model import LogisticRegression
 
     features = {"slope": text, "ad_weight": ad, "user_weight": user, "match_weight": match}
+    if affinity is not None:
+        features |= dict(zip(AFFINITY_WEIGHTS, np.asarray(affinity).T, strict=True))
     features = {name: np.asarray(f, dtype=np.float64) for name, f in features.items() if f is not None}
     if not features:  # the intercept alone: the log-odds of the click rate
         return {"slope": 0.0, "intercept": float(probability_log_odds(labels.mean()))}

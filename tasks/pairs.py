@@ -11,6 +11,7 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 
+from tasks.affinity import SHOWN_ID_COLUMNS, SHOWN_TEXT_COLUMN, shown_texts
 from tasks.config import DataConfig, Settings, template_fields, text_settings
 from tasks.logs import log_quality, open_logs, stage_candidates
 from tasks.output_layer import AD_PRIOR_COLUMNS, USER_PRIOR_COLUMNS
@@ -18,6 +19,7 @@ from tasks.progress import StageProgress
 from tasks.sql_files import load_sql, materialize
 
 SPLITS = ("train", "valid", "test")
+ADS_FILE = "ads.parquet"  # beside the splits: every ad's text (ad_id, ad_text), for the shown ads' ids
 HISTORY_SEPARATOR = " | "
 EMPTY_HISTORY = "nothing yet"
 
@@ -41,13 +43,16 @@ class RankingInputs:
     """The texts to score for one run_date: active users and active ads."""
 
     run_date: date
-    users: pl.DataFrame  # user_id, user_text, user_prior_impressions, user_prior_clicks, history_ad_ids
+    # user_id, user_text, user_prior_impressions, user_prior_clicks, history_ad_ids (and shown_ad_ids, shown_clicked)
+    users: pl.DataFrame
     ads: pl.DataFrame  # ad_id, bid (null where none and the objective is pctr), ad_prior_*, ad_text
     candidates: pl.DataFrame | None = None  # user_id, ad_id allowed (ranking.candidates_table); None: all ads
+    # ad_id, ad_text of every ad in the users' shown_ad_ids (data.shown_history_length > 0; None: none carried)
+    shown_ads: pl.DataFrame | None = None
 
 
 def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
-    """Read the logs and write <pairs_dir>/{train,valid,test}.parquet (default <home>/pairs).
+    """Read the logs and write <pairs_dir>/{train,valid,test}.parquet (default <home>/pairs) and ADS_FILE.
 
     DuckDB joins the histories within data.duckdb_memory_limit (spilling to <home>/tmp); the pairs then
     stream out in time order, data.pair_batch_rows at a time, so memory does not grow with the logs."""
@@ -57,7 +62,7 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
         bar.advance(1, step="logs read and checked")
         as_of = {"features_as_of": data.features_as_of}
         materialize(con, "int_impression_history_requests", as_of, table="history_requests")
-        materialize(con, "int_user_histories", {"history_length": data.history_length})
+        materialize(con, "int_user_histories", history_lengths(data))
         bar.advance(1, step="user histories")
         _materialize_ad_counts(con, "int_impression_ad_requests")
         materialize(con, "int_ranked_user_days", {"window_days": settings.ranking.active_window_days})
@@ -78,6 +83,8 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
 
         pairs_dir = pairs_dir or settings.pairs_dir
         pairs_dir.mkdir(parents=True, exist_ok=True)
+        ads_tmp = pairs_dir / f"{ADS_FILE}.tmp"
+        render_ad_texts(con, data.ad_template).write_parquet(ads_tmp)
         stream = con.execute(load_sql("int_user_ad_pairs")).fetch_record_batch(data.pair_batch_rows)
         with _SplitWriter(pairs_dir) as writer:
             for batch in stream:
@@ -89,6 +96,7 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
                     writer.write(add_texts(part))
             for split in SPLITS:
                 bar.advance(1, step=f"{split} {writer.rows[split]} pairs")
+        ads_tmp.replace(pairs_dir / ADS_FILE)
     quality = log_quality(con, data)
     print(f"{data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
     first_of = writer.first_shown_at
@@ -102,6 +110,19 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
         writer.last_shown_at,
         quality,
     )
+
+
+def history_lengths(data: DataConfig) -> dict[str, int]:
+    """The parameters of sql/int_user_histories.sql."""
+    return {"history_length": data.history_length, "shown_history_length": data.shown_history_length}
+
+
+def read_ad_texts(pairs_dir: Path) -> pl.DataFrame:
+    """ad_id, ad_text of every ad, as build_pairs wrote them beside the splits."""
+    path = Path(pairs_dir) / ADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ad texts beside the pairs; build the pairs again (adrank's build_pairs)")
+    return pl.read_parquet(path)
 
 
 def _split_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -187,17 +208,23 @@ def build_ranking_inputs(settings: Settings) -> RankingInputs:
     run_date, requests = _ranking_requests(con, settings)
     _materialize_ad_counts(con, "int_ranking_ad_requests", {"run_date": run_date})
     users = _render_user_texts(con, settings.data, requests)
-    users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids")
+    shown = list(SHOWN_ID_COLUMNS) if settings.data.shown_history_length else []
+    users = users.select("user_id", "user_text", *USER_PRIOR_COLUMNS, "history_ad_ids", *shown)
     active_ads = con.execute(
         load_sql("int_active_ads"),
         {"run_date": run_date, "objective": ranking.objective, "default_bid": ranking.default_bid},
     ).pl()
-    ads = active_ads.join(render_ad_texts(con, settings.data.ad_template), on="ad_id")
+    every_ad = render_ad_texts(con, settings.data.ad_template)
+    ads = active_ads.join(every_ad, on="ad_id")
+    shown_ads = None
+    if shown:
+        shown_ids = users["shown_ad_ids"].explode().drop_nulls().unique().implode()
+        shown_ads = every_ad.filter(pl.col("ad_id").is_in(shown_ids)).sort("ad_id")
     candidates = None
     if ranking.candidates_table is not None:
         stage_candidates(con, settings.data.logs, ranking.candidates_table)
         candidates = con.table("stg_candidates").pl().sort("user_id", "ad_id")
-    return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates)
+    return RankingInputs(run_date, users.sort("user_id"), ads.sort("ad_id"), candidates, shown_ads)
 
 
 def _ranking_requests(con: duckdb.DuckDBPyConnection, settings: Settings) -> tuple[date, pl.DataFrame]:
@@ -207,15 +234,16 @@ def _ranking_requests(con: duckdb.DuckDBPyConnection, settings: Settings) -> tup
     run_date = ranking.run_date or con.execute(load_sql("next_run_date")).fetchone()[0]
     materialize(con, "int_active_users", {"run_date": run_date, "window_days": ranking.active_window_days})
     materialize(con, "int_ranking_history_requests", {"run_date": run_date}, table="history_requests")
-    materialize(con, "int_user_histories", {"history_length": settings.data.history_length})
+    materialize(con, "int_user_histories", history_lengths(settings.data))
     return run_date, con.table("int_user_histories").select("request_id as user_id, *").pl()
 
 
 def history_ablations(settings: Settings, user_id: str, ad_id: str) -> tuple[date, pl.DataFrame]:
     """The (user, ad) pair as rerank scores it on run_date, then once per ad in the user's history with
-    that ad's titles left out: left_out_ad_id (null: the full history), left_out_text, user_text, ad_id, ad_text and
-    the user's and the ad's prior counts (unchanged: leaving a title out of the text does not change what the
-    user did)."""
+    that ad's titles left out: left_out_ad_id (null: the full history), left_out_text, user_text, ad_id, ad_text,
+    the user's and the ad's prior counts and, with data.shown_history_length, the user's past impressions
+    (shown_ad_texts, shown_clicked; all unchanged: leaving a title out of the text does not change what the user
+    did)."""
     con = open_logs(settings.data.logs, settings.data)
     run_date, requests = _ranking_requests(con, settings)
     request = requests.filter(pl.col("user_id") == user_id)
@@ -238,7 +266,9 @@ def history_ablations(settings: Settings, user_id: str, ad_id: str) -> tuple[dat
     texts = _render_user_texts(con, settings.data, variants).with_columns(
         pl.col("left_out_ad_id").replace_strict(titles, default=None).alias("left_out_text")
     )
-    return run_date, texts.select("left_out_ad_id", "left_out_text", "user_text", *USER_PRIOR_COLUMNS).join(
+    texts = _with_shown_texts(con, settings.data, texts) if settings.data.shown_history_length else texts
+    shown = [SHOWN_TEXT_COLUMN, "shown_clicked"] if settings.data.shown_history_length else []
+    return run_date, texts.select("left_out_ad_id", "left_out_text", "user_text", *USER_PRIOR_COLUMNS, *shown).join(
         ads, how="cross"
     )
 
@@ -258,7 +288,7 @@ def build_window_pairs(
     connection."""
     window = {"window_from": window_from, "window_until": window_until, "max_rows": max_rows}
     materialize(con, "int_window_history_requests", window, table="history_requests")
-    materialize(con, "int_user_histories", {"history_length": data.history_length})
+    materialize(con, "int_user_histories", history_lengths(data))
     _materialize_ad_counts(con, "int_impression_ad_requests")
     materialize(con, "int_ranked_user_days", {"window_days": active_window_days})
     materialize(con, "int_ad_first_shown")
@@ -269,7 +299,13 @@ def build_window_pairs(
     if pairs.is_empty():
         return pairs
     pairs = pairs.join(_user_texts_by_request(con, data, pairs), on="impression_id")
+    pairs = _with_shown_texts(con, data, pairs) if data.shown_history_length else pairs.drop(SHOWN_ID_COLUMNS)
     return pairs.join(render_ad_texts(con, data.ad_template), on="ad_id").sort("shown_at", "impression_id")
+
+
+def _with_shown_texts(con: duckdb.DuckDBPyConnection, data: DataConfig, requests: pl.DataFrame) -> pl.DataFrame:
+    """requests with SHOWN_TEXT_COLUMN: their shown_ad_ids' texts (what the served model reads, tasks/affinity.py)."""
+    return requests.with_columns(shown_texts(requests, render_ad_texts(con, data.ad_template)))
 
 
 def _user_texts_by_request(con: duckdb.DuckDBPyConnection, data: DataConfig, pairs: pl.DataFrame) -> pl.DataFrame:

@@ -27,8 +27,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import MODEL_CONFIG
 from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 
 from tasks import warehouse
+from tasks.affinity import SHOWN_TEXT_COLUMN, shown_texts
 from tasks.config import PromotionConfig, Settings, flat_params, redact, text_settings, with_text_settings
 from tasks.evaluate import FINE_TUNED, Evaluation, to_markdown
 from tasks.gates import CHAMPION, Gate, promotion_gates
@@ -46,7 +48,7 @@ CHAMPION_HISTORY_TAG = "champion_history"
 METRICS_PER_BATCH = 1000  # the most metrics MLflow takes in one log_batch call
 PYFUNC_CODE = Path(__file__).with_name("ctr_pyfunc.py")
 # what ctr_pyfunc.py imports: copied into the model (code_paths) so it serves without adrank installed
-SERVING_MODULES = ("__init__.py", "model.py", "output_layer.py", "semantic_match.py", "two_tower.py")
+SERVING_MODULES = ("__init__.py", "affinity.py", "model.py", "output_layer.py", "semantic_match.py", "two_tower.py")
 # its exact requirements, pinned to the versions that trained it (torch without a local +cpu/+cu tag)
 SERVING_REQUIREMENTS = (
     *("torch", "transformers", "tokenizers", "safetensors", "mlflow", "pandas", "numpy", "polars", "scipy"),
@@ -59,6 +61,9 @@ SIGNATURE = ModelSignature(
             ColSpec("string", "ad_id", required=False),
             # double, not long: a JSON null in some rows makes the column float in pandas
             *[ColSpec("double", column, required=False) for column in PRIOR_COLUMNS],
+            # the user's past impressions, latest first (the affinity term, tasks/affinity.py)
+            ColSpec(Array(DataType.string), SHOWN_TEXT_COLUMN, required=False),
+            ColSpec(Array(DataType.boolean), "shown_clicked", required=False),
         ]
     ),
     outputs=Schema([ColSpec("double", "pctr")]),
@@ -492,13 +497,19 @@ def _metric_name(name: str) -> str:
 
 
 def score_version(settings: Settings, version: str, pairs_path: Path) -> np.ndarray:
-    """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split)."""
-    return predict_pctr(load_version(settings, version), pl.read_parquet(pairs_path))
+    """pCTR of a registered version on a pairs file (e.g. the champion on this run's test split); the shown ads'
+    texts, where the pairs carry their ids, from the ad texts beside it."""
+    from tasks.pairs import read_ad_texts
+
+    pairs = pl.read_parquet(pairs_path)
+    if "shown_ad_ids" in pairs.columns:
+        pairs = pairs.with_columns(shown_texts(pairs, read_ad_texts(pairs_path.parent)))
+    return predict_pctr(load_version(settings, version), pairs)
 
 
 def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.ndarray:
-    """pCTR for each row of a frame with ad_id, user_text and ad_text (and the prior counts, if present;
-    versions that do not declare a column ignore it)."""
+    """pCTR for each row of a frame with ad_id, user_text and ad_text (and the prior counts and the shown ads'
+    texts and clicks, if present; a column a version does not declare is not passed)."""
     inputs = {c: frame[c].cast(pl.String).to_list() for c in ("user_text", "ad_text", "ad_id")}
     schema = model.metadata.get_input_schema()
     declared = {spec.name: spec.type for spec in schema.inputs} if schema else {}
@@ -506,6 +517,9 @@ def predict_pctr(model: mlflow.pyfunc.PyFuncModel, frame: pl.DataFrame) -> np.nd
         # versions registered before nullable priors declared the counts long; since then double
         dtype = pl.Float64 if declared.get(column) == DataType.double else pl.Int64
         inputs[column] = frame[column].cast(dtype).to_list()
+    for column in (SHOWN_TEXT_COLUMN, "shown_clicked"):
+        if column in frame.columns and column in declared:
+            inputs[column] = frame[column].to_list()
     return np.asarray(model.predict(pd.DataFrame(inputs)), dtype=np.float64)
 
 

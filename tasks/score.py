@@ -5,7 +5,8 @@ few reference users); each chunk of users is encoded once; one matrix product gi
 score of the chunk, and each user keeps the top K. Stage 2: the cross-encoder rescores those K
 (identical text pairs once). Each chunk's top N per user is appended to a Parquet file as soon as it
 is scored, so memory holds one chunk, never all pairs. With K >= ads, or a model without a two-tower,
-stage 2 scores every pair: the exhaustive ranking.
+stage 2 scores every pair: the exhaustive ranking. The affinity term (tasks/affinity.py) is exact in both
+stages: each chunk's users' past impressions against every ad, two matrix products.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tasks.affinity import similar_grid
 from tasks.config import RankingConfig
 from tasks.model import embed_texts, predict_logits, quantize_int8
-from tasks.output_layer import AD_PRIOR_COLUMNS, MATCH_COLUMN, USER_PRIOR_COLUMNS, Calibration, PairPriors
+from tasks.output_layer import (
+    AD_PRIOR_COLUMNS,
+    MATCH_COLUMN,
+    SIMILAR_COLUMNS,
+    USER_PRIOR_COLUMNS,
+    Calibration,
+    PairPriors,
+)
 from tasks.pairs import RankingInputs
 from tasks.progress import StageProgress
 from tasks.semantic_match import MatchEncoder, UserMatch
@@ -73,6 +82,14 @@ class RankingModel:
         return replace(self, cross_encoder=quantize_int8(self.cross_encoder))
 
 
+@dataclass(frozen=True)
+class ShownAds:
+    """The ads the users were shown before (the affinity term): each one's row in vectors, its unit embedding."""
+
+    rows: dict[str, int]
+    vectors: np.ndarray  # (shown ads, hidden): the match encoder's
+
+
 @dataclass
 class ScoringStats:
     users: int = 0
@@ -98,6 +115,7 @@ class StageOneAds:
     reference: np.ndarray  # (dim,): mean P(reference users), subtracted from every user's P
     ad_match: np.ndarray | None = None  # (ads, hidden): the semantic match's unit embeddings (None: no match)
     match_weights: np.ndarray | None = None  # (ads,): the match's weight for each ad (seen, unseen in training)
+    ad_counts: tuple[np.ndarray, np.ndarray] | None = None  # the ads' prior counts (the affinity's weight sets)
 
 
 def score_candidates(
@@ -118,8 +136,9 @@ def score_candidates(
     stats.two_stage = is_two_stage(model, ads.height, k)
     if stats.two_stage and stage1_ads is None:
         stage1_ads = prepare_stage1(model, ads, stats)
-    # the ads' match embeddings (or None): each ad encoded once a run
+    # the ads' match embeddings (or None), and the shown ads' (the affinity term): each ad encoded once a run
     ad_match = stage1_ads.ad_match if stage1_ads is not None else _ad_match(model, ads)
+    shown = _shown_ads(model, inputs)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     progress = StageProgress("rerank: score users", users.height, "users", rate_unit="pairs")
@@ -128,14 +147,20 @@ def score_candidates(
             chunk = users.slice(start, ranking.user_chunk_size)
             allowed = _candidate_mask(inputs, chunk)  # (chunk, ads) or None: every ad
             user_match = _user_match(model, chunk)
+            similar = _similar(model, chunk, shown, ad_match)
             if stats.two_stage:
-                rows, cols = _stage1(model, chunk, stage1_ads, allowed, k, stats, log_bids, user_match)
+                rows, cols = _stage1(model, chunk, stage1_ads, allowed, k, stats, log_bids, user_match, similar)
             else:
                 rows, cols = np.nonzero(allowed) if allowed is not None else _all_pairs(chunk.height, ads.height)
             pairs = _pairs(chunk, ads, rows, cols)
             if ad_match is not None:
                 match = model.match_encoder.pair_scores(user_match, ad_match, rows, cols)
                 pairs = pairs.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
+            if similar is not None:
+                pairs = pairs.with_columns(
+                    pl.Series(name, grid[rows, cols], dtype=pl.Float64)
+                    for name, grid in zip(SIMILAR_COLUMNS, similar, strict=True)
+                )
             top = _stage2(model, pairs, ranking.top_n, stats, ranking.objective)
             writer.write_table(top.to_arrow().cast(SCORES_SCHEMA))
             stats.rows += top.height
@@ -154,7 +179,8 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
     users (see tasks/two_tower.py) and the output layer's per-ad terms."""
     # per ad, for users with a history: every user rerank ranks was active in the days before
     tower, calibration = model.two_tower, model.calibration.for_users_with_history()
-    slope, offset, user_weights, match_weights = calibration.terms(PairPriors.of(ads))
+    ad_priors = PairPriors.of(ads)
+    slope, offset, user_weights, match_weights = calibration.terms(ad_priors)
     tower_logits = slope / (tower.logit_scale or calibration.slope)  # older towers learned slope * logit
     started = time.perf_counter()
     embeddings = torch.from_numpy(_embed(model, ads["ad_text"]))
@@ -178,7 +204,9 @@ def prepare_stage1(model: RankingModel, ads: pl.DataFrame, stats: ScoringStats) 
     stats.seconds["anchor"] += time.perf_counter() - started
     terms = (terms + offset).astype(np.float32)
     ad_match = _ad_match(model, ads)
-    return StageOneAds(projections.astype(np.float32), terms, user_weights, reference, ad_match, match_weights)
+    return StageOneAds(
+        projections.astype(np.float32), terms, user_weights, reference, ad_match, match_weights, ad_priors.ad_counts
+    )
 
 
 def _stage1(
@@ -190,6 +218,7 @@ def _stage1(
     stats: ScoringStats,
     log_bids: np.ndarray | None = None,
     user_match: UserMatch | None = None,
+    similar: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's top k ads by the stage-1 score: (chunk row, ad row) index arrays."""
     started = time.perf_counter()
@@ -198,6 +227,8 @@ def _stage1(
 
     started = time.perf_counter()
     scores = stage1_scores(model, chunk, projections, stage1_ads, user_match)
+    if similar is not None:  # exact, per user x ad
+        scores += _affinity_grid(model.calibration.for_users_with_history(), chunk, stage1_ads, similar)
     if log_bids is not None:
         scores = -np.logaddexp(0.0, -scores) + log_bids  # log(sigmoid(log-odds) x bid)
     if allowed is not None:
@@ -236,7 +267,50 @@ def stage1_scores(
 
 
 def _uses_match(model: RankingModel) -> bool:
-    return model.match_encoder is not None and model.calibration.uses_match
+    """Whether the served layer reads the match encoder: for the match, or for the affinity term's kernel."""
+    layer = model.calibration
+    return model.match_encoder is not None and (layer.uses_match or layer.uses_affinity)
+
+
+def _shown_ads(model: RankingModel, inputs: RankingInputs) -> ShownAds | None:
+    """The shown ads' match embeddings when the served layer has the affinity term, else None."""
+    if not (model.match_encoder is not None and model.calibration.uses_affinity):
+        return None
+    if inputs.shown_ads is None or "shown_ad_ids" not in inputs.users.columns:
+        raise ValueError(
+            "the served model weighs the affinity term: the ranking inputs need the users' shown_ad_ids and "
+            "shown_clicked and the shown ads' texts (its data.shown_history_length > 0)"
+        )
+    shown = inputs.shown_ads
+    rows = {ad: row for row, ad in enumerate(shown["ad_id"].to_list())}
+    return ShownAds(rows, model.match_encoder.embed(shown["ad_text"].to_list()))
+
+
+def _similar(
+    model: RankingModel, chunk: pl.DataFrame, shown: ShownAds | None, ad_vectors: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Similar impressions and clicks of every chunk user x ad, each (users, ads); None without the term."""
+    if shown is None:
+        return None
+    lengths = chunk["shown_ad_ids"].list.len().fill_null(0).to_numpy()
+    rows = np.array([shown.rows[ad] for ad in chunk["shown_ad_ids"].explode().drop_nulls().to_list()], dtype=np.int64)
+    clicked = chunk["shown_clicked"].explode().drop_nulls().cast(pl.Float64).to_numpy()
+    return similar_grid(lengths, rows, clicked, shown.vectors, ad_vectors, model.calibration.affinity_bandwidth)
+
+
+def _affinity_grid(
+    calibration: Calibration, users: pl.DataFrame, stage1_ads: StageOneAds, similar: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """The affinity log-odds of every user x ad, (users, ads), float32: the layer on each pair's own counts."""
+    n_users, n_ads = similar[0].shape
+    user_counts = PairPriors.of(users).user_counts
+    priors = PairPriors(
+        n_users * n_ads,
+        None if user_counts is None else tuple(np.repeat(c, n_ads) for c in user_counts),
+        None if stage1_ads.ad_counts is None else tuple(np.tile(c, n_users) for c in stage1_ads.ad_counts),
+        similar=(similar[1].reshape(-1), similar[0].reshape(-1)),
+    )
+    return calibration.affinity(priors).reshape(n_users, n_ads).astype(np.float32)
 
 
 def _ad_match(model: RankingModel, ads: pl.DataFrame) -> np.ndarray | None:

@@ -21,6 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
+from tasks.affinity import with_similar
 from tasks.config import Settings, TrainingConfig
 from tasks.intervals import Interval, Scored, beyond_the_noise, paired_interval
 from tasks.metrics import logloss, ranking_lists, roc_auc
@@ -37,6 +38,7 @@ from tasks.output_layer import (
     AD_PRIOR_COLUMNS,
     PRIOR_COLUMNS,
     PROBABILITY_BOUNDS,
+    SIMILAR_COLUMNS,
     USER_PRIOR_COLUMNS,
     Calibration,
     PairPriors,
@@ -45,6 +47,7 @@ from tasks.output_layer import (
     probability_log_odds,
     save_calibration,
 )
+from tasks.pairs import read_ad_texts
 from tasks.progress import StageProgress
 from tasks.semantic_match import (
     MATCH_COLUMN,
@@ -146,8 +149,9 @@ def fine_tune(
     # tunes again), then frozen: the match is the same at every step
     match_encoder = base_match_encoder(settings, device)
     match_tuned, match_gain = False, {}
-    if match_encoder is not None:  # validation gets the served encoder's match (MATCH_COLUMN)
-        valid, match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead)
+    if match_encoder is not None:  # validation gets the served encoder's match (MATCH_COLUMN) and affinity counts
+        ads = read_ad_texts(valid_path.parent) if "affinity" in settings.model.terms else None
+        valid, match_tuned, match_gain = tune_match(settings, match_encoder, train, tuned, valid, lead, ads)
     seed_everything(cfg.seed)  # the cross-encoder's run (head, dropout) is the same whatever the match did
     selection = selection_sample(valid, cfg)  # the pairs each step is compared on; the output layer gets all
 
@@ -389,7 +393,13 @@ def base_match_encoder(settings: Settings, device: torch.device) -> MatchEncoder
 
 
 def tune_match(
-    settings: Settings, encoder: MatchEncoder, train: pl.DataFrame, pairs: pl.DataFrame, valid: pl.DataFrame, lead: bool
+    settings: Settings,
+    encoder: MatchEncoder,
+    train: pl.DataFrame,
+    pairs: pl.DataFrame,
+    valid: pl.DataFrame,
+    lead: bool,
+    ads: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, bool, dict[str, Interval]]:
     """Tune the match's encoder on the clicks of the pairs fine-tuning trains on, then keep it tuned only if
     step 0 (the priors and the match) scores validation with it better than with the zero-shot encoder beyond
@@ -397,14 +407,15 @@ def tune_match(
     training.match_guard). On a few hundred clicks the tuning can lose what the encoder knew, or win a small
     validation by chance. Rank 0 embeds validation and decides; every rank gets its decision and its match
     column. Returns validation with the served encoder's match, whether that encoder is the tuned one, and
-    the gain per metric (tuned minus zero-shot)."""
+    the gain per metric (tuned minus zero-shot). With the affinity term (ads: the ad texts of every shown ad), its
+    similar counts come from the same encoder as the match, and are compared with it."""
     clicks = match_clicks(pairs, settings.training.match_passed_over, settings.training.seed)
     tune = settings.training.match_epochs > 0 and clicks.height >= 2
     guarded = tune and settings.training.match_guard
     zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()} if guarded else {}
-    zero_shot_valid = with_match(valid, encoder) if lead and guarded else None
+    zero_shot_valid = served_features(settings, valid, encoder, ads) if lead and guarded else None
     losses = tune_match_encoder(encoder, clicks, match_tuning(settings)) if tune else []
-    served_valid = with_match(valid, encoder) if lead else None
+    served_valid = served_features(settings, valid, encoder, ads) if lead else None
     gain, keep, verdict = {}, tune, "kept the tuned encoder (training.match_guard off)"
     if zero_shot_valid is not None:
         gain = served_gain(settings, train, (served_valid, None), (zero_shot_valid, None))
@@ -421,9 +432,18 @@ def tune_match(
             + (f"; step 0 with it minus zero-shot on validation: {gains}" if gain else "")
             + f"; {verdict}"
         )
-    # rank 0's column on every rank: one embedding, and the same resume state key (resume_dir) everywhere
-    (match,) = from_lead([served_valid[MATCH_COLUMN].to_numpy() if lead else None])
-    return valid.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64)), keep, gain
+    # rank 0's columns on every rank: one embedding, and the same resume state key (resume_dir) everywhere
+    names = [MATCH_COLUMN, *(SIMILAR_COLUMNS if ads is not None else ())]
+    (columns,) = from_lead([served_valid.select(names).to_dict(as_series=False) if lead else None])
+    return valid.with_columns(pl.Series(n, columns[n], dtype=pl.Float64) for n in names), keep, gain
+
+
+def served_features(
+    settings: Settings, pairs: pl.DataFrame, encoder: MatchEncoder, ads: pl.DataFrame | None
+) -> pl.DataFrame:
+    """The pairs with the encoder's match and, given the ad texts (ads) of the affinity term, its similar counts."""
+    matched = with_match(pairs, encoder)
+    return with_similar(matched, encoder, settings.model.affinity_bandwidth, ads) if ads is not None else matched
 
 
 def match_clicks(pairs: pl.DataFrame, passed_over: int, seed: int) -> pl.DataFrame:
@@ -618,6 +638,8 @@ def prior_template(settings: Settings, train: pl.DataFrame) -> Calibration:
         global_log_odds=float(probability_log_odds(rate)),
         ad_prior_strength=settings.model.ad_prior_strength,
         user_prior_strength=settings.model.user_prior_strength,
+        affinity_bandwidth=settings.model.affinity_bandwidth,
+        affinity_strength=settings.model.affinity_strength,
     )
 
 
@@ -735,6 +757,7 @@ def calibrate(
         ("user_prior", USER_PRIOR_COLUMNS),
         ("ad_prior", AD_PRIOR_COLUMNS),
         ("match", (MATCH_COLUMN,)),
+        ("affinity", SIMILAR_COLUMNS),
     ):
         if term in terms:
             _require_columns(valid, columns, f"model.calibration = {method}")
@@ -747,6 +770,7 @@ def calibrate(
         with_user_prior="user_prior" in terms,
         min_cold_clicks=settings.model.cold_fit_min_clicks,
         with_match="match" in terms,
+        with_affinity="affinity" in terms,
         with_new_user_weights=settings.model.new_user_weights,
         cold_reference=cold_reference(train) if "ad_prior" in terms else None,
     )

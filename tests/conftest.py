@@ -135,6 +135,10 @@ SIGNAL_TRAINING = {"epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "warmup
 # with the match's best item (model.match_item_share 0.5, 7f474c0) the first version's ECE here is 0.103;
 # a calibrated model with spread pCTRs exceeds 0.1 on 72 pairs more often than not
 SIGNAL_PROMOTION = {"max_ece": 0.15}
+# the flows' version weighs every term of the output layer, the affinity term too (so rerank, explain, the
+# monitor and the shards all read each user's past impressions)
+SIGNAL_DATA = {"shown_history_length": 20}
+SIGNAL_MODEL = {"calibration": "platt+match+affinity+ad_prior+user_prior"}
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +146,15 @@ def first_retrain(prefect_api, tmp_path_factory, tiny_model_dir, signal_logs):
     """The retrain flow on signal_logs: version 1, promoted. Its home is shared: tests that change it
     (test_flows.py) keep to what they add; others copy it first (test_analysts.py)."""
     home = tmp_path_factory.mktemp("flows") / "home"
-    settings = build_settings(home, tiny_model_dir, signal_logs, training=SIGNAL_TRAINING, promotion=SIGNAL_PROMOTION)
+    settings = build_settings(
+        home,
+        tiny_model_dir,
+        signal_logs,
+        data=SIGNAL_DATA,
+        model=SIGNAL_MODEL,
+        training=SIGNAL_TRAINING,
+        promotion=SIGNAL_PROMOTION,
+    )
     from flows.retrain import retrain  # imports Prefect flows: only for the tests that run them
 
     return settings, retrain(settings.model_dump(mode="json"))

@@ -45,6 +45,10 @@ def test_precedence_defaults_env_overrides_cli(monkeypatch):
             r"training.user_prior_offset = true needs model.calibration with user_prior",
         ),
         ({"training": {"ad_prior_offset": True}, "model": {"calibration": "platt"}}, "ad_prior_offset"),
+        (
+            {"model": {"calibration": "platt+match+affinity+ad_prior+user_prior"}},
+            r"set data.shown_history_length > 0",
+        ),
     ],
 )
 def test_invalid_values_are_rejected_with_the_field_name(overrides, message):

@@ -24,7 +24,7 @@ from tasks.output_layer import PRIOR_COLUMNS, PairPriors
 from tasks.pairs import build_ranking_inputs, history_ablations
 from tasks.registry import CHALLENGER, CHAMPION, configure_tracking, load_version, smoke_test
 from tasks.score import RankingModel
-from tests.conftest import SIGNAL_ADS, SIGNAL_PROMOTION, SIGNAL_TRAINING, build_settings
+from tests.conftest import SIGNAL_ADS, SIGNAL_DATA, SIGNAL_PROMOTION, SIGNAL_TRAINING, build_settings
 
 # first_retrain (tests/conftest.py): version 1, trained on signal_logs and promoted; shared with test_analysts.py
 
@@ -213,7 +213,9 @@ def test_models_rankings_and_explain_read_what_the_flows_wrote(first_retrain, mo
 def test_explain_shows_how_each_history_title_moves_the_score(first_retrain):
     settings, _ = first_retrain
     ranking = {"run_date": "2026-05-10"}
-    ranked = build_settings(settings.home, settings.model.base_model, settings.data.logs, ranking=ranking)
+    ranked = build_settings(
+        settings.home, settings.model.base_model, settings.data.logs, data=SIGNAL_DATA, ranking=ranking
+    )
     served = load_version(settings, "1")
     model, checked = RankingModel.from_pyfunc(served), 0
     for user in ("u1", "u2", "u3"):
@@ -228,7 +230,11 @@ def test_explain_shows_how_each_history_title_moves_the_score(first_retrain):
             user_text = f"{prefix}Recently clicked: {' | '.join(rest) or 'nothing yet'}"
             request = pd.DataFrame([full | {"user_text": user_text}])
             counts = dict.fromkeys(PRIOR_COLUMNS, float)  # the signature's types
-            request = request[["user_text", "ad_text", "ad_id", *counts]].astype(counts)
+            request = (
+                request[["user_text", "ad_text", "ad_id", *counts]]
+                .astype(counts)
+                .assign(shown_ad_texts=[full["shown_ad_texts"]], shown_clicked=[full["shown_clicked"]])
+            )
             without = float(np.asarray(served.predict(request)).reshape(-1)[0])
             assert without == pytest.approx(row["pctr"], abs=1e-6)
             assert np.sign(without - explanation.pctr) == np.sign(row["pctr_change"])
@@ -246,7 +252,8 @@ def test_bad_logs_fail_the_rerank_before_anything_published_changes(first_retrai
     shutil.copytree(signal_logs, broken)
     part = next((broken / "impressions").glob("*.parquet"))
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated in transfer
-    overrides = settings.model_dump(mode="json") | {"data": {"logs": str(broken)}}
+    dumped = settings.model_dump(mode="json")
+    overrides = dumped | {"data": dumped["data"] | {"logs": str(broken)}}
     with pytest.raises(LogContractError, match=r"impressions.*cannot read Parquet"):
         rerank(overrides=overrides)
     assert rankings(settings) == before

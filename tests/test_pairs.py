@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.logs import LogContractError
-from tasks.pairs import EMPTY_HISTORY, build_pairs, build_ranking_inputs, render_profile
+from tasks.pairs import EMPTY_HISTORY, build_pairs, build_ranking_inputs, read_ad_texts, render_profile
 from tests.conftest import write_logs
 
 START = datetime(2026, 3, 1, 9, 0)
@@ -92,17 +92,21 @@ def test_by_default_features_are_taken_at_the_start_of_the_impressions_day(day_s
 
 def test_a_days_pairs_have_exactly_the_features_rerank_computes_for_that_day(tmp_path, make_settings):
     """Train as you serve: for every user and ad of a day, its pairs and the rerank inputs of that run_date
-    carry the same texts and counts, feature for feature."""
-    settings = make_settings(data={"history_length": 3})
+    carry the same texts, counts and past impressions, feature for feature."""
+    data = {"history_length": 3, "shown_history_length": 5}
+    settings = make_settings(data=data)
     built = build_pairs(settings)
     pairs = pl.concat([pl.read_parquet(built.paths[s]) for s in ("train", "valid", "test")])
     days = pairs["shown_at"].dt.date().unique().sort().to_list()
     checked_users = 0
     for day in days[len(days) // 2 :]:  # days with history behind them
-        ranked = make_settings(data={"history_length": 3}, ranking={"run_date": day.isoformat()})
+        ranked = make_settings(data=data, ranking={"run_date": day.isoformat()})
         inputs = build_ranking_inputs(ranked)
         of_day = pairs.filter(pl.col("shown_at").dt.date() == day)
         user_features = ["user_id", "user_text", "user_prior_impressions", "user_prior_clicks", "history_ad_ids"]
+        user_features += ["shown_ad_ids", "shown_clicked"]
+        shown_ids = set(inputs.users["shown_ad_ids"].explode().drop_nulls())
+        assert set(inputs.shown_ads["ad_id"]) == shown_ids  # every shown ad's text, inactive ones too
         from_pairs = of_day.select(user_features).unique().sort("user_id")
         assert from_pairs["user_id"].is_unique().all()  # one set of features per user and day
         both = from_pairs.join(inputs.users.select(user_features), on="user_id", suffix="_rerank")
@@ -164,6 +168,32 @@ def test_user_prior_counts_are_point_in_time(pairs):
     for row in rows.values():  # and by brute force, for every impression
         before = [r for r in rows.values() if r["user_id"] == row["user_id"] and r["shown_at"] < row["shown_at"]]
         assert counts[row["impression_id"]] == (len(before), sum(r["is_clicked"] for r in before))
+
+
+def test_past_impressions_are_point_in_time_most_recent_first_and_capped(tmp_path, make_settings):
+    write_logs(tmp_path / "logs", IMPRESSIONS, ADS, USERS)
+    data = {"shown_history_length": 3, "valid_fraction": 0.2, "test_fraction": 0.2, "features_as_of": "impression"}
+    built, rows = build_rows(make_settings(data={"logs": str(tmp_path / "logs"), **data}))
+    # hand-computed: impression 3 shares its instant with 2, so neither is the other's past
+    assert rows["1"]["shown_ad_ids"] == [] and rows["3"]["shown_ad_ids"] == ["a1"]
+    assert rows["4"]["shown_ad_ids"] == ["a3", "a2", "a1"] and rows["4"]["shown_clicked"] == [False, True, True]
+    assert rows["7"]["shown_ad_ids"] == ["a4", "a3", "a3"]  # the latest three of u1's five
+    for row in rows.values():  # and by brute force, for every impression
+        before = sorted(
+            (r for r in rows.values() if r["user_id"] == row["user_id"] and r["shown_at"] < row["shown_at"]),
+            key=lambda r: (r["shown_at"], r["impression_id"]),
+            reverse=True,
+        )[:3]
+        assert row["shown_ad_ids"] == [r["ad_id"] for r in before]
+        assert row["shown_clicked"] == [r["is_clicked"] for r in before]
+    # beside the splits, every ad's text: an inactive ad's (a4) too
+    ads = read_ad_texts(built.paths["train"].parent)
+    assert set(ads["ad_id"]) == {"a1", "a2", "a3", "a4", "a5"} and ads["ad_text"].null_count() == 0
+
+
+def test_without_the_affinity_term_no_past_impressions_are_listed(pairs):
+    _, rows = pairs
+    assert all(row["shown_ad_ids"] == [] and row["shown_clicked"] == [] for row in rows.values())
 
 
 def test_split_is_by_time(pairs):
