@@ -68,10 +68,14 @@ def with_prior_counts(features: pd.DataFrame, pairs: pl.DataFrame) -> pd.DataFra
     return pd.concat([features.reset_index(drop=True), counts.to_pandas()], axis=1)
 
 
-def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame) -> pd.DataFrame:
+def content_features(
+    pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame, with_shown: bool = False
+) -> pd.DataFrame:
     """side_features + the ad's genres (multi-hot; the ads' `genres` list, else its category) and year, the
-    user's and the ad's click counts before the pair (as adrank's priors) and the genre counts of the ads in
-    the user's history (history_ad_ids, as adrank's user text names them): the information adrank's texts
+    user's and the ad's click counts before the pair (as adrank's priors), the genre counts of the ads in the
+    user's history (history_ad_ids, as adrank's user text names them) and, with_shown (adrank reads the user's
+    past impressions: data.shown_history_length > 0, its affinity term), how often the user was shown and
+    clicked this ad and ads of its genres before (shown_ad_ids, shown_clicked): the information adrank's texts
     and priors carry, as of the same moment."""
     genres = ads["genres"] if "genres" in ads.columns else ads["category"].map_elements(lambda c: [c] if c else [])
     vocabulary = sorted({g for row in genres.to_list() for g in row or []})
@@ -85,11 +89,30 @@ def content_features(pairs: pl.DataFrame, users: pl.DataFrame, ads: pl.DataFrame
     )
     columns = {f"genre_{g}": ad_genres[:, i] for i, g in enumerate(vocabulary)}
     columns |= {f"history_genre_{g}": history[:, i] for i, g in enumerate(vocabulary)}
+    if with_shown:
+        columns |= shown_features(pairs, multi_hot)
     if "year" in ads.columns:
         year = pairs.select("ad_id").join(ads.select("ad_id", "year"), on="ad_id", how="left", maintain_order="left")
         columns["year"] = year["year"].cast(pl.Float64)
     extra = pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
     return with_prior_counts(pd.concat([side_features(pairs, users, ads), extra], axis=1), pairs)
+
+
+def shown_features(pairs: pl.DataFrame, multi_hot: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per pair, the user's past impressions (shown_ad_ids, shown_clicked) of this very ad and of ads sharing a
+    genre with it, and their clicks: the ID and content side of what adrank's affinity term reads."""
+    out = {
+        name: np.zeros(pairs.height) for name in ("same_ad_shown", "same_ad_clicked", "genre_shown", "genre_clicked")
+    }
+    rows = zip(pairs["ad_id"].to_list(), pairs["shown_ad_ids"].to_list(), pairs["shown_clicked"].to_list(), strict=True)
+    for i, (ad, shown, clicked) in enumerate(rows):
+        for past, click in zip(shown or [], clicked or [], strict=True):
+            same_genre = float(multi_hot[past] @ multi_hot[ad] > 0)
+            out["same_ad_shown"][i] += past == ad
+            out["same_ad_clicked"][i] += click and past == ad
+            out["genre_shown"][i] += same_genre
+            out["genre_clicked"][i] += click * same_genre
+    return out
 
 
 def text_features(splits: dict[str, pl.DataFrame], seed: int) -> dict[str, pd.DataFrame]:

@@ -248,7 +248,8 @@ def run_seed(args: argparse.Namespace, logs: Path, seed: int, timings: dict) -> 
     staged = open_logs(str(seed_logs), settings.data)
     users = staged.table("stg_users").pl()
     ads = pl.read_parquet(seed_logs / "ads").with_columns(pl.col("ad_id").cast(pl.String))
-    features = {name: baselines.content_features(splits[name], users, ads) for name in splits}
+    shown = settings.data.shown_history_length > 0  # peers see the past impressions adrank reads
+    features = {name: baselines.content_features(splits[name], users, ads, shown) for name in splits}
     labels = {name: frame["is_clicked"].cast(pl.Int8).to_numpy() for name, frame in splits.items()}
     predictions = {"popularity": popularity_ctr(train, test)}
     for name, fit in (("lightgbm", baselines.lightgbm), ("deepfm", baselines.deepfm)):

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def workload(settings: Settings, users: int) -> RankingInputs:
     inputs = build_ranking_inputs(settings)
     if inputs.users.height < users:
         raise SystemExit(f"only {inputs.users.height} active users; lower --users/--rss-users")
-    return RankingInputs(inputs.run_date, inputs.users.head(users), inputs.ads)
+    return replace(inputs, users=inputs.users.head(users))
 
 
 def rank(settings: Settings, model: RankingModel, inputs: RankingInputs, name: str, **ranking) -> tuple:
@@ -241,7 +242,7 @@ def fidelity(args: argparse.Namespace, ks: list[int]) -> dict:
     ranked = build_ranking_inputs(settings)
     users = ranked.users.sample(min(args.fidelity_users, ranked.users.height), seed=FIDELITY_SEED).sort("user_id")
     bids = np.exp(np.random.default_rng(FIDELITY_SEED).normal(0.0, ECPM_BID_SIGMA, ranked.ads.height))
-    inputs = RankingInputs(ranked.run_date, users, ranked.ads.with_columns(bid=pl.Series(bids)))
+    inputs = replace(ranked, users=users, ads=ranked.ads.with_columns(bid=pl.Series(bids)))
     print(f"fidelity: {users.height} users x {inputs.ads.height} ads, kept step {selection['kept_step']}", flush=True)
     exhaustive, _ = rank(settings, model, inputs, "fidelity-exhaustive", candidates_k=None, top_n=inputs.ads.height)
     bid_of = dict(inputs.ads.select("ad_id", "bid").iter_rows())

@@ -35,31 +35,6 @@ histories_through_click as (
     from clicks
 ),
 
--- one row per impression (only when the lists are asked for): the user's latest $shown_history_length
--- impressions through it, most recent first, the same window-then-join as the clicks' histories
-shown as (
-    select
-        user_id,
-        ad_id,
-        is_clicked,
-        row_number() over (partition by user_id order by shown_at, impression_id) as shown_seq
-    from stg_impressions
-    where $shown_history_length > 0
-),
-
-shown_through_impression as (
-    select
-        user_id,
-        shown_seq,
-        list_reverse(list(ad_id) over recent) as shown_ad_ids,
-        list_reverse(list(is_clicked) over recent) as shown_clicked
-    from shown
-    window recent as (
-        partition by user_id order by shown_seq
-        rows between greatest($shown_history_length - 1, 0) preceding and current row
-    )
-),
-
 -- one row per (user, timestamp): the user's impressions and clicks up to and including it
 counts_through_ts as (
     select
@@ -81,6 +56,48 @@ prior_counts as (
     from history_requests as r
     asof left join counts_through_ts as c
         on r.user_id = c.user_id and r.as_of > c.shown_at
+),
+
+-- the impressions the requests' lists can hold: per user, from $shown_history_length before the earliest
+-- request's count to the latest's (only when the lists are asked for). Rerank asks once per user, so its
+-- window below reads users x $shown_history_length rows, not every impression of the logs
+shown as (
+    select
+        user_id,
+        ad_id,
+        is_clicked,
+        row_number() over (partition by user_id order by shown_at, impression_id) as shown_seq
+    from stg_impressions
+    where $shown_history_length > 0
+),
+
+request_ranges as (
+    select
+        user_id,
+        min(user_prior_impressions) - $shown_history_length + 1 as first_seq,
+        max(user_prior_impressions) as last_seq
+    from prior_counts
+    where $shown_history_length > 0
+    group by user_id
+),
+
+-- one row per kept impression: the user's latest $shown_history_length impressions through it, most recent
+-- first, the same window-then-join as the clicks' histories (a request's range is kept whole, so its window
+-- sees exactly the impressions before it)
+shown_through_impression as (
+    select
+        s.user_id,
+        s.shown_seq,
+        list_reverse(list(s.ad_id) over recent) as shown_ad_ids,
+        list_reverse(list(s.is_clicked) over recent) as shown_clicked
+    from shown as s
+    inner join request_ranges as r
+        on s.user_id = r.user_id
+        and s.shown_seq between r.first_seq and r.last_seq
+    window recent as (
+        partition by s.user_id order by s.shown_seq
+        rows between greatest($shown_history_length - 1, 0) preceding and current row
+    )
 ),
 
 final as (

@@ -5,14 +5,16 @@ The user text holds a user's clicks, and the user prior counts their clicks on e
 this user responded when shown ads like this one. Over the user's latest data.shown_history_length impressions
 before the request (sql/int_user_histories.sql: shown_ad_ids and shown_clicked, as of the moment the pair's other
 features are), each impression is weighted by how close its ad is to the scored ad in the semantic match's
-embedding space, exp((cosine - 1) / bandwidth): 1 for the same ad, about exp(-5) for an unrelated one at the
-default 0.1. similar_impressions is the sum of the weights, similar_clicks the sum over the clicked ones. The
-output layer turns them into its affinity terms (tasks/output_layer.py Calibration.affinity_terms). A cold ad
-gets them too, from the user's impressions of other ads like it (its own were never shown).
+embedding space, exp((cosine - 1) / bandwidth): 1 for the same ad, exp(-5) at cosine 0.5 and exp(-10) at
+cosine 0 with the default 0.1. similar_impressions is the sum of the weights, similar_clicks the sum over the
+clicked ones. The output layer turns them into its affinity terms (tasks/output_layer.py
+Calibration.affinity_terms). A cold ad gets them too, from the user's impressions of other ads like it (its own
+were never shown).
 benchmarks/affinity_lever.py measured the lever on validation before it was built in.
 
-Two ways in: pairs naming the shown ads by id with a table of ad texts (training, evaluation, rerank), or by
-text (the served model's shown_ad_texts column, explain, the monitor). The served model imports this module.
+Pairs name the shown ads by id with a table of ad texts (training, evaluation) or by text (the served model's
+shown_ad_texts column, explain, the monitor): with_similar; rerank counts every user x ad of a chunk at once:
+similar_grid. The served model imports this module.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tasks.output_layer import SIMILAR_COLUMNS
 SHOWN_ID_COLUMNS = ("shown_ad_ids", "shown_clicked")  # in pairs and rerank's users: the latest impressions first
 SHOWN_TEXT_COLUMN = "shown_ad_texts"  # the served model's input: the shown ads' texts, beside shown_clicked
 ITEM_BLOCK = 16384  # past impressions compared with their pairs' ads at once (bounds the gathered embeddings)
+AD_BLOCK = 2048  # ads whose kernel against every distinct shown ad of a user chunk is held at once (rerank)
 
 
 def kernel(cosine: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -76,12 +79,17 @@ def similar_grid(
     in one run (lengths per user), as rows of shown_vectors, against every row of ad_vectors (unit embeddings).
     Two matrix products over the distinct ads the users were shown."""
     distinct, column = np.unique(shown_rows, return_inverse=True)
-    weights = kernel(shown_vectors[distinct] @ ad_vectors.T, bandwidth)  # (distinct shown, ads)
     owner = np.repeat(np.arange(len(lengths)), lengths)
-    shown, clicked = np.zeros((len(lengths), len(distinct))), np.zeros((len(lengths), len(distinct)))
-    np.add.at(shown, (owner, column), 1.0)
-    np.add.at(clicked, (owner, column), np.asarray(shown_clicked, dtype=np.float64))
-    return shown @ weights, clicked @ weights
+    counts = np.zeros((2, len(lengths), len(distinct)))  # per user and distinct shown ad: impressions, clicks
+    np.add.at(counts[0], (owner, column), 1.0)
+    np.add.at(counts[1], (owner, column), np.asarray(shown_clicked, dtype=np.float64))
+    out = np.zeros((2, len(lengths), len(ad_vectors)))
+    past = shown_vectors[distinct].astype(np.float64)
+    for start in range(0, len(ad_vectors), AD_BLOCK):  # the kernel a block of ads at a time: bounded memory
+        block = slice(start, start + AD_BLOCK)
+        weights = kernel(past @ ad_vectors[block].astype(np.float64).T, bandwidth)  # (distinct shown, block)
+        out[:, :, block] = counts @ weights
+    return out[0], out[1]
 
 
 def with_similar(pairs: pl.DataFrame, encoder, bandwidth: float, ads: pl.DataFrame | None = None) -> pl.DataFrame:
@@ -89,11 +97,17 @@ def with_similar(pairs: pl.DataFrame, encoder, bandwidth: float, ads: pl.DataFra
     ad_text) or SHOWN_TEXT_COLUMN, and shown_clicked. A shown ad missing from ads is an error naming it."""
     texts = shown_texts(pairs, ads)
     lengths = pairs["shown_clicked"].list.len().fill_null(0).to_numpy()
-    clicked = pairs["shown_clicked"].explode().drop_nulls().cast(pl.Float64).to_numpy()
-    flat = texts.explode().drop_nulls().to_list()
-    if len(flat) != len(clicked) or not (texts.list.len().fill_null(0).to_numpy() == lengths).all():
-        raise ValueError("shown_clicked must hold one flag per shown ad, in each row")
-    counts = similar_counts(encoder, pairs["ad_text"].to_list(), flat, lengths, clicked, bandwidth)
+    differ = np.flatnonzero(texts.list.len().fill_null(0).to_numpy() != lengths)
+    if differ.size:
+        raise ValueError(f"shown_clicked must hold one flag per shown ad: not so in rows {differ[:10].tolist()}")
+    clicked, flat = (column.filter(lengths > 0).explode() for column in (pairs["shown_clicked"], texts))
+    for name, values in (("shown_clicked", clicked), ("the shown ads", flat)):
+        if values.null_count():
+            rows = np.repeat(np.arange(pairs.height), lengths)[values.is_null().to_numpy()]
+            raise ValueError(f"{name} hold nulls in rows {np.unique(rows)[:10].tolist()}")
+    counts = similar_counts(
+        encoder, pairs["ad_text"].to_list(), flat.to_list(), lengths, clicked.cast(pl.Float64).to_numpy(), bandwidth
+    )
     return pairs.with_columns(pl.Series(name, counts[:, i], dtype=pl.Float64) for i, name in enumerate(SIMILAR_COLUMNS))
 
 

@@ -83,8 +83,7 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
 
         pairs_dir = pairs_dir or settings.pairs_dir
         pairs_dir.mkdir(parents=True, exist_ok=True)
-        ads_tmp = pairs_dir / f"{ADS_FILE}.tmp"
-        render_ad_texts(con, data.ad_template).write_parquet(ads_tmp)
+
         stream = con.execute(load_sql("int_user_ad_pairs")).fetch_record_batch(data.pair_batch_rows)
         with _SplitWriter(pairs_dir) as writer:
             for batch in stream:
@@ -96,7 +95,7 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
                     writer.write(add_texts(part))
             for split in SPLITS:
                 bar.advance(1, step=f"{split} {writer.rows[split]} pairs")
-        ads_tmp.replace(pairs_dir / ADS_FILE)
+        _write_whole(render_ad_texts(con, data.ad_template), pairs_dir / ADS_FILE)
     quality = log_quality(con, data)
     print(f"{data.logs}: " + ", ".join(f"{name} {n}" for name, n in quality.items()))
     first_of = writer.first_shown_at
@@ -110,6 +109,16 @@ def build_pairs(settings: Settings, pairs_dir: Path | None = None) -> Pairs:
         writer.last_shown_at,
         quality,
     )
+
+
+def _write_whole(frame: pl.DataFrame, path: Path) -> None:
+    """Write frame to path through a temporary file renamed into place: a reader sees the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        frame.write_parquet(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def history_lengths(data: DataConfig) -> dict[str, int]:

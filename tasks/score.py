@@ -276,7 +276,7 @@ def _shown_ads(model: RankingModel, inputs: RankingInputs) -> ShownAds | None:
     """The shown ads' match embeddings when the served layer has the affinity term, else None."""
     if not (model.match_encoder is not None and model.calibration.uses_affinity):
         return None
-    if inputs.shown_ads is None or "shown_ad_ids" not in inputs.users.columns:
+    if inputs.shown_ads is None or not {"shown_ad_ids", "shown_clicked"} <= set(inputs.users.columns):
         raise ValueError(
             "the served model weighs the affinity term: the ranking inputs need the users' shown_ad_ids and "
             "shown_clicked and the shown ads' texts (its data.shown_history_length > 0)"
@@ -293,8 +293,15 @@ def _similar(
     if shown is None:
         return None
     lengths = chunk["shown_ad_ids"].list.len().fill_null(0).to_numpy()
-    rows = np.array([shown.rows[ad] for ad in chunk["shown_ad_ids"].explode().drop_nulls().to_list()], dtype=np.int64)
-    clicked = chunk["shown_clicked"].explode().drop_nulls().cast(pl.Float64).to_numpy()
+    differ = chunk.filter(pl.Series(chunk["shown_clicked"].list.len().fill_null(0).to_numpy() != lengths))
+    if differ.height:
+        raise ValueError(f"shown_clicked must hold one flag per shown ad: users {differ['user_id'].head(10).to_list()}")
+    ids, clicked = (chunk[c].filter(pl.Series(lengths > 0)).explode() for c in ("shown_ad_ids", "shown_clicked"))
+    unknown = sorted({ad for ad in ids.to_list() if ad not in shown.rows}, key=str)
+    if unknown or clicked.null_count():
+        raise ValueError(f"the users' shown ads name ads without a text {unknown[:10]} or null flags")
+    rows = np.array([shown.rows[ad] for ad in ids.to_list()], dtype=np.int64)
+    clicked = clicked.cast(pl.Float64).to_numpy()
     return similar_grid(lengths, rows, clicked, shown.vectors, ad_vectors, model.calibration.affinity_bandwidth)
 
 

@@ -73,9 +73,16 @@ def test_rerank_counts_every_user_and_ad_as_the_pairs_are(encoder):
 def test_a_shown_ad_without_a_text_or_flags_that_do_not_line_up_are_clear_errors(encoder):
     with pytest.raises(ValueError, match=r"no text: \['old'\]"):
         with_similar(PAIRS, encoder, 0.1, ADS.filter(pl.col("ad_id") != "old"))
-    with pytest.raises(ValueError, match="one flag per shown ad"):
+    with pytest.raises(ValueError, match=r"one flag per shown ad: not so in rows \[0\]"):
         with_similar(
             PAIRS.with_columns(pl.Series("shown_clicked", [[True], [True], [], [False, True]])), encoder, 0.1, ADS
+        )
+    with pytest.raises(ValueError, match=r"shown_clicked hold nulls in rows \[3\]"):
+        with_similar(
+            PAIRS.with_columns(pl.Series("shown_clicked", [[True, False, True], [True], [], [None, True]])),
+            encoder,
+            0.1,
+            ADS,
         )
     with pytest.raises(ValueError, match="past impressions"):
         with_similar(PAIRS, encoder, 0.1)  # ids without the ad texts

@@ -53,6 +53,20 @@ def test_prior_count_features_are_the_pairs_counts_and_a_missing_rate_without_im
     assert features["ad_prior_ctr"][0] == 0.25 and np.isnan(features["ad_prior_ctr"][1])
 
 
+def test_peers_get_the_users_past_impressions_of_the_ad_and_its_genres_where_adrank_reads_them():
+    multi_hot = {"a": np.array([1, 0]), "b": np.array([1, 1]), "c": np.array([0, 1])}
+    pairs = pl.DataFrame(
+        {
+            "ad_id": ["a", "c", "b"],
+            "shown_ad_ids": [["a", "b", "c", "a"], ["a"], []],
+            "shown_clicked": [[True, False, True, False], [True], []],
+        }
+    )
+    features = baselines.shown_features(pairs, multi_hot)
+    assert features["same_ad_shown"].tolist() == [2, 0, 0] and features["same_ad_clicked"].tolist() == [1, 0, 0]
+    assert features["genre_shown"].tolist() == [3, 0, 0] and features["genre_clicked"].tolist() == [1, 0, 0]
+
+
 def test_deepfm_learns_the_ids_and_profile_and_scores_unseen_values():
     users = pl.DataFrame(
         {

@@ -26,6 +26,9 @@ BLOCKS = {
     ),
     # the same script at 284dd98, on the sample market before its interests were in products (a9a59b9)
     "levers-sample-quick-topic-market": (DOC, "levers-sample-quick-topic-market.json", quality.levers_section),
+    # the affinity term as built (e9bfa12), against the default: one run each market
+    "levers-sample-quick": (DOC, "levers-sample-quick.json", quality.levers_section),
+    "levers-ml100k-affinity-quick": (DOC, "levers-ml100k-affinity-quick.json", quality.levers_section),
     "match-levers-sample": (DOC, "match-levers-sample.json", match_levers.markdown),
     "match-levers-ml100k": (DOC, "match-levers-ml100k.json", match_levers.markdown),
     "match-levers-sample-cold-fit": (DOC, "match-levers-sample-cold-fit.json", match_levers.markdown),
