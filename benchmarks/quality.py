@@ -54,9 +54,9 @@ from tasks.model import load_cross_encoder, pick_device, predict_logits  # noqa:
 from tasks.output_layer import Calibration, PairPriors, load_calibration  # noqa: E402
 from tasks.pairs import read_ad_texts, split_fractions  # noqa: E402
 from tasks.registry import configure_tracking, git_commit  # noqa: E402
-from tasks.semantic_match import saved_match_encoder  # noqa: E402
+from tasks.semantic_match import saved_match_encoder, with_served_match  # noqa: E402
 from tasks.sql_files import materialize  # noqa: E402
-from tasks.train import calibrate, cross_fitted_pctr, fine_tune, served_features  # noqa: E402
+from tasks.train import calibrate, cross_fitted_pctr, fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (42, 43, 44)  # training seed and cold-item draw
@@ -181,6 +181,7 @@ def fine_tuned(
     match_encoder = saved_match_encoder(out_dir, device, *args)
     layer = load_calibration(out_dir)
     ads = read_ad_texts(settings.pairs_dir) if layer.uses_affinity else None  # the affinity term's shown ads
+    bandwidth = layer.affinity_bandwidth if layer.uses_affinity else None
     logits = {
         name: result.valid_logits  # computed by fine_tune (a trained step kept)
         if name == "valid" and result.valid_logits is not None
@@ -190,7 +191,7 @@ def fine_tuned(
     kept = next(row for row in result.history if row["step"] == result.best_step)
     return {
         "logits": logits,
-        "pairs": {name: served_features(settings, splits[name], match_encoder, ads) for name in scored},
+        "pairs": {name: with_served_match(splits[name], match_encoder, bandwidth, ads) for name in scored},
         "layer": layer,
         "kept_step": result.best_step,
         "valid": kept,

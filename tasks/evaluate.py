@@ -72,20 +72,19 @@ def score_checkpoint(
     loaded once, with its calibration if it has one; a base model gets a fresh head pooled as
     settings.model.pooling says. ads_dir: where the pairs' ad texts are (tasks/pairs.py read_ad_texts), read
     when the model's output layer has the affinity term."""
-    from tasks.affinity import with_similar
     from tasks.model import load_cross_encoder, pick_device, predict_ctr
     from tasks.pairs import read_ad_texts
-    from tasks.semantic_match import saved_match_encoder, with_match
+    from tasks.semantic_match import saved_match_encoder, with_served_match
 
     device, max_length, batch_size = pick_device(), settings.model.max_seq_length, settings.training.eval_batch_size
     model, tokenizer = load_cross_encoder(str(path), device, pooling=settings.model.pooling)
     calibration = load_calibration(path)
     match_encoder = saved_match_encoder(path, device, max_length, batch_size)
+    bandwidth, ads = None, None
     if calibration.uses_affinity:
         if ads_dir is None:
             raise ValueError(f"{path}: its output layer weighs the affinity term: the ad texts (ads_dir) are needed")
-        ads = read_ad_texts(ads_dir)
-        frames = tuple(with_similar(f, match_encoder, calibration.affinity_bandwidth, ads) for f in frames)
+        bandwidth, ads = calibration.affinity_bandwidth, read_ad_texts(ads_dir)
     return [
         predict_ctr(
             model,
@@ -95,7 +94,7 @@ def score_checkpoint(
             max_length,
             batch_size,
             calibration,
-            PairPriors.of(with_match(pairs, match_encoder)),
+            PairPriors.of(with_served_match(pairs, match_encoder, bandwidth, ads)),
         )
         for pairs in frames
     ]

@@ -9,21 +9,12 @@ from datetime import date
 import numpy as np
 import polars as pl
 
-from tasks.affinity import with_similar
 from tasks.config import Settings
 from tasks.model import predict_logits
 from tasks.output_layer import PairPriors
 from tasks.pairs import history_ablations
 from tasks.score import RankingModel
-from tasks.semantic_match import with_match
-
-
-def served_inputs(model: RankingModel, rows: pl.DataFrame) -> pl.DataFrame:
-    """rows with what the model's output layer reads besides the priors: the match, the affinity's counts."""
-    matched = with_match(rows, model.match_encoder if model.calibration.uses_match else None)
-    if not model.calibration.uses_affinity:
-        return matched
-    return with_similar(matched, model.match_encoder, model.calibration.affinity_bandwidth)
+from tasks.semantic_match import with_served_match
 
 
 @dataclass(frozen=True)
@@ -47,7 +38,9 @@ def explain_pair(settings: Settings, model: RankingModel, user_id: str, ad_id: s
     logits = predict_logits(
         model.cross_encoder, model.tokenizer, rows["user_text"], rows["ad_text"], model.max_length, model.batch_size
     )
-    priors = PairPriors.of(served_inputs(model, rows))
+    layer = model.calibration
+    encoder = model.match_encoder if layer.uses_match or layer.uses_affinity else None
+    priors = PairPriors.of(with_served_match(rows, encoder, layer.affinity_bandwidth if layer.uses_affinity else None))
     pctr = model.calibration.apply(logits, priors)
     first = rows.row(0, named=True)
     terms = model.calibration.contributions(logits[0], priors.take(np.arange(1)))

@@ -27,6 +27,7 @@ import polars as pl
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from tasks.affinity import with_similar
 from tasks.model import embed_texts, mean_pooled, quiet_transformers
 from tasks.output_layer import MATCH_COLUMN
 
@@ -218,6 +219,16 @@ def with_match(pairs: pl.DataFrame, encoder: MatchEncoder | None) -> pl.DataFram
         return pairs
     match = encoder.match(pairs["user_text"].to_list(), pairs["ad_text"].to_list())
     return pairs.with_columns(pl.Series(MATCH_COLUMN, match, dtype=pl.Float64))
+
+
+def with_served_match(
+    pairs: pl.DataFrame, encoder: MatchEncoder | None, bandwidth: float | None = None, ads: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """The pairs with what the output layer reads of the encoder: MATCH_COLUMN and, given the affinity term's
+    bandwidth, its similar counts (tasks/affinity.py; ads: the shown ads' texts where the pairs name them by id);
+    as they are without an encoder."""
+    matched = with_match(pairs, encoder)
+    return matched if encoder is None or bandwidth is None else with_similar(matched, encoder, bandwidth, ads)
 
 
 def load_match_encoder(

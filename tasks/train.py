@@ -21,7 +21,6 @@ from safetensors.torch import load_model, save_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from tasks.affinity import with_similar
 from tasks.config import Settings, TrainingConfig
 from tasks.intervals import Interval, Scored, beyond_the_noise, paired_interval
 from tasks.metrics import logloss, ranking_lists, roc_auc
@@ -57,7 +56,7 @@ from tasks.semantic_match import (
     load_match_encoder,
     save_match_encoder,
     tune_match_encoder,
-    with_match,
+    with_served_match,
 )
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -413,9 +412,10 @@ def tune_match(
     tune = settings.training.match_epochs > 0 and clicks.height >= 2
     guarded = tune and settings.training.match_guard
     zero_shot = {name: weights.clone() for name, weights in encoder.model.state_dict().items()} if guarded else {}
-    zero_shot_valid = served_features(settings, valid, encoder, ads) if lead and guarded else None
+    bandwidth = settings.model.affinity_bandwidth if ads is not None else None
+    zero_shot_valid = with_served_match(valid, encoder, bandwidth, ads) if lead and guarded else None
     losses = tune_match_encoder(encoder, clicks, match_tuning(settings)) if tune else []
-    served_valid = served_features(settings, valid, encoder, ads) if lead else None
+    served_valid = with_served_match(valid, encoder, bandwidth, ads) if lead else None
     gain, keep, verdict = {}, tune, "kept the tuned encoder (training.match_guard off)"
     if zero_shot_valid is not None:
         gain = served_gain(settings, train, (served_valid, None), (zero_shot_valid, None))
@@ -436,14 +436,6 @@ def tune_match(
     names = [MATCH_COLUMN, *(SIMILAR_COLUMNS if ads is not None else ())]
     (columns,) = from_lead([served_valid.select(names).to_dict(as_series=False) if lead else None])
     return valid.with_columns(pl.Series(n, columns[n], dtype=pl.Float64) for n in names), keep, gain
-
-
-def served_features(
-    settings: Settings, pairs: pl.DataFrame, encoder: MatchEncoder, ads: pl.DataFrame | None
-) -> pl.DataFrame:
-    """The pairs with the encoder's match and, given the ad texts (ads) of the affinity term, its similar counts."""
-    matched = with_match(pairs, encoder)
-    return with_similar(matched, encoder, settings.model.affinity_bandwidth, ads) if ads is not None else matched
 
 
 def match_clicks(pairs: pl.DataFrame, passed_over: int, seed: int) -> pl.DataFrame:
